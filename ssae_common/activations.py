@@ -1,0 +1,240 @@
+"""Activation files (`ssae.activations/1`, HDF5), written in batches and read in chunks.
+
+Layout (DESIGN.md): /activations [N, d] (float16, float32, or bfloat16 stored as uint16), /token_ids,
+/doc_index, /position [N] int32, /docs/id and /docs/text [D].  /docs/input_index [D] (int64, the
+document's index in the input stream) lets shards be merged back into input order.
+
+A file being written lives at a `.partial` name beside its target with `complete = False`; the
+attributes `n_tokens`, `n_docs` and `resume` are updated after every batch, so rows past `n_tokens`
+are discarded on resume and a rerun continues exactly where the checkpoint was.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .errors import BadInput
+
+SCHEMA = "ssae.activations/1"
+DTYPES = ("float16", "float32", "bfloat16")
+STR = h5py.string_dtype(encoding="utf-8")
+
+
+def encode(acts, dtype: str) -> np.ndarray:
+    """A float tensor or array -> the stored representation of `dtype`."""
+    import torch
+
+    if isinstance(acts, np.ndarray):
+        acts = torch.from_numpy(acts)
+    acts = acts.detach().cpu()
+    if dtype == "bfloat16":
+        return acts.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return acts.to(getattr(torch, dtype)).numpy()
+
+
+def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows -> float32."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+def chunk_rows(d: int, target_bytes: int = 1 << 20) -> int:
+    return max(64, min(16384, target_bytes // max(1, d * 4)))
+
+
+class ActivationWriter:
+    """Create or resume a partial activation file and append rows batch by batch."""
+
+    def __init__(self, path: str, *, d_model: int, dtype: str, attrs: dict, resume: bool):
+        if dtype not in DTYPES:
+            raise BadInput(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        self.path, self.dtype = path, dtype
+        if resume:
+            self.f = h5py.File(path, "r+")
+            self._truncate_to_checkpoint()
+            return
+        self.f = h5py.File(path, "w")
+        rows = chunk_rows(d_model)
+        store = "uint16" if dtype == "bfloat16" else dtype
+        self.f.create_dataset("activations", shape=(0, d_model), maxshape=(None, d_model), dtype=store,
+                              chunks=(rows, d_model))
+        for name in ("token_ids", "doc_index", "position"):
+            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int32", chunks=(rows * 4,))
+        docs = self.f.create_group("docs")
+        docs.create_dataset("id", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+        docs.create_dataset("input_index", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
+        if attrs.get("store_text", True):
+            docs.create_dataset("text", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+        a = self.f.attrs
+        a["schema"] = SCHEMA
+        a["dtype"] = dtype
+        a["d_model"] = d_model
+        a["n_tokens"] = 0
+        a["n_docs"] = 0
+        a["complete"] = False
+        a["resume"] = json.dumps({"next_input_doc": 0, "next_window": 0})
+        for key, value in attrs.items():
+            a[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        self.f.flush()
+
+    def _truncate_to_checkpoint(self) -> None:
+        n, d = int(self.f.attrs["n_tokens"]), int(self.f.attrs["n_docs"])
+        for name in ("activations", "token_ids", "doc_index", "position"):
+            self.f[name].resize(n, axis=0)
+        for name in self.f["docs"]:
+            self.f["docs"][name].resize(d, axis=0)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.f.attrs["n_tokens"])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.f.attrs["n_docs"])
+
+    @property
+    def resume_state(self) -> dict:
+        return json.loads(self.f.attrs["resume"])
+
+    def add_docs(self, ids: list[str], texts: list[str], input_indices: list[int]) -> None:
+        docs = self.f["docs"]
+        n0, n1 = self.n_docs, self.n_docs + len(ids)
+        docs["id"].resize(n1, axis=0)
+        docs["id"][n0:n1] = ids
+        docs["input_index"].resize(n1, axis=0)
+        docs["input_index"][n0:n1] = input_indices
+        if "text" in docs:
+            docs["text"].resize(n1, axis=0)
+            docs["text"][n0:n1] = texts
+
+    def add_rows(self, acts, token_ids: np.ndarray, doc_index: np.ndarray, position: np.ndarray) -> None:
+        n0, n1 = self.n_tokens, self.n_tokens + len(token_ids)
+        ds = self.f["activations"]
+        ds.resize(n1, axis=0)
+        ds[n0:n1] = encode(acts, self.dtype)
+        for name, values in (("token_ids", token_ids), ("doc_index", doc_index), ("position", position)):
+            self.f[name].resize(n1, axis=0)
+            self.f[name][n0:n1] = values
+
+    def checkpoint(self, n_docs: int, next_input_doc: int, next_window: int, **extra) -> None:
+        """Record that all rows and documents written so far are valid."""
+        a = self.f.attrs
+        a["n_tokens"] = int(self.f["activations"].shape[0])
+        a["n_docs"] = int(n_docs)
+        a["resume"] = json.dumps({"next_input_doc": next_input_doc, "next_window": next_window, **extra})
+        self.f.flush()
+
+    def finish(self, **attrs) -> None:
+        for key, value in attrs.items():
+            self.f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        self.f.attrs["complete"] = True
+        self.f.flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+
+class ActivationStore:
+    """Read access to a complete activation file; rows come back as float32 numpy arrays."""
+
+    def __init__(self, path: str, allow_incomplete: bool = False):
+        self.path = path
+        if not os.path.exists(path):
+            raise BadInput(f"{path}: no such activation file")
+        try:
+            self.f = h5py.File(path, "r")
+        except OSError as e:
+            raise BadInput(f"{path}: not a readable HDF5 file ({e})") from None
+        a = self.f.attrs
+        if a.get("schema") != SCHEMA:
+            self.f.close()
+            raise BadInput(f"{path}: not an {SCHEMA} file (schema {a.get('schema')!r})")
+        if not bool(a.get("complete", False)) and not allow_incomplete:
+            self.f.close()
+            raise BadInput(f"{path}: incomplete activation file (harvest was interrupted; rerun it to finish)")
+        self.dtype = str(a["dtype"])
+        self.n_tokens = int(a["n_tokens"])
+        self.n_docs = int(a["n_docs"])
+        self.d_model = int(a["d_model"])
+        self.model = str(a.get("model", ""))
+        self.hook = str(a.get("hook", ""))
+        self.context_size = int(a.get("context_size", 0))
+        self.bos_dropped = bool(a.get("bos_dropped", True))
+        self._acts = self.f["activations"]
+
+    @property
+    def attrs(self) -> dict:
+        out = {}
+        for k, v in self.f.attrs.items():
+            v = v.item() if hasattr(v, "item") else v
+            if k in ("config", "created_by", "resume") and isinstance(v, str):
+                v = json.loads(v)
+            out[k] = v
+        return out
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.f["docs"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._acts.chunks[0]) if self._acts.chunks else 4096
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return decode(self._acts[start:stop], self.dtype)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary (sorted, unique) indices."""
+        return decode(self._acts[np.asarray(index)], self.dtype)
+
+    def iter_chunks(self, rows: int | None = None, start: int = 0, stop: int | None = None
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        rows = rows or self.chunk_rows * 4
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        for s in range(start, stop, rows):
+            yield s, self.rows(s, min(s + rows, stop))
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.f["token_ids"][start:stop]
+
+    def doc_index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.f["doc_index"][start:stop]
+
+    def position(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.f["position"][start:stop]
+
+    def doc_id(self, i: int) -> str:
+        return self.f["docs"]["id"][i].decode()
+
+    def doc_text(self, i: int) -> str:
+        if not self.has_text:
+            raise BadInput(f"{self.path}: no document text stored (harvested with --no-store-text)")
+        return self.f["docs"]["text"][i].decode()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_stores(paths: list[str]) -> list[ActivationStore]:
+    """Several activation files that act as one dataset: same model, hook and width."""
+    stores = [ActivationStore(p) for p in paths]
+    first = stores[0]
+    for s in stores[1:]:
+        for attr in ("model", "hook", "d_model"):
+            if getattr(s, attr) != getattr(first, attr):
+                raise BadInput(f"{s.path}: {attr} {getattr(s, attr)!r} differs from {first.path} ({getattr(first, attr)!r})")
+    return stores

@@ -1,0 +1,272 @@
+"""The shared base of every tool: common options, config files, SSAE_* variables, exit codes,
+stdout discipline and logging.
+
+A tool is written as
+
+    @ssae_command("harvest")
+    @click.argument(...)
+    def main(ctx_opts: Common, ...):
+        ...
+        ctx_opts.emit(record)
+
+Precedence of option values: command line > SSAE_<OPTION> environment variable > --config file >
+built-in default.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+import click
+
+from . import __version__
+from .errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
+from .records import write_record
+
+log = logging.getLogger("ssae")
+ENV_PREFIX = "SSAE"
+
+
+def workdir() -> str:
+    return os.environ.get("SSAE_WORKDIR", "ssae-work")
+
+
+def _load_config(ctx: click.Context, param, value):
+    if not value:
+        return value
+    try:
+        with open(value, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise click.BadParameter(f"{value}: {e.strerror}", ctx, param)
+    try:
+        if value.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(raw.decode())
+        else:
+            data = json.loads(raw)
+    except Exception as e:
+        raise click.BadParameter(f"{value}: not valid {'TOML' if value.endswith('.toml') else 'JSON'} ({e})", ctx, param)
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: expected a table of option names", ctx, param)
+    tool = ctx.command.name.removeprefix("ssae-")
+    merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    merged.update(data.get(tool, {}) if isinstance(data.get(tool), dict) else {})
+    known = {p.name for p in ctx.command.params}
+    norm = {}
+    for k, v in merged.items():
+        key = k.replace("-", "_")
+        if key in known:
+            norm[key] = v
+    ctx.default_map = {**(ctx.default_map or {}), **norm}
+    ctx.meta["ssae.config_file"] = os.path.abspath(value)
+    return value
+
+
+def parse_shard(value: str | None) -> tuple[int, int]:
+    """`i/n` (0-based), defaulting from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT."""
+    if not value:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if task is None or count is None:
+            return 0, 1
+        value = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{count}"
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise BadInput(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise BadInput(f"--shard {value!r}: need 0 <= i < n")
+    return i, n
+
+
+def resolve_device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {spec}: CUDA is not available on this machine")
+        if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
+            raise BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    if spec != "cpu":
+        raise BadInput(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
+    return spec
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Common:
+    """Options every tool shares, plus the data stream."""
+
+    tool: str
+    device_spec: str = "auto"
+    seed: int = 0
+    quiet: bool = False
+    verbose: int = 0
+    force: bool = False
+    config_file: str | None = None
+    stdout: IO[str] = field(default=sys.stdout, repr=False)
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.device_spec)
+
+    def emit(self, record: dict) -> None:
+        """Write one record to the data stream (the real stdout)."""
+        write_record(self.stdout, record)
+
+    def resolved(self, **options) -> dict:
+        """The resolved configuration stored in artifacts."""
+        return {"tool": f"ssae-{self.tool}", "seed": self.seed, **options}
+
+
+def common_options(f: Callable) -> Callable:
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
+                     expose_value=True, callback=_load_config,
+                     help="JSON or TOML file of option values (top level, or a table named after the tool)."),
+        click.option("--device", "device_spec", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+        click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr."),
+        click.option("--verbose", "-v", count=True, help="More logging (repeat for debug)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def setup_logging(tool: str, quiet: bool, verbose: int) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"ssae-{tool}: %(message)s"))
+    root = logging.getLogger("ssae")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("transformers", "transformer_lens", "datasets", "huggingface_hub", "sentence_transformers", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose < 2:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except Exception:
+            pass
+
+
+class _StdoutGuard:
+    """Keep the data stream clean: while a tool runs, anything printed to stdout (by Python code or C
+    libraries) goes to stderr; records go to the saved real stdout."""
+
+    def __enter__(self) -> IO[str]:
+        self._saved_fd = None
+        self._saved_sys = sys.stdout
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd == 1:
+            sys.stdout.flush()
+            self._saved_fd = os.dup(1)
+            os.dup2(2, 1)
+            data = os.fdopen(os.dup(self._saved_fd), "w", encoding="utf-8", buffering=1)
+        else:
+            data = sys.stdout  # e.g. click's CliRunner: a Python-level stream only
+        sys.stdout = sys.stderr
+        self._data = data
+        return data
+
+    def __exit__(self, *exc):
+        try:
+            self._data.flush()
+        except Exception:
+            pass
+        sys.stdout = self._saved_sys
+        if self._saved_fd is not None:
+            self._data.close()
+            os.dup2(self._saved_fd, 1)
+            os.close(self._saved_fd)
+
+
+def _fail(tool: str, message: str, code: int) -> None:
+    click.echo(f"ssae-{tool}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def ssae_command(tool: str, **command_kwargs):
+    """Decorate a tool's main function: click command with the shared options and error handling.
+
+    The function gets `common: Common` as its first argument.
+    """
+
+    def decorate(f: Callable) -> click.Command:
+        @functools.wraps(f)
+        def run(config_file, device_spec, seed, force, quiet, verbose, **kwargs):
+            setup_logging(tool, quiet, verbose)
+            with _StdoutGuard() as data:
+                common = Common(tool=tool, device_spec=device_spec, seed=seed, quiet=quiet, verbose=verbose,
+                                force=force, config_file=config_file, stdout=data)
+                try:
+                    seed_everything(seed)
+                    return f(common, **kwargs)
+                except Interrupted as e:
+                    log.warning("%s", e)
+                    sys.exit(e.exit_code)
+                except BadInput as e:
+                    _fail(tool, str(e), e.exit_code)
+                except SsaeError as e:
+                    _fail(tool, str(e), e.exit_code)
+                except KeyboardInterrupt:
+                    _fail(tool, "interrupted", 130)
+                except click.exceptions.Exit:
+                    raise
+                except click.ClickException:
+                    raise
+                except MemoryError:
+                    _fail(tool, "out of memory (try a smaller --batch-size)", EXIT_FAILURE)
+                except Exception as e:
+                    if verbose:
+                        traceback.print_exc(file=sys.stderr)
+                    _fail(tool, f"{type(e).__name__}: {e} (rerun with -v for the traceback)", EXIT_FAILURE)
+
+        run = common_options(run)
+        command_kwargs.setdefault("context_settings", {})
+        command_kwargs["context_settings"].setdefault("auto_envvar_prefix", ENV_PREFIX)
+        command_kwargs["context_settings"].setdefault("help_option_names", ["-h", "--help"])
+        cmd = click.command(name=f"ssae-{tool}", **command_kwargs)(run)
+        cmd = click.version_option(__version__, prog_name=f"ssae-{tool}")(cmd)
+        return cmd
+
+    return decorate
+
+
+def default_output(kind: str, digest: str, suffix: str) -> str:
+    """Where a bulk output goes when -o is not given: $SSAE_WORKDIR/<kind>/<hash><suffix>."""
+    return os.path.join(workdir(), kind, digest + suffix)

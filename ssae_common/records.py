@@ -1,0 +1,231 @@
+"""Schema-tagged JSONL records and readers for every input form of DESIGN.md.
+
+Inputs are paths (`.jsonl`, `.jsonl.gz`, `.txt`, `.parquet`), `hf:NAME[:SPLIT]` (streamed), or `-`
+for stdin.  Errors name the file and line.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+import sys
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
+
+from .errors import BadInput
+
+DOC = "ssae.doc/1"
+ARTIFACT = "ssae.artifact/1"
+ARTIFACT_KINDS = ("activations", "sae", "metrics", "explanations", "shift")
+
+
+def doc_record(doc_id: str, text: str, **extra) -> dict:
+    rec = {"schema": DOC, "id": str(doc_id), "text": text}
+    rec.update({k: v for k, v in extra.items() if v is not None})
+    return rec
+
+
+def artifact_record(kind: str, path: str, **summary) -> dict:
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    return {"schema": ARTIFACT, "kind": kind, "path": os.path.abspath(path), **summary}
+
+
+def write_record(stream: IO[str], record: dict) -> None:
+    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+@dataclass
+class Source:
+    """Where a record came from, for error messages ("file.jsonl:17")."""
+
+    name: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.line}" if self.line else self.name
+
+
+def stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _open_text(path: str) -> IO[str]:
+    if path == "-":
+        return sys.stdin
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a directory, expected a file of records")
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _display(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def iter_raw(path: str) -> Iterator[tuple[dict | str, Source]]:
+    """Yield (parsed JSON object or plain text line, source) from one input."""
+    if path.startswith("hf:"):
+        yield from _iter_hf(path)
+        return
+    if path.endswith(".parquet"):
+        yield from _iter_parquet(path)
+        return
+    plain_text = path.endswith(".txt") or path.endswith(".txt.gz")
+    stream = _open_text(path)
+    name = _display(path)
+    try:
+        for lineno, line in enumerate(stream, 1):
+            stripped = line.strip()
+            if not stripped:
+                continue
+            if plain_text:
+                yield stripped, Source(name, lineno)
+                continue
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                if path == "-" and lineno == 1 and not stripped.startswith(("{", "[")):
+                    # stdin with plain text: treat it as a .txt stream
+                    plain_text = True
+                    yield stripped, Source(name, lineno)
+                    continue
+                raise BadInput(f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise BadInput(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj, Source(name, lineno)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{name}: not UTF-8 text ({e.reason})") from None
+    except (OSError, EOFError) as e:
+        raise BadInput(f"{name}: cannot read ({e})") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[dict, Source]]:
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: no such file")
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise BadInput(f"{path}: not a readable parquet file ({e})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for obj in batch.to_pylist():
+            row += 1
+            yield obj, Source(path, row)
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str]:
+    body = spec[3:]
+    name, _, split = body.partition(":")
+    if not name:
+        raise BadInput(f"{spec}: expected hf:NAME[:SPLIT]")
+    return name, split or "train"
+
+
+def _iter_hf(spec: str) -> Iterator[tuple[dict, Source]]:
+    name, split = parse_hf_spec(spec)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # network, missing dataset or split
+        raise BadInput(f"{spec}: cannot open Hugging Face dataset ({type(e).__name__}: {e})") from None
+    for row, obj in enumerate(ds, 1):
+        yield obj, Source(spec, row)
+
+
+def text_of(obj: dict | str, source: Source, text_field: str = "text") -> str:
+    if isinstance(obj, str):
+        return obj
+    if text_field not in obj:
+        raise BadInput(f"{source}: record has no {text_field!r} field")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise BadInput(f"{source}: field {text_field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def id_of(obj: dict | str, source: Source) -> str:
+    if isinstance(obj, dict):
+        for key in ("id", "_id", "doc_id"):
+            if obj.get(key) is not None:
+                return str(obj[key])
+    return f"{os.path.basename(source.name)}:{source.line}"
+
+
+def iter_docs(paths: Iterable[str], text_field: str = "text") -> Iterator[tuple[dict, Source]]:
+    """(`ssae.doc/1` record, source) from any input form; ids made up from file:line if absent."""
+    for path in paths:
+        for obj, source in iter_raw(path):
+            if isinstance(obj, dict) and obj.get("schema") == ARTIFACT:
+                raise BadInput(f"{source}: got an artifact record ({obj.get('kind')}), expected documents")
+            text = text_of(obj, source, text_field)
+            rec = doc_record(id_of(obj, source), text)
+            if isinstance(obj, dict):
+                for key in ("score", "source", "seed_ids", "meta", "rank", "method"):
+                    if key in obj:
+                        rec[key] = obj[key]
+                extra = {k: v for k, v in obj.items() if k not in rec and k not in ("schema", "_id", "doc_id", text_field)}
+                if extra and "meta" not in rec:
+                    rec["meta"] = extra
+            yield rec, source
+
+
+def read_docs(paths: Iterable[str], text_field: str = "text") -> Iterator[dict]:
+    for rec, _ in iter_docs(paths, text_field):
+        yield rec
+
+
+def resolve_artifacts(args: Iterable[str], kind: str) -> list[str]:
+    """Paths to artifacts of `kind`: path arguments, or artifact records read from stdin (`-` or none)."""
+    args = list(args)
+    paths: list[str] = []
+    if not args or args == ["-"]:
+        if stdin_is_terminal():
+            raise BadInput(f"no input: give a {kind} path or pipe an {ARTIFACT} record on stdin")
+        for obj, source in iter_raw("-"):
+            if not isinstance(obj, dict) or obj.get("schema") != ARTIFACT:
+                raise BadInput(f"{source}: expected an {ARTIFACT} record of kind {kind!r}")
+            if obj.get("kind") != kind:
+                raise BadInput(f"{source}: artifact is of kind {obj.get('kind')!r}, expected {kind!r}")
+            paths.append(obj["path"])
+        if not paths:
+            raise BadInput(f"<stdin>: empty input, expected an {ARTIFACT} record of kind {kind!r}")
+        return paths
+    for arg in args:
+        if arg == "-":
+            paths.extend(resolve_artifacts(["-"], kind))
+        elif os.path.isfile(arg) and arg.endswith((".jsonl", ".json")) and kind != "metrics":
+            for obj, source in iter_raw(arg):
+                if obj.get("schema") != ARTIFACT or obj.get("kind") != kind:
+                    raise BadInput(f"{source}: expected an {ARTIFACT} record of kind {kind!r}")
+                paths.append(obj["path"])
+        else:
+            paths.append(arg)
+    return paths
+
+
+def spool_stdin(folder: str) -> str:
+    """Copy stdin to a file under `folder` (so its hash can name a default output); returns the path."""
+    if stdin_is_terminal():
+        raise BadInput("no input: give document paths or pipe documents on stdin")
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="stdin.", suffix=".jsonl", dir=folder)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, out)
+    return path

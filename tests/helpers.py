@@ -1,0 +1,68 @@
+"""Builders for test data: a tiny randomly initialised Llama with a word-level tokenizer, documents,
+activation stores.  No hub access is needed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+WORDS = ("the a of and to in is was for on that with as by at from it an be this are were "
+         "star galaxy planet orbit mass light energy field quantum particle wave spin "
+         "nurse doctor surgeon physician hospital patient care she he her his him "
+         "cat dog house tree river city music film game team market price bank").split()
+
+
+def make_tokenizer(folder: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"()-":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_model(folder: str, n_layers: int = 2, d_model: int = 16, seed: int = 0) -> str:
+    """A tiny random Llama saved as a local model folder (what `--model FOLDER` takes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    os.makedirs(folder, exist_ok=True)
+    tok = make_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_jsonl(path: str, records) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def sample_docs(n: int = 20, words: int = 30, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words)))}
+            for i in range(n)]
+
+
+def parse_records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def tokens_of(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)

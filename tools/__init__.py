@@ -1,0 +1,1 @@
+"""The ssae command-line tools (installed as the `ssae_tools` package)."""
