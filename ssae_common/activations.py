@@ -116,7 +116,7 @@ class ActivationWriter:
         n0, n1 = self.n_tokens, self.n_tokens + len(token_ids)
         ds = self.f["activations"]
         ds.resize(n1, axis=0)
-        ds[n0:n1] = encode(acts, self.dtype)
+        ds[n0:n1] = acts if isinstance(acts, np.ndarray) and acts.dtype == ds.dtype else encode(acts, self.dtype)
         for name, values in (("token_ids", token_ids), ("doc_index", doc_index), ("position", position)):
             self.f[name].resize(n1, axis=0)
             self.f[name][n0:n1] = values
@@ -238,3 +238,71 @@ def open_stores(paths: list[str]) -> list[ActivationStore]:
             if getattr(s, attr) != getattr(first, attr):
                 raise BadInput(f"{s.path}: {attr} {getattr(s, attr)!r} differs from {first.path} ({getattr(first, attr)!r})")
     return stores
+
+
+def merge_shards(paths: list[str], out_tmp: str, attrs: dict) -> tuple[int, int]:
+    """Merge `--shard i/n` outputs into input order (what one unsharded run stores), copying document
+    by document through a bounded buffer.  Writes `out_tmp`; returns (n_tokens, n_docs)."""
+    import heapq
+
+    stores = open_stores(paths)
+    first = stores[0]
+    for s in stores:
+        if s.dtype != first.dtype:
+            raise BadInput(f"{s.path}: dtype {s.dtype} differs from {first.path} ({first.dtype})")
+    base = {k: v for k, v in first.attrs.items() if k not in ("n_tokens", "n_docs", "complete", "resume", "schema")}
+    base.update(attrs)
+    writer = ActivationWriter(out_tmp, d_model=first.d_model, dtype=first.dtype, resume=False,
+                              attrs={**base, "store_text": all(s.has_text for s in stores)})
+    try:
+        # per store: doc start offsets from doc_index (rows are grouped by doc, in doc order)
+        starts = []
+        for s in stores:
+            bounds = np.searchsorted(s.doc_index(), np.arange(s.n_docs + 1))
+            starts.append(bounds)
+        heap = [(int(s.f["docs/input_index"][0]), k, 0) for k, s in enumerate(stores) if s.n_docs]
+        heapq.heapify(heap)
+        seen: set[int] = set()
+        buf_rows, buf_tok, buf_doc, buf_pos, buf_ids, buf_text, buf_in = [], [], [], [], [], [], []
+        n_docs = 0
+        limit = max(1, (64 << 20) // (first.d_model * 4))
+
+        def flush():
+            nonlocal buf_rows, buf_tok, buf_doc, buf_pos, buf_ids, buf_text, buf_in
+            if buf_ids:
+                writer.add_docs(buf_ids, buf_text, buf_in)
+            if buf_rows:
+                writer.add_rows(np.concatenate(buf_rows), np.concatenate(buf_tok), np.concatenate(buf_doc),
+                                np.concatenate(buf_pos))
+            writer.checkpoint(n_docs, 0, 0)
+            buf_rows, buf_tok, buf_doc, buf_pos, buf_ids, buf_text, buf_in = [], [], [], [], [], [], []
+
+        while heap:
+            input_index, k, d = heapq.heappop(heap)
+            if input_index in seen:
+                raise BadInput(f"{stores[k].path}: document {input_index} of the input is in two shards")
+            seen.add(input_index)
+            s = stores[k]
+            lo, hi = int(starts[k][d]), int(starts[k][d + 1])
+            buf_rows.append(s.f["activations"][lo:hi])
+            buf_tok.append(s.token_ids(lo, hi))
+            buf_doc.append(np.full(hi - lo, n_docs, dtype=np.int32))
+            buf_pos.append(s.position(lo, hi))
+            buf_ids.append(s.doc_id(d))
+            buf_text.append(s.doc_text(d) if s.has_text else "")
+            buf_in.append(input_index)
+            n_docs += 1
+            if sum(len(r) for r in buf_rows) >= limit:
+                flush()
+            if d + 1 < s.n_docs:
+                heapq.heappush(heap, (int(s.f["docs/input_index"][d + 1]), k, d + 1))
+        flush()
+        n_tokens = writer.n_tokens
+        writer.finish(shard="merged", merged_from=[os.path.abspath(p) for p in paths])
+        return n_tokens, n_docs
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        for s in stores:
+            s.close()

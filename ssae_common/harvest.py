@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -87,6 +88,13 @@ def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
         yield batch
 
 
+def _write_batch(writer, ids, texts, inputs, acts, token_ids, doc_rows, positions, checkpoint) -> None:
+    if ids:
+        writer.add_docs(ids, texts, inputs)
+    writer.add_rows(acts, token_ids, doc_rows, positions)
+    writer.checkpoint(**checkpoint)
+
+
 def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationWriter, cfg: HarvestConfig,
                  stop: StopFlag, quiet: bool = False) -> dict:
     """Fill `writer` from `docs`, checkpointing after every batch. Returns a summary."""
@@ -104,7 +112,9 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     if budget is not None and budget <= 0:
         return {"n_short": counter.short}
 
-    with Progress("harvest", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
+    io = ThreadPoolExecutor(max_workers=1)
+    writing = io.submit(lambda: None)
+    with io, Progress("harvest", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
         progress.done = writer.n_tokens
         for batch in _batches(iter_windows(model, docs, cfg, state, counter), cfg.batch_size):
             prefix = [bos] if bos is not None else []
@@ -141,17 +151,21 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
                         done = True
                         break
             if rows:
-                if new_ids:
-                    writer.add_docs(new_ids, new_texts, new_inputs)
-                writer.add_rows(torch.cat(rows), np.asarray(tok_ids, dtype=np.int32),
-                                np.asarray(doc_rows, dtype=np.int32), np.asarray(positions, dtype=np.int32))
+                # write in the background while the next batch runs through the model
+                writing.result()
                 last = batch[-1]
-                writer.checkpoint(n_docs, last.input_index, last.window + 1, n_short=counter.short,
-                                  last_input_doc=last_input)
+                writing = io.submit(_write_batch, writer, new_ids, new_texts, new_inputs, torch.cat(rows),
+                                    np.asarray(tok_ids, dtype=np.int32), np.asarray(doc_rows, dtype=np.int32),
+                                    np.asarray(positions, dtype=np.int32),
+                                    dict(n_docs=n_docs, next_input_doc=last.input_index, next_window=last.window + 1,
+                                         n_short=counter.short, last_input_doc=last_input))
                 progress.update(len(tok_ids))
             if done:
                 break
+            if stop.requested:
+                writing.result()
             stop.check()
+        writing.result()
     return {"n_short": counter.short}
 
 
@@ -168,13 +182,14 @@ def harvest(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestCo
             old = ActivationStore(tmp, allow_incomplete=True)
             same = old.attrs.get("config") == attrs["config"]
             old.close()
-        except BadInput:
-            same = False
+        except BadInput as e:  # a checkpoint cut off mid-write (e.g. SIGKILL): nothing to resume
+            log.warning("cannot resume %s (%s): starting over", tmp, e)
+            same = None
         if same and not force:
             resume = True
             log.info("resuming %s", tmp)
         else:
-            if not force:
+            if same is False and not force:
                 raise BadInput(f"{tmp}: an interrupted harvest with a different configuration is there "
                                "(use --force to start over)")
             os.remove(tmp)

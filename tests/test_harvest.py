@@ -1,0 +1,256 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import parse_records, sample_docs, write_jsonl
+from ssae_common.activations import ActivationStore
+from ssae_common.models import load_model
+from ssae_tools.harvest import main as harvest
+
+BIN = os.path.join(os.path.dirname(sys.executable), "ssae-harvest")
+
+
+def run(args, input=None):
+    return CliRunner().invoke(harvest, args, input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def docs(tmp_path):
+    return write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(30, 40))
+
+
+def test_harvest_writes_the_design_layout(tmp_path, tiny_model, docs):
+    out = tmp_path / "acts.h5"
+    r = run([docs, "--model", tiny_model, "--layer", "1", "--context-size", "16", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    records = parse_records(r.stdout)
+    assert len(records) == 1
+    rec = records[0]
+    assert rec["schema"] == "ssae.artifact/1" and rec["kind"] == "activations"
+    assert rec["path"] == str(out) and rec["hook"] == "blocks.1.hook_resid_post"
+    with h5py.File(out) as f:
+        a = f.attrs
+        for key in ("schema", "model", "hook", "d_model", "context_size", "dtype", "bos_dropped", "n_tokens",
+                    "n_docs", "complete", "config", "created_by"):
+            assert key in a, key
+        assert a["complete"] and a["schema"] == "ssae.activations/1" and a["d_model"] == 16
+        n = int(a["n_tokens"])
+        assert f["activations"].shape == (n, 16) and f["activations"].dtype == np.float16
+        assert f["activations"].chunks is not None and f["activations"].maxshape == (None, 16)
+        for name in ("token_ids", "doc_index", "position"):
+            assert f[name].shape == (n,) and f[name].dtype == np.int32
+        assert f["docs/id"].shape == (30,) and f["docs/text"][0].decode().startswith(json.loads(
+            open(docs).readline())["text"][:10])
+        assert json.loads(a["created_by"])["tool"] == "ssae-harvest"
+        assert json.loads(a["config"])["context_size"] == 16
+        assert 1 not in set(f["token_ids"][:].tolist())  # BOS dropped
+        assert f["position"][:].min() == 1
+
+
+def test_activations_match_a_direct_forward_pass(tmp_path, tiny_model, docs):
+    out = tmp_path / "acts.h5"
+    r = run([docs, "--model", tiny_model, "--hook", "blocks.0.hook_resid_post", "--context-size", "8",
+             "--batch-size", "5", "--dtype", "float32", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    lm = load_model(tiny_model)
+    first = json.loads(open(docs).readline())["text"]
+    tokens = lm.tokenize(first)[:7]  # the first window: BOS + 7 tokens
+    direct = lm.activations(torch.tensor([[1] + tokens]), "blocks.0.hook_resid_post")[0, 1:]
+    with ActivationStore(str(out)) as s:
+        np.testing.assert_allclose(s.rows(0, 7), direct.numpy(), rtol=1e-5, atol=1e-5)
+        assert s.token_ids(0, 7).tolist() == tokens
+        # padding in a batch never changes real positions: batch size 1 gives the same rows
+        out1 = tmp_path / "acts1.h5"
+        assert run([docs, "--model", tiny_model, "--hook", "blocks.0.hook_resid_post", "--context-size", "8",
+                    "--batch-size", "1", "--dtype", "float32", "-o", str(out1)]).exit_code == 0
+        with ActivationStore(str(out1)) as s1:
+            np.testing.assert_allclose(s.rows(0, s.n_tokens), s1.rows(0, s1.n_tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_max_tokens_keep_bos_bfloat16_and_short_docs(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "d.jsonl"),
+                       [{"id": "empty", "text": ""}] + sample_docs(10, 40) + [{"id": "blank", "text": "   "}])
+    out = tmp_path / "a.h5"
+    r = run([docs, "--model", tiny_model, "--layer", "0", "--keep-bos", "--max-tokens", "100", "--dtype",
+             "bfloat16", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    with ActivationStore(str(out)) as s:
+        assert s.n_tokens == 100 and s.f["activations"].dtype == np.uint16
+        assert s.token_ids(0, 1)[0] == 1 and s.position(0, 1)[0] == 0  # BOS kept
+        assert np.isfinite(s.rows(0, 100)).all()
+    r = run([docs, "--model", tiny_model, "--layer", "0", "-o", str(tmp_path / "b.h5")])
+    assert "2 document(s) shorter than 1 token(s) were skipped" in r.stderr
+
+
+def test_shards_partition_the_documents(tmp_path, tiny_model, docs):
+    ids = []
+    for i in range(3):
+        out = tmp_path / f"s{i}.h5"
+        assert run([docs, "--model", tiny_model, "--layer", "0", "--shard", f"{i}/3", "-o", str(out)]).exit_code == 0
+        with ActivationStore(str(out)) as s:
+            ids += [s.doc_id(j) for j in range(s.n_docs)]
+            assert s.f["docs/input_index"][:].tolist() == list(range(i, 30, 3))
+    assert sorted(ids) == sorted(f"d{i}" for i in range(30))
+
+
+def test_env_and_config_file_set_options(tmp_path, tiny_model, docs, monkeypatch):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'model = "{tiny_model}"\n[harvest]\ncontext-size = 12\nlayer = 0\n')
+    monkeypatch.setenv("SSAE_DTYPE", "float32")
+    out = tmp_path / "a.h5"
+    r = run([docs, "--config", str(cfg), "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    with ActivationStore(str(out)) as s:
+        assert s.context_size == 12 and s.dtype == "float32" and s.hook == "blocks.0.hook_resid_post"
+
+
+def test_default_output_is_reused(tmp_path, tiny_model, docs):
+    args = [docs, "--model", tiny_model, "--layer", "0"]
+    first = parse_records(run(args).stdout)[0]
+    assert first["path"].startswith(os.environ["SSAE_WORKDIR"])
+    r = run(args)
+    assert r.exit_code == 0 and "reusing" in r.stderr
+    assert parse_records(r.stdout)[0]["path"] == first["path"]
+
+
+def test_stdin_pipe_from_a_real_shell(tmp_path, tiny_model, docs):
+    out = tmp_path / "a.h5"
+    p = subprocess.run(f"cat {docs} | {BIN} --model {tiny_model} --layer 0 -o {out}", shell=True,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["kind"] == "activations"
+    assert out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "text": "the star"}\n{"id": "b", "text": "the\n', r"docs.jsonl:2: malformed JSON"),
+    ('{"id": "a", "text": "the star"}\n{"id": "b"}\n', r"docs.jsonl:2: record has no 'text' field"),
+    ('', r"no tokens harvested: the input had no usable documents"),
+])
+def test_bad_documents_exit_2_and_leave_nothing(tmp_path, tiny_model, content, message):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(content)
+    out = tmp_path / "out" / "a.h5"
+    r = run([str(path), "--model", tiny_model, "--layer", "0", "-o", str(out)])
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("ssae-harvest: error: ")
+    assert message.replace("\\", "") in r.stderr or __import__("re").search(message, r.stderr)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_unknown_hook_lists_close_names(tmp_path, tiny_model, docs):
+    r = run([docs, "--model", tiny_model, "--hook", "blocks.1.hook_resid_pst", "-o", str(tmp_path / "a.h5")])
+    assert r.exit_code == 2
+    assert "--hook blocks.1.hook_resid_pst: not a hook point" in r.stderr
+    assert "did you mean blocks.1.hook_resid_post" in r.stderr
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_existing_output_needs_force_and_unwritable_folder(tmp_path, tiny_model, docs):
+    out = tmp_path / "a.h5"
+    out.write_text("precious")
+    r = run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)])
+    assert r.exit_code == 2 and "a.h5: exists (use --force to overwrite)" in r.stderr
+    assert out.read_text() == "precious"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run([docs, "--model", tiny_model, "--layer", "0", "-o", str(blocker / "a.h5")])
+    assert r.exit_code == 2 and "cannot create output folder" in r.stderr
+
+
+def test_no_input_on_a_terminal_is_a_usage_error(monkeypatch, tiny_model):
+    monkeypatch.setattr("ssae_common.records.stdin_is_terminal", lambda: True)
+    monkeypatch.setattr("ssae_tools.harvest.stdin_is_terminal", lambda: True)
+    r = run(["--model", tiny_model, "--layer", "0"])
+    assert r.exit_code == 2 and "no input" in r.stderr
+
+
+def _read_all(path):
+    with ActivationStore(str(path)) as s:
+        return (s.rows(0, s.n_tokens), s.token_ids(), s.doc_index(), s.position(),
+                [s.doc_id(i) for i in range(s.n_docs)])
+
+
+def _checkpointed_tokens(partial):
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs["n_tokens"])
+    except Exception:  # not created yet, or being written
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_harvest_resumes_to_the_same_file(tmp_path, tiny_model, sig):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(300, 40, seed=1))
+    base = [docs, "--model", tiny_model, "--layer", "1", "--context-size", "16", "--batch-size", "4"]
+    whole = tmp_path / "whole.h5"
+    assert run(base + ["-o", str(whole)]).exit_code == 0
+
+    out = tmp_path / "resumed.h5"
+    partial = tmp_path / ".resumed.h5.partial"
+    proc = subprocess.Popen([BIN, *base, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _checkpointed_tokens(partial) < 200:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 75, stderr
+        assert "checkpoint saved" in stderr
+    assert stdout == "" and not out.exists() and partial.exists()
+    assert 0 < _checkpointed_tokens(partial) < 8000
+    with pytest.raises(Exception, match="incomplete activation file"):
+        ActivationStore(str(partial))
+
+    r = run(base + ["-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert not partial.exists()
+    a, b = _read_all(whole), _read_all(out)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.integration
+def test_real_bundled_model_few_thousand_tokens(tmp_path, shared_data):
+    docs = os.path.join(shared_data, "physics", "astro_ph_seeds.jsonl")
+    out = tmp_path / "acts.h5"
+    r = run([docs, "--hook", "blocks.6.hook_resid_post", "--max-tokens", "3000", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    rec = parse_records(r.stdout)
+    assert len(rec) == 1 and rec[0]["n_tokens"] == 3000 and rec[0]["d_model"] == 576
+    with ActivationStore(str(out)) as s:
+        assert s.model == "smollm2" and s.n_tokens == 3000
+        x = s.rows(0, 3000)
+        assert np.isfinite(x).all() and x.std() > 0
+
+
+def test_merged_shards_equal_an_unsharded_run(tmp_path, tiny_model, docs):
+    base = [docs, "--model", tiny_model, "--layer", "1", "--context-size", "12", "--dtype", "float32"]
+    assert run(base + ["-o", str(tmp_path / "whole.h5")]).exit_code == 0
+    shards = []
+    for i in range(3):
+        shards.append(str(tmp_path / f"s{i}.h5"))
+        assert run(base + ["--shard", f"{i}/3", "-o", shards[-1]]).exit_code == 0
+    records = "".join(json.dumps({"schema": "ssae.artifact/1", "kind": "activations", "path": p}) + "\n"
+                      for p in reversed(shards))
+    r = run(["--merge", "-o", str(tmp_path / "merged.h5")], input=records)
+    assert r.exit_code == 0, r.stderr
+    assert parse_records(r.stdout)[0]["n_docs"] == 30
+    whole, merged = _read_all(tmp_path / "whole.h5"), _read_all(tmp_path / "merged.h5")
+    np.testing.assert_allclose(whole[0], merged[0], rtol=1e-5, atol=1e-5)  # batch shapes differ per shard
+    for x, y in zip(whole[1:], merged[1:]):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with ActivationStore(str(tmp_path / "merged.h5")) as s:
+        assert s.doc_text(0) == json.loads(open(docs).readline())["text"]
