@@ -39,26 +39,25 @@ step() {  # step OUTPUT command...: run unless OUTPUT exists
 
 step "$out/physics_docs.jsonl" ssae-retrieve "$seeds" --corpus "$corpus" --method bm25 --top-k 400 \
     --exclude "$test_docs" -o "$out/physics_docs.jsonl"
-step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 150000 -o "$out/general.h5"
-step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 60000 -o "$out/physics.h5"
+step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 100000 -o "$out/general.h5"
+step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 40000 -o "$out/physics.h5"
 step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansion 4 --lr 1e-3 \
-    --batch-size 1024 --train-tokens 1500000 -o "$out/gsae"
+    --batch-size 1024 --train-tokens 600000 -o "$out/gsae"
 step "$out/ssae" ssae-fit "$out/physics.h5" --init "$out/gsae" --tilt 500 --lr 3e-4 \
-    --batch-size 1024 --train-tokens 400000 -o "$out/ssae"
+    --batch-size 1024 --train-tokens 200000 -o "$out/ssae"
 step "$out/eval" ssae-eval "$out/gsae" "$out/ssae" --baseline "$out/gsae" --docs "$test_docs" \
     --max-tokens 20000 -o "$out/eval"
 
 python - "$out/eval/metrics.json" <<'PY' >&2
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(f"\n{'SAE':<10}{'L0':>8}{'FVU':>8}{'CE rec.':>9}{'ppl spliced':>13}{'rel. ppl':>10}{'tail cov.':>10}")
+print(f"\nheld-out physics text, {m['n_tokens']} tokens")
+print(f"{'SAE':<8}{'L0':>7}{'FVU':>8}{'CE recovered':>14}{'ppl spliced':>13}{'ppl / GSAE':>12}{'token types':>13}")
 for s in m["saes"]:
-    cov = s.get("tail_coverage", {})
-    tail = cov.get("total", cov.get("overall")) if isinstance(cov, dict) else None
-    def f(v, p=3):
-        return f"{v:.{p}f}" if isinstance(v, (int, float)) else "-"
-    print(f"{s.get('name', '?'):<10}{f(s.get('l0'), 1):>8}{f(s.get('fvu')):>8}{f(s.get('ce_recovered')):>9}"
-          f"{f(s.get('ppl_spliced'), 2):>13}{f(s.get('rel_ppl_vs_baseline')):>10}{f(tail):>10}")
+    cov = s["tail_coverage"]
+    rel = s.get("rel_ppl_vs_baseline")
+    print(f"{s['name']:<8}{s['l0']:>7.1f}{s['fvu']:>8.3f}{s['ce_recovered']:>14.3f}{s['ppl_spliced']:>13.2f}"
+          f"{rel if rel is None else format(rel, '.3f'):>12}{cov['n_types_represented']:>7}/{cov['n_types']}")
 PY
 log "done in $((SECONDS - start)) s; report: $out/eval/report.html"
 echo "$out/eval/report.html"

@@ -61,11 +61,12 @@ def _load_config(ctx: click.Context, param, value):
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
     merged.update(data.get(tool, {}) if isinstance(data.get(tool), dict) else {})
     known = {p.name for p in ctx.command.params}
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
     norm = {}
     for k, v in merged.items():
         key = k.replace("-", "_")
         if key in known:
-            norm[key] = v
+            norm[key] = [v] if key in repeatable and isinstance(v, str) else v
     ctx.default_map = {**(ctx.default_map or {}), **norm}
     ctx.meta["ssae.config_file"] = os.path.abspath(value)
     return value

@@ -17,7 +17,7 @@ import numpy as np
 
 from .activations import ActivationStore, ActivationWriter
 from .errors import BadInput
-from .outputs import check_target, partial_path
+from .outputs import check_target, exclusive, partial_path
 from .progress import Progress
 from .records import Source, artifact_record
 from .signals import StopFlag
@@ -175,6 +175,11 @@ def harvest(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestCo
     finds one, renamed into place when complete. Returns the artifact record."""
     cfg.check()
     check_target(out, force)
+    with exclusive(out):
+        return _harvest_locked(model, docs, out, cfg, attrs, force=force, quiet=quiet)
+
+
+def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     tmp = partial_path(out)
     resume = False
     if os.path.exists(tmp):

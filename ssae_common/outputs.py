@@ -94,3 +94,21 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[None]:
+    """Hold a lock on `path`'s output for this process alone (two jobs writing one output is an error)."""
+    import fcntl
+
+    lock_path = partial_path(path) + ".lock"
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"{path}: another process is writing this output") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)

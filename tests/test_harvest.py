@@ -254,3 +254,14 @@ def test_merged_shards_equal_an_unsharded_run(tmp_path, tiny_model, docs):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with ActivationStore(str(tmp_path / "merged.h5")) as s:
         assert s.doc_text(0) == json.loads(open(docs).readline())["text"]
+
+
+def test_two_writers_of_one_output_are_refused(tmp_path, tiny_model, docs):
+    from ssae_common.outputs import exclusive
+
+    out = tmp_path / "a.h5"
+    with exclusive(str(out)):
+        r = run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)])
+    assert r.exit_code == 2 and "a.h5: another process is writing this output" in r.stderr
+    assert run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "docs.jsonl"]

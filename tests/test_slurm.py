@@ -58,3 +58,45 @@ def test_harvest_array_then_merge_equals_an_unsharded_run(tmp_path, tiny_model):
         np.testing.assert_array_equal(a.doc_index(), b.doc_index())
         assert [a.doc_id(i) for i in range(24)] == [b.doc_id(i) for i in range(24)]
         np.testing.assert_allclose(a.rows(0, a.n_tokens), b.rows(0, b.n_tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_fit_is_signalled_checkpoints_requeues_and_resumes(tmp_path):
+    from safetensors.numpy import load_file
+    from test_fit import make_store, sparse_data
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make_store(run_dir / "acts.h5", sparse_data(n=4000))
+    args = ("--architecture topk --k 4 --d-sae 32 --batch-size 128 --train-tokens 256000 --checkpoint-every 50 "
+            "--val-tokens 256 --seed 3")
+    whole = tmp_path / "whole"
+    p = subprocess.run([os.path.join(BIN, "ssae-fit"), str(run_dir / "acts.h5"), *args.split(), "-o", str(whole)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    r = sbatch(tmp_path, os.path.join(SLURM, "fit.sbatch"), OUT=run_dir, FIT_ARGS=args,
+               FAKE_SLURM_SIGNAL_WHEN=run_dir / ".sae.partial" / "partial.json")
+    logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    assert r.returncode == 0, logs
+    runs = history(tmp_path)
+    assert any(line.startswith("requeue") for line in runs), runs
+    assert [line.split()[-1] for line in runs if not line.startswith("requeue")] == ["exit0", "exit0"], runs
+    assert "checkpointed; requeueing" in logs and "resuming" in logs
+    a, b = load_file(str(whole / "sae.safetensors")), load_file(str(run_dir / "sae" / "sae.safetensors"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_eval_script_runs_on_a_fitted_sae(tmp_path):
+    from test_fit import make_store, sparse_data
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make_store(run_dir / "acts.h5", sparse_data(n=2000))
+    p = subprocess.run([os.path.join(BIN, "ssae-fit"), str(run_dir / "acts.h5"), "--k", "4", "--d-sae", "32",
+                        "--batch-size", "128", "--train-tokens", "12800", "-o", str(run_dir / "sae")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    r = sbatch(tmp_path, os.path.join(SLURM, "eval.sbatch"), OUT=run_dir, ACTS=run_dir / "acts.h5")
+    assert r.returncode == 0, "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    metrics = __import__("json").load(open(run_dir / "eval" / "metrics.json"))
+    assert metrics["schema"] == "ssae.metrics/1" and len(metrics["saes"]) == 1

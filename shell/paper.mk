@@ -1,0 +1,116 @@
+# The paper's experiments (Muhamed et al., arXiv 2411.00743) as Make targets: `make -C shell paper`.
+# Every size, the model, hook, data and device are variables, so a GPU user scales up without edits:
+#   make -C shell paper CORPUS=hf:Skylion007/openwebtext MODEL=EleutherAI/pythia-70m-deduped \
+#        HOOK=blocks.3.hook_resid_post DEVICE=cuda GENERAL_TOKENS=50000000 GSAE_TOKENS=500000000
+# Targets are files; a rerun with nothing changed does nothing; each step's log is beside its output.
+DATA ?= $(abspath $(ROOT)/../shared/data)
+ifneq ($(wildcard $(DATA)/general/pool.jsonl.gz),)
+CORPUS ?= $(DATA)/general/pool.jsonl.gz
+SEEDS ?= $(DATA)/physics/astro_ph_seeds.jsonl
+TEST ?= $(DATA)/physics/astro_ph_test.jsonl.gz
+INDOMAIN ?= $(DATA)/physics/astro_ph_extra.jsonl.gz
+OOD_TEST ?= $(DATA)/physics/mmlu_physics_questions.jsonl
+BIOS ?= $(DATA)/bios/bias_in_bios_600.jsonl
+PROFESSIONS ?= nurse physician,surgeon
+else
+CORPUS ?= hf:Skylion007/openwebtext
+SEEDS ?= $(ROOT)/shell/data/physics_seeds.txt
+TEST ?= $(ROOT)/shell/data/physics_test.txt
+INDOMAIN ?= hf:ccdv/arxiv-summarization
+OOD_TEST ?= $(ROOT)/shell/data/physics_test.txt
+BIOS ?= hf:LabHC/bias_in_bios:test
+PROFESSIONS ?= professor nurse
+endif
+MED_SEEDS ?= $(ROOT)/shell/data/medical_seeds.txt
+MODEL ?= smollm2
+HOOK ?= blocks.6.hook_resid_post
+DEVICE ?= auto
+PAPER ?= $(ROOT)/ssae-work/paper
+GENERAL_TOKENS ?= 400000
+GSAE_TOKENS ?= 4000000
+SUB_DOCS ?= 1500
+SUB_TOKENS ?= 150000
+SSAE_TOKENS ?= 1000000
+EXPANSION ?= 4
+K ?= 32
+K_SWEEP ?= 8 16 64
+TILTS ?= 0 500 1e9
+RECIPES ?= bm25 dense dense_tracin indomain
+EVAL_TOKENS ?= 30000
+FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size 4096 --seed 0
+EVERY := --model $(MODEL) --device $(DEVICE)
+
+P := $(PAPER)
+# run a tool with its stderr in OUTPUT.log (shown on failure)
+logged = { $(1); } 2> $(2).log || { tail -n 20 $(2).log >&2; exit 1; }
+
+SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.json))
+SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
+
+.PHONY: paper paper-gsae paper-ssae paper-eval paper-sweep paper-shift
+paper: paper-eval paper-sweep paper-shift
+	@echo "paper: tables in $(P)/eval/*/report.html and $(P)/shift/shift.json" >&2
+paper-gsae: $(P)/gsae/cfg.json
+paper-ssae: $(SSAES)
+paper-eval: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json
+paper-sweep: $(P)/eval/pareto/metrics.json
+paper-shift: $(P)/shift/shift.json
+
+$(P)/general.h5:
+	mkdir -p $(@D)
+	$(call logged,ssae-harvest $(CORPUS) $(EVERY) --hook $(HOOK) --max-tokens $(GENERAL_TOKENS) --force -o $@ > /dev/null,$@)
+
+$(P)/gsae/cfg.json: $(P)/general.h5
+	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(K) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+# subdomain documents by each retrieval recipe; the test set never leaks in
+$(P)/docs/bm25.jsonl $(P)/docs/dense.jsonl: $(P)/docs/%.jsonl:
+	mkdir -p $(@D)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@,$@)
+
+$(P)/docs/dense_tracin.jsonl: $(P)/gsae/cfg.json
+	mkdir -p $(@D)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@,$@)
+
+$(P)/acts/%.h5: $(P)/docs/%.jsonl
+	mkdir -p $(@D)
+	$(call logged,ssae-harvest $< $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
+
+# the "train on in-domain data directly" baseline
+$(P)/acts/indomain.h5:
+	mkdir -p $(@D)
+	$(call logged,ssae-harvest $(INDOMAIN) $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
+
+# SSAE = GSAE finetuned on a recipe's text, with ERM (t0) or TERM
+define ssae_rule
+$(P)/ssae/$(1)-t$(2)/cfg.json: $(P)/acts/$(1).h5 $(P)/gsae/cfg.json
+	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $(2) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+endef
+$(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(eval $(call ssae_rule,$(r),$(t)))))
+
+$(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json: $(P)/eval/%/metrics.json: $(P)/gsae/cfg.json $(SSAES)
+	$(call logged,ssae-eval $(P)/gsae $(dir $(SSAES)) --baseline $(P)/gsae --docs $(if $(filter physics,$*),$(TEST),$(OOD_TEST)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+# L0 sweep for the Pareto curves: GSAEs at several k, each with its SSAE (dense+TracIn text, t = 500)
+define sweep_rule
+$(P)/sweep/gsae-k$(1)/cfg.json: $(P)/general.h5
+	$$(call logged,ssae-fit $$< $(FIT_ARGS) --k $(1) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(P)/sweep/ssae-k$(1)/cfg.json: $(P)/acts/dense_tracin.h5 $(P)/sweep/gsae-k$(1)/cfg.json
+	$$(call logged,ssae-fit $$< --init $(P)/sweep/gsae-k$(1) --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+endef
+$(foreach k,$(K_SWEEP),$(eval $(call sweep_rule,$(k))))
+
+$(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_tracin-t500/cfg.json
+	$(call logged,ssae-eval $(dir $(SWEEP)) $(P)/gsae $(P)/ssae/dense_tracin-t500 --baseline $(P)/gsae --docs $(TEST) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+# SHIFT: a GSAE against an SSAE finetuned on medical text retrieved from the corpus
+$(P)/docs/medical.jsonl:
+	mkdir -p $(@D)
+	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@,$@)
+
+$(P)/ssae/medical-t500/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
+	$(call logged,ssae-fit $< --init $(P)/gsae --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+$(P)/shift/shift.json: $(P)/gsae/cfg.json $(P)/ssae/medical-t500/cfg.json
+	mkdir -p $(@D)
+	$(call logged,ssae-shift --data $(BIOS) --professions $(PROFESSIONS) --sae $(P)/gsae --sae $(P)/ssae/medical-t500 --ablate auto --device $(DEVICE) --force -o $@ > /dev/null,$@)

@@ -1,0 +1,164 @@
+"""Spliced-in language-model evaluation: next-token cross-entropy with the hook point replaced by an
+SAE's reconstruction, against the clean model and against zero ablation of the hook.
+
+Documents are windowed exactly as ssae-harvest does (harvest.iter_windows: windows of
+`context_size - 1` tokens after BOS). Per batch of windows:
+
+1. one clean forward pass with a capture hook gives the clean logits and the hook activations;
+2. one forward pass with the hook output zeroed at the spliced positions (zero ablation);
+3. per SAE, one forward pass with the hook output replaced by the SAE reconstruction of the clean
+   activations at the spliced positions (the run upstream of the hook is unchanged, so encoding the
+   captured activations once gives exactly what the hook sees).
+
+Spliced positions are the real (non-padding) positions after BOS; BOS itself is left clean unless
+`splice_bos` (harvest drops BOS by default, so SAEs are not trained on it). The activation-based
+metrics use the same positions as the rows a default harvest stores, so `--docs` and `--activations`
+over the same documents agree.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .harvest import HarvestConfig, _batches, _Counter, iter_windows
+from .progress import Progress
+
+log = logging.getLogger("ssae")
+
+
+@dataclass
+class DocsEvalConfig:
+    hook: str
+    context_size: int = 128
+    batch_size: int = 8
+    max_tokens: int | None = None
+    splice_bos: bool = False
+
+
+@dataclass
+class WindowBatch:
+    tokens: torch.Tensor      # [B, T] long
+    real: torch.Tensor        # [B, T] bool: not padding
+    act_pos: torch.Tensor     # [B, T] bool: positions whose activations are evaluated (no BOS)
+    splice_pos: torch.Tensor  # [B, T] bool: positions replaced in the spliced / ablated runs
+    n_windows: int
+
+
+def window_batches(lm, docs: Iterable, cfg: DocsEvalConfig, skip_windows: int = 0,
+                   token_budget: int | None = None, counter: _Counter | None = None) -> Iterator[WindowBatch]:
+    """Padded token batches over the documents' windows (harvest's windowing), skipping the first
+    `skip_windows` windows and stopping after `token_budget` evaluated (non-BOS) tokens."""
+    hcfg = HarvestConfig(hook=cfg.hook, context_size=cfg.context_size, batch_size=cfg.batch_size)
+    hcfg.check()
+    windows = iter_windows(lm, docs, hcfg, {"next_input_doc": 0, "next_window": 0}, counter or _Counter())
+    bos = lm.bos_token_id
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (bos or 0)
+    prefix = [bos] if bos is not None else []
+    budget = token_budget
+    for batch in _batches(itertools.islice(windows, skip_windows, None), cfg.batch_size):
+        seqs = []
+        for w in batch:
+            toks = w.tokens if budget is None else w.tokens[:budget]
+            if not toks:
+                break
+            seqs.append(prefix + toks)
+            if budget is not None:
+                budget -= len(toks)
+        if not seqs:
+            return
+        length = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in seqs])
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s)] = torch.tensor(s)
+        pos = torch.arange(length)[None, :]
+        real = pos < lengths[:, None]
+        act_pos = real & (pos >= len(prefix))
+        splice_pos = real if cfg.splice_bos else act_pos
+        yield WindowBatch(tokens, real, act_pos, splice_pos, len(seqs))
+        if budget is not None and budget <= 0:
+            return
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) over the real positions that have a real successor."""
+    valid = real[:, 1:]
+    picked = logits[:, :-1][valid].float()
+    if picked.shape[0] == 0:
+        return 0.0, 0
+    nll = torch.nn.functional.cross_entropy(picked, tokens[:, 1:][valid], reduction="sum")
+    return float(nll), int(valid.sum())
+
+
+def _replace(mask: torch.Tensor, values: torch.Tensor | None):
+    """A hook fn writing `values` (or zeros) into the hook output at `mask`."""
+
+    def fn(x, hook):
+        out = x.clone()
+        out[mask] = 0 if values is None else values.to(out.dtype)
+        return out
+
+    return fn
+
+
+@torch.no_grad()
+def clean_run(lm, tokens: torch.Tensor, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    got = {}
+
+    def grab(x, hook):
+        got["x"] = x.detach()
+        return x
+
+    logits = lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])
+    return logits, got["x"]
+
+
+@torch.no_grad()
+def spliced_logits(lm, tokens: torch.Tensor, hook: str, mask: torch.Tensor, values: torch.Tensor | None):
+    """Logits with the hook output replaced at `mask` by `values` (None: zeros)."""
+    return lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(mask, values))])
+
+
+@torch.no_grad()
+def evaluate_docs(lm, saes: list, docs: Iterable, cfg: DocsEvalConfig, state, stop=None, quiet: bool = False,
+                  save=None) -> None:
+    """Run the LM over `docs`, filling `state` (metrics.EvalState): LM scores and every SAE's
+    activation metrics. `saes` is a list of (name, SAE). Resumes after `state.done` windows."""
+    device = lm.device
+    counter = _Counter()
+    budget = None if cfg.max_tokens is None else cfg.max_tokens - state.n_tokens
+    if budget is not None and budget <= 0:
+        return
+    batches = window_batches(lm, docs, cfg, skip_windows=state.done, token_budget=budget, counter=counter)
+    with Progress("eval", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
+        progress.done = state.n_tokens
+        for wb in batches:
+            tokens = wb.tokens.to(device)
+            real, act_pos, splice_pos = wb.real.to(device), wb.act_pos.to(device), wb.splice_pos.to(device)
+            logits, acts = clean_run(lm, tokens, cfg.hook)
+            ce, n_pred = next_token_ce(logits, tokens, real)
+            del logits
+            state.lm.clean += ce
+            state.lm.n += n_pred
+            zero_logits = spliced_logits(lm, tokens, cfg.hook, splice_pos, None)
+            state.lm.zero += next_token_ce(zero_logits, tokens, real)[0]
+            del zero_logits
+            x_splice = acts[splice_pos].float()
+            token_ids = wb.tokens[wb.act_pos].numpy()
+            # act_pos is a subset of splice_pos: pick the activation rows out of the spliced rows
+            sub = act_pos[splice_pos]
+            for name, sae in saes:
+                x_hat, f = sae(x_splice)
+                state.lm.spliced[name] += next_token_ce(
+                    spliced_logits(lm, tokens, cfg.hook, splice_pos, x_hat), tokens, real)[0]
+                state.acc[name].update(x_splice[sub], x_hat[sub], f[sub], token_ids)
+            state.done += wb.n_windows
+            state.n_tokens += len(token_ids)
+            progress.update(len(token_ids))
+            if stop is not None:
+                stop.check(save)
+    state.n_short_docs = counter.short

@@ -1,0 +1,762 @@
+"""Training SAEs with ERM or tilted ERM, from scratch or finetuned from a parent SAE (GSAE -> SSAE).
+
+Per-token loss, in normalised units (inputs multiplied by act_scale so that E||x||^2 = d_in):
+
+    l_i = ||x_hat_i - x_i||^2 / d_in  +  lambda * sum_j f_ij * ||W_dec_j||     (the L1 term: relu only)
+
+and the objective of each batch is TERM(l, t) (term.py; t = 0 is the mean), plus, for TopK with
+AuxK, aux_coefficient * the normalised AuxK loss of dead latents.
+
+Adam; linear learning-rate warm-up, constant, linear decay to 0 over the last `decay_fraction`; L1
+coefficient warm-up; decoder rows kept at unit norm (gradient component along each row removed
+before the step, rows renormalised after).  Batches come from `ActivationStream`, a pure function of
+(seed, step), so a checkpoint (weights, Adam state, counters, RNG states, the step) resumes exactly.
+
+Under torchrun (WORLD_SIZE > 1) the same code trains data-parallel: every rank takes its slice of each
+global batch of `batch_size` tokens, gradients are summed across ranks with one all-reduce per step, and
+TERM is computed over the global batch (the per-token losses are all-gathered, so the log-sum-exp sees
+the global max and sum).  Rank 0 initialises, reads/writes checkpoints, logs and writes the output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .activations import ActivationStore
+from .batches import ActivationStream
+from .errors import BadInput, Interrupted
+from .outputs import atomic_dir, check_target, partial_path, sha256_file
+from .progress import Progress
+from .records import artifact_record
+from .sae import SAE
+from .signals import StopFlag
+from .term import tilted_loss, tilt_weights
+
+log = logging.getLogger("ssae")
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+STATE = "partial.json"
+SMALL_STEP = 10**8  # batch x d_in x d_sae below which CPU training runs on one thread
+# per-step statistics accumulated on the device between log records (read back only when logging)
+ACC_GLOBAL = ("objective", "ess_fraction", "max_weight_x_n")  # same value on every rank
+ACC_LOCAL = ("loss", "mse", "l0", "aux")  # sums over this rank's tokens (aux: this rank's share)
+ACC = ACC_GLOBAL + ACC_LOCAL
+
+
+@dataclass
+class FitConfig:
+    architecture: str = "topk"
+    d_sae: int = 0
+    k: int | None = 32
+    l1: float = 0.0
+    tilt: float = 0.0
+    lr: float = 1e-3
+    batch_size: int = 4096
+    train_tokens: int = 0
+    seed: int = 0
+    warmup_steps: int = 1000
+    decay_fraction: float = 0.2
+    l1_warmup_fraction: float = 0.05
+    b_dec_init: str = "median"  # median, mean, zero, parent
+    normalize: bool = True
+    dead_tokens: int = 10_000_000
+    aux_k: int = 0
+    aux_coefficient: float = 1 / 32
+    val_tokens: int = 8192
+    val_every: int = 1000
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    window_rows: int = 32768
+    autocast: bool = False
+    device: str = "cpu"
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.train_tokens / self.batch_size))
+
+    def check(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise BadInput(msg)
+
+        need(self.architecture in ("relu", "topk"), f"--architecture {self.architecture}: expected relu or topk")
+        need(self.d_sae >= 1, f"--d-sae {self.d_sae}: must be at least 1")
+        if self.architecture == "topk":
+            need(self.k is not None and 1 <= self.k <= self.d_sae,
+                 f"--k {self.k}: must be between 1 and --d-sae ({self.d_sae})")
+        need(self.l1 >= 0 and math.isfinite(self.l1), f"--l1 {self.l1}: must be >= 0")
+        need(math.isfinite(self.tilt), f"--tilt {self.tilt}: must be a finite number")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr}: must be > 0")
+        need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
+        need(self.train_tokens >= 1, f"--train-tokens {self.train_tokens}: must be at least 1")
+        need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
+        need(0 <= self.decay_fraction <= 1, f"--decay-fraction {self.decay_fraction}: must be in [0, 1]")
+        need(0 <= self.l1_warmup_fraction <= 1, f"--l1-warmup-fraction {self.l1_warmup_fraction}: must be in [0, 1]")
+        need(self.b_dec_init in ("median", "mean", "zero", "parent"),
+             f"--b-dec-init {self.b_dec_init}: expected median, mean, zero (or parent with --init)")
+        need(self.dead_tokens >= 1, f"--dead-tokens {self.dead_tokens}: must be at least 1")
+        need(self.aux_k >= 0, f"--aux-k {self.aux_k}: must be >= 0")
+        need(self.aux_coefficient >= 0, f"--aux-coefficient {self.aux_coefficient}: must be >= 0")
+        need(self.val_tokens >= 0, f"--val-tokens {self.val_tokens}: must be >= 0")
+        for name in ("val_every", "log_every", "checkpoint_every"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        need(self.window_rows >= 1, f"--shuffle-rows {self.window_rows}: must be at least 1")
+
+
+class Adam:
+    """Adam (Kingma & Ba) over a few parameters.  Plain tensor ops: no torch.optim machinery (whose
+    first step imports the compiler stack, seconds of start-up), and a state that is easy to save."""
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.betas, self.eps = betas, eps
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            # lr * (m / c1) / (sqrt(v / c2) + eps), with one pass fewer over the weights
+            denom = v.sqrt().add_(self.eps * math.sqrt(c2))
+            p.addcdiv_(m, denom, value=-lr * math.sqrt(c2) / c1)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "m": [m.cpu() for m in self.m], "v": [v.cpu() for v in self.v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
+            mine.copy_(saved)
+
+
+# --- data parallel (torchrun) --------------------------------------------------------------------
+class DataParallel:
+    """The ranks of a torchrun job, or one process (rank 0 of 1, where every method is a no-op).
+
+    Collectives on tensors use the default group (nccl on CUDA, gloo on CPU); the stop flag and
+    Python objects go through a gloo group, so they never wait on the GPU."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, control=None):
+        self.rank, self.world, self.local_rank, self.control = rank, world, local_rank, control
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """cuda -> cuda:LOCAL_RANK for a torchrun rank."""
+        return f"cuda:{self.local_rank}" if self.active and device.startswith("cuda") else device
+
+    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """This rank's rows [lo, hi) of a global batch of n rows (contiguous, sizes differ by <= 1)."""
+        r = self.rank if rank is None else rank
+        return r * n // self.world, (r + 1) * n // self.world
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            import torch.distributed as tdist
+            tdist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The global vector of n values from every rank's slice, in rank order; only this rank's part
+        carries gradient (the others are detached copies)."""
+        if not self.active:
+            return local
+        import torch.distributed as tdist
+        size = max(hi - lo for lo, hi in (self.bounds(n, r) for r in range(self.world)))
+        padded = local.new_zeros(size)
+        padded[:local.numel()] = local.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        tdist.all_gather(parts, padded)
+        parts = [p[:hi - lo] for p, (lo, hi) in zip(parts, (self.bounds(n, r) for r in range(self.world)))]
+        parts[self.rank] = local
+        return torch.cat(parts)
+
+    def any(self, flag: bool) -> bool:
+        if not self.active:
+            return flag
+        import torch.distributed as tdist
+        t = torch.tensor([int(flag)])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (pickled, through the gloo group)."""
+        if not self.active:
+            return obj
+        import torch.distributed as tdist
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as tdist
+            tdist.barrier(group=self.control)
+
+
+_DATA_PARALLEL: DataParallel | None = None
+
+
+def data_parallel(device: str) -> DataParallel:
+    """The torchrun job this process belongs to (from WORLD_SIZE, RANK, LOCAL_RANK), its process group
+    initialised on first use: nccl on CUDA (one GPU per LOCAL_RANK), gloo on CPU."""
+    global _DATA_PARALLEL
+    if _DATA_PARALLEL is not None:
+        return _DATA_PARALLEL
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    if None in env.values() or int(env["WORLD_SIZE"]) <= 1:
+        _DATA_PARALLEL = DataParallel()
+        return _DATA_PARALLEL
+    import atexit
+
+    import torch.distributed as tdist
+    world, rank, local_rank = int(env["WORLD_SIZE"]), int(env["RANK"]), int(env["LOCAL_RANK"])
+    cuda = device.startswith("cuda")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise BadInput(f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} CUDA device(s) on this node")
+        torch.cuda.set_device(local_rank)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
+    control = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else None
+    _DATA_PARALLEL = DataParallel(rank, world, local_rank, control)
+    log.debug("data parallel: rank %d of %d (local rank %d, %s)", rank, world, local_rank, tdist.get_backend())
+    return _DATA_PARALLEL
+
+
+# --- schedules ------------------------------------------------------------------------------------
+def lr_at(cfg: FitConfig, step: int) -> float:
+    steps = cfg.steps
+    warm = min(cfg.warmup_steps, steps // 10)
+    if warm and step < warm:
+        return cfg.lr * (step + 1) / warm
+    decay_start = steps - int(steps * cfg.decay_fraction)
+    if step >= decay_start and steps > decay_start:
+        return cfg.lr * max(0.0, (steps - step) / (steps - decay_start))
+    return cfg.lr
+
+
+def l1_at(cfg: FitConfig, step: int) -> float:
+    warm = int(cfg.steps * cfg.l1_warmup_fraction)
+    return cfg.l1 * min(1.0, (step + 1) / warm) if warm else cfg.l1
+
+
+# --- initialisation -------------------------------------------------------------------------------
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm, starting from the mean."""
+    guess = points.mean(0)
+    for _ in range(iterations):
+        dist = (points - guess).norm(dim=1).clamp_min(1e-8)
+        w = 1.0 / dist
+        new = (w[:, None] * points).sum(0) / w.sum()
+        if (new - guess).norm() <= tol * max(1.0, float(guess.norm())):
+            return new
+        guess = new
+    return guess
+
+
+def act_scale_of(sample: np.ndarray) -> float:
+    msq = float(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1)))
+    if not msq > 0:
+        raise BadInput("activations are all zero: cannot normalise them")
+    return math.sqrt(sample.shape[1] / msq)
+
+
+@torch.no_grad()
+def unit_norm_decoder(sae: SAE) -> float:
+    """Make decoder rows unit norm, moving the scale into the encoder (exact for ReLU: the
+    activation is positively homogeneous).  Returns the largest relative change of a row norm."""
+    norms = sae.W_dec.norm(dim=1).clamp_min(1e-8)
+    change = float((norms - 1).abs().max())
+    sae.W_dec.div_(norms[:, None])
+    sae.W_enc.mul_(norms[None, :])
+    sae.b_enc.mul_(norms)
+    return change
+
+
+def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) -> SAE:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if parent is not None:
+        sae = parent  # keeps the parent's act_scale: its weights expect inputs on that scale
+        sae.cfg = {}
+        change = unit_norm_decoder(sae)
+        if change > 1e-3:
+            log.warning("--init: parent decoder rows were not unit norm (up to %.3g off); renormalised%s", change,
+                        "" if sae.architecture == "relu" else " (TopK selection may change slightly)")
+    else:
+        sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k, act_scale_of(sample) if cfg.normalize else 1.0)
+        with torch.no_grad():
+            w = torch.randn(cfg.d_sae, d_in, generator=gen)
+            sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            sae.W_enc.copy_(sae.W_dec.T)
+            sae.b_enc.zero_()
+    x = torch.from_numpy(sample) * sae.act_scale
+    with torch.no_grad():
+        if cfg.b_dec_init == "median":
+            sae.b_dec.copy_(geometric_median(x))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(x.mean(0))
+        elif cfg.b_dec_init == "zero":
+            sae.b_dec.zero_()
+    return sae
+
+
+# --- the model step -------------------------------------------------------------------------------
+def encode_train(sae: SAE, x: torch.Tensor):
+    """(f, pre-activations, top-k indices, top-k values) for normalised inputs; index/values are None
+    for relu.  (x - b_dec) @ W_enc is computed as x @ W_enc - b_dec @ W_enc so that b_dec's gradient
+    does not cost a batch x d_in x d_sae matmul; for TopK, ReLU is applied to the k selected values only
+    (same output as top-k of ReLU(pre): rows with fewer than k positive entries just add zeros)."""
+    pre = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
+    if sae.architecture == "topk":
+        values, index = pre.topk(sae.k, dim=-1, sorted=False)
+        values = torch.relu(values)
+        return torch.zeros_like(pre).scatter(-1, index, values), pre, index, values
+    return torch.relu(pre), pre, None, None
+
+
+def token_losses(sae: SAE, x: torch.Tensor, l1: float):
+    """Per-token loss and mse, the residual, and encode_train's outputs."""
+    f, pre, index, values = encode_train(sae, x)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    err = x_hat.float() - x.float()
+    mse = err.pow(2).mean(-1)
+    loss = mse
+    if l1 > 0:
+        loss = mse + l1 * (f.float() * sae.W_dec.norm(dim=1)).sum(-1)
+    return loss, mse, err, (f, pre, index, values)
+
+
+def active(sae: SAE, enc) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token L0, how many tokens of the batch each latent fired on, as float32)."""
+    f, _, index, values = enc
+    if index is None:
+        on = f > 0
+        return on.sum(-1), on.sum(0, dtype=torch.float32)
+    on = values > 0
+    counts = torch.zeros(sae.d_sae, dtype=torch.float32, device=f.device)
+    counts.index_add_(0, index.reshape(-1), on.reshape(-1).float())
+    return on.sum(-1), counts
+
+
+def auxk_loss(sae: SAE, err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int,
+              dp: DataParallel | None = None, n_global: int | None = None) -> torch.Tensor:
+    """Reconstruct the residual from the top `aux_k` dead latents (normalised by the residual's variance).
+    Live latents are masked to -1 and clamped to 0 after the top-k, so when fewer than aux_k are dead
+    the extra picks add nothing (no need to count the dead ones on the host).  With `dp`, this rank's
+    share of the global-batch loss (mean and variance over the global batch; the shares sum to it)."""
+    masked = torch.relu(pre).masked_fill(~dead[None, :], -1.0)
+    values, index = masked.topk(min(aux_k, sae.d_sae), dim=-1, sorted=False)
+    f_aux = torch.zeros_like(pre).scatter(-1, index, values.clamp_min(0))
+    residual = -err.detach()
+    recon = f_aux @ sae.W_dec
+    if dp is None or not dp.active:
+        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (recon.float() - residual).pow(2).sum(-1).mean() / denom
+    mean = dp.all_reduce(residual.sum(0)) / n_global
+    denom = dp.all_reduce((residual - mean).pow(2).sum().reshape(1))[0] / n_global
+    return (recon.float() - residual).pow(2).sum() / n_global / denom.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
+    """Validation metrics on normalised rows."""
+    losses, mses, l0s, sq_err = [], [], [], 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    for s in range(0, len(x), batch):
+        loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1)
+        l0, fired_now = active(sae, enc)
+        losses.append(loss)
+        mses.append(mse)
+        l0s.append(l0.float())
+        fired |= fired_now > 0
+    loss, mse, l0 = torch.cat(losses), torch.cat(mses), torch.cat(l0s)
+    var = (x - x.mean(0)).pow(2).mean(-1).sum()
+    return {"val_loss": float(loss.mean()), "val_tilted_loss": float(tilted_loss(loss, cfg.tilt)),
+            "val_mse": float(mse.mean()), "val_max_mse": float(mse.max()),
+            "val_fvu": float(mse.sum() / var.clamp_min(1e-12)), "val_l0": float(l0.mean()),
+            "val_unfired_fraction": float(1 - fired.float().mean())}
+
+
+class Trainer:
+    """One training run; `run(stop)` trains from `self.step` to the budget, checkpointing."""
+
+    def __init__(self, cfg: FitConfig, sae: SAE, stream: ActivationStream, folder: str, val: np.ndarray,
+                 dp: DataParallel | None = None):
+        self.dp = dp or DataParallel()
+        self.device = torch.device(self.dp.device(cfg.device))
+        self.cfg, self.sae, self.stream, self.folder = cfg, sae.to(self.device), stream, folder
+        self.opt = Adam(self.sae.parameters())
+        self.step = 0
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=self.device)
+        self.acc_n, self.acc = 0, torch.zeros(len(ACC), dtype=torch.float64, device=self.device)
+        self.val = torch.from_numpy(val).to(self.device) * sae.act_scale if len(val) else None
+        self.last_val: dict = {}
+        self.log_path = os.path.join(folder, LOG)
+
+    def _fold_acc(self) -> None:
+        """Sum the ranks' local accumulators into rank 0's (so its checkpoint holds the job's)."""
+        if self.dp.active:
+            local = self.dp.all_reduce(self.acc[len(ACC_GLOBAL):].clone())
+            self.acc[len(ACC_GLOBAL):] = local if self.dp.is_main else 0
+
+    # checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "model": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+                "act_scale": self.sae.act_scale, "optimizer": self.opt.state_dict(),
+                "since_fired": self.since_fired.cpu(), "acc_n": self.acc_n, "acc": self.acc.cpu(),
+                "last_val": self.last_val, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def save_checkpoint(self) -> None:
+        self._fold_acc()  # every rank takes part
+        if self.dp.is_main:
+            path = os.path.join(self.folder, CHECKPOINT)
+            torch.save(self.state(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+            log.debug("checkpoint at step %d", self.step)
+        # no rank leaves before the file is written: when one exits, torchrun stops the others
+        self.dp.barrier()
+
+    def read_checkpoint(self) -> dict:
+        return torch.load(os.path.join(self.folder, CHECKPOINT), map_location="cpu", weights_only=False)
+
+    def load_state(self, st: dict) -> None:
+        self.sae.load_state_dict(st["model"])
+        self.sae.act_scale = float(st["act_scale"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.step = int(st["step"])
+        self.since_fired = st["since_fired"].to(self.device)
+        self.acc_n, self.acc = int(st["acc_n"]), st["acc"].to(self.device)
+        if not self.dp.is_main:
+            self.acc[len(ACC_GLOBAL):] = 0  # rank 0's checkpoint holds the job's sums
+        self.last_val = st["last_val"]
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        if self.dp.is_main:
+            self._truncate_log()
+
+    def load_checkpoint(self) -> None:
+        self.load_state(self.read_checkpoint())
+
+    def _truncate_log(self) -> None:
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        with open(self.log_path, "w") as f:
+            f.writelines(keep)
+
+    # training ------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> None:
+        """One step on `x`, this rank's slice of the global batch (all of it in one process).  Nothing
+        is read back to the host here, except dead.any() when AuxK is on."""
+        cfg, sae, dp = self.cfg, self.sae, self.dp
+        lr, l1 = lr_at(cfg, self.step), (l1_at(cfg, self.step) if sae.architecture == "relu" else 0.0)
+        use_aux = sae.architecture == "topk" and cfg.aux_k > 0
+        dead = self.since_fired >= cfg.dead_tokens
+        autocast = cfg.autocast and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, mse, err, enc = token_losses(sae, x, l1)
+            losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
+            objective = tilted_loss(losses, cfg.tilt)
+            aux = (auxk_loss(sae, err, enc[1], dead, cfg.aux_k, dp, cfg.batch_size)
+                   if use_aux and bool(dead.any()) else None)
+            total = objective + cfg.aux_coefficient * aux if aux is not None else objective
+        self.opt.zero_grad()
+        total.backward()
+        with torch.no_grad():
+            l0, fired = active(sae, enc)
+            if dp.active:  # one all-reduce: the gradients and the firing counts, summed over ranks
+                params = self.opt.params
+                flat = dp.all_reduce(torch.cat([p.grad.reshape(-1) for p in params] + [fired]))
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                fired = flat[offset:]
+            W, g = sae.W_dec, sae.W_dec.grad
+            g.sub_((g * W).sum(1, keepdim=True) * W)  # rows are unit norm
+        self.opt.step(lr)
+        sae.normalize_decoder()
+        with torch.no_grad():
+            self.since_fired += cfg.batch_size
+            self.since_fired.masked_fill_(fired > 0, 0)
+            if cfg.tilt:
+                w = tilt_weights(losses, cfg.tilt)
+                ess, top = 1.0 / (w.pow(2).sum() * w.numel()), w.max() * w.numel()
+            else:
+                ess = top = objective.new_ones(())
+            zero = objective.new_zeros(())
+            self.acc += torch.stack([objective.detach().float(), ess.float(), top.float(), loss.detach().float().sum(),
+                                     mse.detach().float().sum(), l0.float().sum(),
+                                     aux.detach().float() if aux is not None else zero]).double()
+            self.acc_n += 1
+        self.step += 1
+
+    def log_record(self, with_val: bool) -> dict | None:
+        """Every rank takes part (the sums are reduced); rank 0 validates, writes and returns the record."""
+        cfg = self.cfg
+        self._fold_acc()
+        if not self.dp.is_main:
+            self.acc_n, self.acc = 0, torch.zeros_like(self.acc)
+            return None
+        a = dict(zip(ACC, self.acc.tolist()))
+        n = max(self.acc_n, 1)
+        tokens = n * cfg.batch_size
+        rec = {"step": self.step, "tokens": self.step * cfg.batch_size,
+               "loss": a["objective"] / n, "erm_loss": a["loss"] / tokens, "mse": a["mse"] / tokens,
+               "l0": a["l0"] / tokens,
+               "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
+               "lr": lr_at(cfg, self.step - 1), "l1": l1_at(cfg, self.step - 1) if cfg.architecture == "relu" else 0.0,
+               "tilt": cfg.tilt, "tilt_ess_fraction": a["ess_fraction"] / n,
+               "tilt_max_weight_x_n": a["max_weight_x_n"] / n}
+        if cfg.architecture == "topk" and cfg.aux_k:
+            rec["aux_loss"] = a["aux"] / n
+        if with_val and self.val is not None:
+            self.last_val = evaluate(self.sae, self.val, cfg)
+            rec.update(self.last_val)
+        self.acc_n, self.acc = 0, torch.zeros_like(self.acc)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def run(self, stop: StopFlag, quiet: bool = False) -> None:
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.cfg.batch_size * self.sae.d_in * self.sae.d_sae < SMALL_STEP:
+            torch.set_num_threads(1)  # tiny matmuls: thread start-up and spinning cost more than they give
+        try:
+            self._run(stop, quiet)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, stop: StopFlag, quiet: bool) -> None:
+        cfg, dp = self.cfg, self.dp
+        total = cfg.steps
+        lo, hi = dp.bounds(cfg.batch_size)
+        pin = self.device.type == "cuda"
+        with Progress("fit", total=total * cfg.batch_size, unit="tokens", quiet=quiet or not dp.is_main) as progress:
+            progress.done = self.step * cfg.batch_size
+            while self.step < total:
+                rows = torch.from_numpy(self.stream.batch(self.step)[lo:hi])
+                if pin:  # an asynchronous copy (from pageable memory it would wait for the GPU)
+                    rows = rows.pin_memory()
+                self.train_step(rows.to(self.device, non_blocking=True) * self.sae.act_scale)
+                last = self.step == total
+                val_now = self.step % cfg.val_every == 0 or last
+                if self.step % cfg.log_every == 0 or val_now:
+                    rec = self.log_record(val_now)
+                    if rec is not None:
+                        progress.update(0, loss=f"{rec['loss']:.4g}", mse=f"{rec['mse']:.4g}", l0=f"{rec['l0']:.1f}")
+                progress.update(cfg.batch_size)
+                if self.step % cfg.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+                if not last:
+                    self._check_stop(stop)
+
+    def _check_stop(self, stop) -> None:
+        if not self.dp.active:
+            stop.check(self.save_checkpoint)
+            return
+        mine = bool(getattr(stop, "requested", False))
+        if self.dp.any(mine):  # every rank stops at the same step, so the checkpoint's collectives match
+            if mine:
+                stop.check(self.save_checkpoint)
+            self.save_checkpoint()
+            raise Interrupted("interrupted (another rank received the signal); checkpoint saved, rerun the same "
+                              "command to resume")
+
+
+# --- the whole fit --------------------------------------------------------------------------------
+@dataclass
+class Parent:
+    path: str
+    format: str
+    sha256: str
+    sae: SAE = field(repr=False)
+
+    def record(self) -> dict:
+        return {"path": os.path.abspath(self.path), "sha256": self.sha256, "format": self.format}
+
+
+def fit(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = None, resolved: dict,
+        config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
+        stop: StopFlag | None = None) -> dict:
+    """Train into the SAE directory `out` (atomic; resumable from the partial folder beside it)."""
+    from .activations import open_stores
+
+    cfg.check()
+    stores = open_stores(paths)
+    try:
+        return _fit(stores, cfg, out, parent, resolved, config_digest, extra_cfg, force, quiet, stop)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extra_cfg, force, quiet, stop):
+    d_in = stores[0].d_model
+    if parent is not None and parent.sae.d_in != d_in:
+        raise BadInput(f"--init {parent.path}: d_in {parent.sae.d_in} differs from the activations' d_model "
+                       f"{d_in} ({stores[0].path})")
+    dp = data_parallel(cfg.device)
+    if cfg.batch_size < dp.world:
+        raise BadInput(f"--batch-size {cfg.batch_size}: smaller than the number of ranks ({dp.world})")
+    check_target(out, force)
+    folder = partial_path(out)
+    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, window_rows=cfg.window_rows, val_rows=cfg.val_tokens)
+    created = False
+    try:
+        # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to
+        # the other ranks (a bad input found there fails every rank with the same message)
+        start, error = None, None
+        if dp.is_main:
+            try:
+                resume = _resume_or_clear(folder, digest, force)
+                val = stream.validation()
+                if resume:
+                    log.info("resuming %s", folder)
+                    sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k)
+                    trainer = Trainer(cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
+                    state = trainer.read_checkpoint()
+                    trainer.load_state(state)
+                    trainer.val = torch.from_numpy(val).to(trainer.device) * trainer.sae.act_scale if len(val) else None
+                    start = {"resume": state} if dp.active else None
+                else:
+                    sample = stream.sample(min(32768, stream.n_train))
+                    sae = init_sae(cfg, d_in, sample, parent.sae if parent is not None else None)
+                    os.makedirs(folder)
+                    created = True
+                    with open(os.path.join(folder, STATE), "w") as f:
+                        json.dump({"config_hash": digest, "config": resolved}, f, indent=2, default=str)
+                    trainer = Trainer(cfg, sae, stream, folder, val, dp)
+                    if dp.active:
+                        start = {"init": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+                                 "act_scale": sae.act_scale}
+            except BadInput as e:
+                if not dp.active:
+                    raise
+                error = e
+        if dp.active:
+            start = dp.broadcast({"error": str(error)} if error is not None else start)
+            if error is not None:
+                raise error
+            if "error" in start:
+                raise BadInput(start["error"])
+            if not dp.is_main:
+                sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k)
+                trainer = Trainer(cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
+                if "resume" in start:
+                    trainer.load_state(start["resume"])
+                else:
+                    trainer.sae.load_state_dict(start["init"])
+                    trainer.sae.act_scale = float(start["act_scale"])
+            del start
+        started = time.monotonic()
+        if stop is None:
+            with StopFlag() as flag:
+                trainer.run(flag, quiet)
+        else:
+            trainer.run(stop, quiet)
+        elapsed = time.monotonic() - started
+    except BadInput:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        stream.close()
+    if not dp.is_main:
+        dp.barrier()  # wait for rank 0's output, so the job ends when it is written
+        return None
+    summary = {"steps": trainer.step, "tokens": trainer.step * cfg.batch_size, "train_rows": stream.n_train,
+               "val_rows": stream.val_size, **trainer.last_val,
+               "dead_fraction": float((trainer.since_fired >= cfg.dead_tokens).float().mean()),
+               "seconds_last_run": round(elapsed, 2)}
+    if dp.active:
+        summary["ranks"] = dp.world
+    sae = trainer.sae.cpu()
+    try:
+        with atomic_dir(out, force) as tmp:
+            sae.save(tmp, **extra_cfg, training=summary)
+            shutil.copy(os.path.join(folder, LOG), os.path.join(tmp, LOG))
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        dp.barrier()
+    log.info("wrote %s: %d steps, %d tokens%s", out, trainer.step, trainer.step * cfg.batch_size,
+             f", val fvu {trainer.last_val['val_fvu']:.4f}" if "val_fvu" in trainer.last_val else "")
+    return sae_artifact(out)
+
+
+def _resume_or_clear(folder: str, digest: str, force: bool) -> bool:
+    """True when `folder` holds a checkpoint of this configuration; otherwise clears it (or refuses)."""
+    if not os.path.isdir(folder):
+        return False
+    state = _read_state(folder)
+    if state.get("config_hash") == digest and os.path.exists(os.path.join(folder, CHECKPOINT)) and not force:
+        return True
+    if not force and state.get("config_hash") != digest:
+        raise BadInput(f"{folder}: an interrupted fit with a different configuration is there "
+                       "(use --force to start over)")
+    shutil.rmtree(folder)
+    return False
+
+
+def _read_state(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, STATE)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def sae_artifact(path: str) -> dict:
+    from .sae import read_config
+
+    cfg = read_config(path)
+    training = cfg.get("training") or {}
+    return artifact_record("sae", path, architecture=cfg.get("architecture"), d_in=cfg.get("d_in"),
+                           d_sae=cfg.get("d_sae"), k=cfg.get("k"), tilt=cfg.get("tilt"), model=cfg.get("model"),
+                           hook=cfg.get("hook"), parent=cfg.get("parent"), tokens=training.get("tokens"),
+                           val_fvu=training.get("val_fvu"))
+
+
+def config_dict(cfg: FitConfig) -> dict:
+    return asdict(cfg)
+
+
+def parent_sha256(path: str) -> str:
+    from .sae_import import parent_files
+
+    files = parent_files(path)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return sha256_file(path)

@@ -1,0 +1,169 @@
+"""Benchmark of ssae-eval: tokens/s of the spliced-in perplexity pass against the bare forward pass
+(the reference, measured in the same run on the same batches; target >= 80%), and the peak memory of
+a whole `ssae-eval --docs` run at two eval sizes (it should not grow with the number of tokens).
+
+    python tests/bench/bench_eval.py [--model smollm2] [--sae DIR] [--tokens 2048] [--sizes 1000,4000]
+
+Without --sae a random top-k SAE (d_sae = 8 x d_model, k = 32) at the default hook is used; timing
+does not depend on the weights. Documents: ../shared/data/physics/astro_ph_test.jsonl.gz when present,
+else generated text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+TEST_DOCS = os.path.join(os.path.dirname(ROOT), "shared", "data", "physics", "astro_ph_test.jsonl.gz")
+
+
+def make_sae(folder: str, d: int, model: str, hook: str, seed: int = 0) -> str:
+    import torch
+
+    from ssae_common.sae import SAE
+
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(d, 8 * d, "topk", 32)
+    sae.W_enc.data = torch.randn(d, 8 * d, generator=g) / d ** 0.5
+    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(8 * d, d, generator=g), dim=1)
+    os.makedirs(folder, exist_ok=True)
+    sae.save(folder, model=model, hook=hook)
+    return folder
+
+
+def docs_file(tmp: str) -> str:
+    if os.path.exists(TEST_DOCS):
+        return TEST_DOCS
+    from helpers import sample_docs, write_jsonl
+
+    return write_jsonl(os.path.join(tmp, "docs.jsonl"), sample_docs(400, 200, seed=1))
+
+
+def throughput(args, tmp: str) -> None:
+    import torch
+
+    from ssae_common.models import DEFAULT_HOOK, load_model, model_identity
+    from ssae_common.records import iter_docs
+    from ssae_common.sae import SAE
+    from ssae_common.splice import DocsEvalConfig, next_token_ce, window_batches
+
+    lm = load_model(args.model, "cpu")
+    hook = DEFAULT_HOOK if lm.n_layers > 6 else "blocks.0.hook_resid_post"
+    sae_dir = args.sae or make_sae(os.path.join(tmp, "sae"), lm.d_model, model_identity(args.model), hook)
+    sae = SAE.load(sae_dir)
+    hook = sae.hook or hook
+    cfg = DocsEvalConfig(hook=hook, context_size=args.context_size, batch_size=args.batch_size)
+    batches = list(window_batches(lm, iter_docs([docs_file(tmp)]), cfg, token_budget=args.tokens))
+    n_tokens = sum(int(b.real.sum()) for b in batches)
+
+    def bare(b):  # the same bridge path without any hook: the SAE and splicing are the difference
+        logits = lm.bridge.run_with_hooks(b.tokens, fwd_hooks=[])
+        return next_token_ce(logits, b.tokens, b.real)
+
+    def spliced(b):
+        got = {}
+
+        def grab_and_splice(x, hook):
+            x_hat, _ = sae(x[b.splice_pos])
+            out = x.clone()
+            out[b.splice_pos] = x_hat
+            got["n"] = len(x_hat)
+            return out
+
+        logits = lm.bridge.run_with_hooks(b.tokens, fwd_hooks=[(hook, grab_and_splice)])
+        return next_token_ce(logits, b.tokens, b.real)
+
+    results = {}
+    with torch.inference_mode():
+        bare(batches[0])  # warm-up
+        for r in range(args.rounds):  # interleaved, order alternating, best of rounds: other load evens out
+            order = (("bare", bare), ("spliced", spliced))
+            for name, fn in (order if r % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                for b in batches:
+                    fn(b)
+                results.setdefault(name, []).append(time.perf_counter() - t)
+        # one batch of the whole per-batch eval step (clean + zero ablation + spliced + metrics), for scale
+        from ssae_common.metrics import EvalState, MetricConfig
+        from ssae_common.splice import evaluate_docs
+
+        state = EvalState("bench", {"s": (sae.d_in, sae.d_sae)}, MetricConfig(), with_lm=True)
+        t = time.perf_counter()
+        evaluate_docs(lm, [("s", sae)], iter_docs([docs_file(tmp)]), DocsEvalConfig(
+            hook=hook, context_size=args.context_size, batch_size=args.batch_size, max_tokens=args.tokens),
+            state, quiet=True)
+        full = time.perf_counter() - t
+    bare_s, spl_s = min(results["bare"]), min(results["spliced"])
+    print(f"model {lm.name} ({lm.n_layers} layers, d_model {lm.d_model}), hook {hook}, SAE d_sae {sae.d_sae} "
+          f"{sae.architecture}, {len(batches)} batches of {args.batch_size} x {args.context_size}, "
+          f"{n_tokens} tokens (incl. BOS), torch threads {torch.get_num_threads()}")
+    print(f"timings: best of {args.rounds} interleaved rounds")
+    print(f"{'pass':<34}{'seconds':>10}{'tokens/s':>12}{'vs bare':>10}")
+    print(f"{'bare forward + CE (reference)':<34}{bare_s:>10.2f}{n_tokens / bare_s:>12.1f}{1.0:>10.3f}")
+    print(f"{'spliced forward + CE':<34}{spl_s:>10.2f}{n_tokens / spl_s:>12.1f}{bare_s / spl_s:>10.3f}"
+          f"   target >= 0.80: {'met' if bare_s / spl_s >= 0.8 else 'NOT met'}")
+    print(f"{'full eval step (3 passes+metrics)':<34}{full:>10.2f}{n_tokens / full:>12.1f}{bare_s / full:>10.3f}"
+          f"   (clean, zero-ablated and spliced passes: ideal 0.333)")
+    return sae_dir
+
+
+def peak_memory(args, sae_dir: str, tmp: str) -> None:
+    code = ("import resource, runpy, sys\n"
+            "sys.argv = ['ssae-eval'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('ssae_tools.eval', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    rows = []
+    for size in args.sizes:
+        out = os.path.join(tmp, f"ev{size}")
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", code, sae_dir, "--docs", docs_file(tmp), "--model", args.model,
+                            "--max-tokens", str(size), "--batch-size", str(args.batch_size), "--context-size",
+                            str(args.context_size), "--device", "cpu", "-q", "-o", out],
+                           capture_output=True, text=True, cwd=tmp)
+        if p.returncode:
+            sys.exit(f"ssae-eval failed: {p.stderr}")
+        rss = int(p.stderr.split("MAXRSS")[1].split()[0]) / 1024
+        with open(os.path.join(out, "metrics.json")) as f:
+            n = json.load(f)["n_tokens"]
+        rows.append((size, n, rss, time.perf_counter() - t))
+    print(f"{'--max-tokens':>12}{'tokens':>10}{'peak RSS MiB':>15}{'wall s':>10}")
+    for size, n, rss, wall in rows:
+        print(f"{size:>12}{n:>10}{rss:>15.0f}{wall:>10.1f}")
+    (s0, _, r0, _), (s1, _, r1, _) = rows[0], rows[-1]
+    print(f"peak memory ratio {r1 / r0:.3f} for {s1 / s0:.1f}x the tokens (bounded: ~1.0 expected)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--sae", default=None)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens for the throughput comparison")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 4000])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="bench-eval.") as tmp:
+        sae_dir = throughput(args, tmp)
+        if not args.skip_memory:
+            peak_memory(args, sae_dir, tmp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Benchmark ssae-fit: training tokens/s (ERM vs TERM, 8x and 16x expansion at d_in = 576), the share of
+this machine's measured float32 matmul FLOP/s achieved (12 * d_in * d_sae FLOPs per token per step), and
+peak memory of whole `ssae-fit` runs over two store sizes.
+
+    make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick])
+
+Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+D_IN = 576
+
+
+def matmul_flops(batch: int, d_sae: int, seconds: float = 3.0) -> float:
+    """float32 FLOP/s of the training step's shapes (x @ W_enc) on this machine, best of a few."""
+    x, w = torch.randn(batch, D_IN), torch.randn(D_IN, d_sae)
+    x @ w
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        x @ w
+        best = max(best, 2 * batch * D_IN * d_sae / (time.perf_counter() - t0))
+    return best
+
+
+def make_store(path: str, rows: int, seed: int = 0) -> str:
+    from ssae_common.activations import ActivationWriter
+
+    g = np.random.default_rng(seed)
+    dirs = g.standard_normal((4096, D_IN)).astype(np.float32) / np.sqrt(D_IN)
+    w = ActivationWriter(path, d_model=D_IN, dtype="float16", attrs={"model": "bench", "hook": "bench"}, resume=False)
+    w.add_docs(["d"], ["t"], [0])
+    for s in range(0, rows, 8192):
+        n = min(8192, rows - s)
+        codes = (g.random((n, 4096), dtype=np.float32) < 0.008) * g.exponential(1.0, (n, 4096)).astype(np.float32)
+        acts = codes @ dirs + 0.1
+        w.add_rows(acts, np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32))
+        w.checkpoint(1, 1, 0)
+    w.finish()
+    return path
+
+
+def train_rate(store: str, d_sae: int, tilt: float, batch: int, steps: int) -> float:
+    """Steady-state tokens/s of the training loop (data stream included), after one warm-up step."""
+    from ssae_common.activations import ActivationStore
+    from ssae_common.batches import ActivationStream
+    from ssae_common.train import FitConfig, Trainer, init_sae
+
+    cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, tilt=tilt, lr=1e-4, batch_size=batch,
+                    train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1)
+    st = ActivationStore(store)
+    stream = ActivationStream([st], batch, 0, window_rows=32768, val_rows=0)
+    sae = init_sae(cfg, D_IN, stream.sample(4096), None)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(cfg, sae, stream, folder, np.empty((0, D_IN), np.float32))
+        trainer.train_step(torch.from_numpy(stream.batch(0)) * sae.act_scale)
+        t0 = time.perf_counter()
+        for s in range(1, steps + 1):
+            trainer.train_step(torch.from_numpy(stream.batch(s)) * sae.act_scale)
+        rate = steps * batch / (time.perf_counter() - t0)
+    stream.close()
+    st.close()
+    return rate
+
+
+def peak_rss_of_fit(store: str, out: str) -> tuple[float, float]:
+    """Peak resident memory (MiB) and wall time of a whole `ssae-fit` run in a child process."""
+    code = ("import resource, sys; from ssae_tools.fit import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, store, "--d-sae", "4608", "--k", "32", "--batch-size", "1024",
+                        "--train-tokens", str(1024 * 40), "--shuffle-rows", "32768", "--val-tokens", "4096",
+                        "--tilt", "500", "-q", "-o", out], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr)
+    return float(r.stderr.strip().splitlines()[-1]), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer steps, smaller stores")
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory comparison")
+    args = ap.parse_args()
+    steps = 2 if args.quick else 5
+    threads = torch.get_num_threads()
+    print(f"# ssae-fit benchmark: CPU, torch {torch.__version__}, {threads} threads, d_in {D_IN}, "
+          f"batch {args.batch_size}, TopK k=32, {steps} timed steps each", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(os.path.join(tmp, "train.h5"), 65536)
+        print(f"{'d_sae':>6} {'matmul GFLOP/s':>15} {'ERM tok/s':>10} {'TERM tok/s':>11} {'TERM/ERM':>9} "
+              f"{'ERM %peak':>10} {'TERM %peak':>11}", flush=True)
+        for expansion in (() if args.memory_only else (8, 16)):
+            d_sae = D_IN * expansion
+            peak = matmul_flops(args.batch_size, d_sae)
+            # interleaved, best of two each: the load of a shared machine drifts
+            erm, term = 0.0, 0.0
+            for _ in range(2):
+                erm = max(erm, train_rate(store, d_sae, 0.0, args.batch_size, steps))
+                term = max(term, train_rate(store, d_sae, 500.0, args.batch_size, steps))
+            per_token = 12 * D_IN * d_sae
+            results[d_sae] = dict(peak_gflops=peak / 1e9, erm=erm, term=term, ratio=term / erm,
+                                  erm_share=erm * per_token / peak, term_share=term * per_token / peak)
+            r = results[d_sae]
+            print(f"{d_sae:>6} {r['peak_gflops']:>15.1f} {erm:>10.0f} {term:>11.0f} {r['ratio']:>9.3f} "
+                  f"{100 * r['erm_share']:>9.1f}% {100 * r['term_share']:>10.1f}%", flush=True)
+
+        sizes = (50_000, 200_000) if not args.quick else (20_000, 80_000)
+        print(f"\n{'store rows':>10} {'store MiB':>10} {'peak RSS MiB':>13} {'fit s':>7}", flush=True)
+        mem = {}
+        for rows in sizes:
+            path = make_store(os.path.join(tmp, f"s{rows}.h5"), rows, seed=1)
+            rss, wall = peak_rss_of_fit(path, os.path.join(tmp, f"sae{rows}"))
+            mem[rows] = rss
+            print(f"{rows:>10} {os.path.getsize(path) / 2**20:>10.0f} {rss:>13.0f} {wall:>7.1f}", flush=True)
+            os.remove(path)
+        a, b = sizes
+        print(f"\npeak memory ratio ({b} vs {a} rows, {b // a}x the data): {mem[b] / mem[a]:.3f}")
+    print(json.dumps({"throughput": results, "peak_rss_mib": mem}))
+
+
+if __name__ == "__main__":
+    main()

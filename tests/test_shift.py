@@ -1,0 +1,264 @@
+"""ssae-shift on a synthetic templated Bias in Bios set where pronouns carry the spurious gender signal,
+with a hand-built SAE whose planted gender latents remove it."""
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import parse_records, write_jsonl
+from ssae_common import shift as S
+from ssae_common.models import load_model
+from ssae_common.sae import SAE
+from ssae_tools.shift import main
+
+HOOK = "blocks.0.hook_resid_post"
+FILLER = "the a of and to in is was for on that with as by at from hospital patient care city team".split()
+PRONOUNS = {"female": ["she", "her"], "male": ["he", "his", "him"]}
+GENDER_LATENTS = [0, 1]
+D_SAE = 16
+
+
+def synthetic_bios(per_cell: int = 40, seed: int = 0) -> list[dict]:
+    """Each bio: one profession word, four gendered pronouns, twelve fillers, shuffled. Nurses are
+    half the documents, physicians and surgeons a quarter each, both genders equally."""
+    rng = random.Random(seed)
+    records = []
+    for profession, n in (("nurse", 2 * per_cell), ("physician", per_cell), ("surgeon", per_cell)):
+        for gender in ("female", "male"):
+            for i in range(n):
+                words = ([rng.choice(FILLER) for _ in range(12)] + [profession]
+                         + [rng.choice(PRONOUNS[gender]) for _ in range(4)])
+                rng.shuffle(words)
+                records.append({"id": f"{profession}-{gender}-{i}", "text": " ".join(words),
+                                "profession": profession, "gender": gender})
+    return records
+
+
+def planted_sae(lm, records) -> SAE:
+    """Latents 0/1: +/- the within-profession female-minus-male direction of the pooled activations
+    (together they remove that direction from every token); 2/3: +/- the profession direction; the
+    rest random. Decoder bias: the mean token activation, so the pairs split each token's projection."""
+    acts, _ = S.document_activations(lm, HOOK, [r["text"] for r in records], quiet=True)
+    x = S.pooled(acts)
+    female = np.array([r["gender"] == "female" for r in records])
+    nurse = np.array([r["profession"] == "nurse" for r in records])
+
+    def diff(a, b):
+        return x[a].mean(0) - x[b].mean(0)
+
+    gender_dir = np.mean([diff(female & p, ~female & p) for p in (nurse, ~nurse)], axis=0)
+    gender_dir /= np.linalg.norm(gender_dir)
+    prof_dir = np.mean([diff(~nurse & g, nurse & g) for g in (female, ~female)], axis=0)
+    prof_dir -= (prof_dir @ gender_dir) * gender_dir
+    prof_dir /= np.linalg.norm(prof_dir)
+    rng = np.random.default_rng(0)
+    dec = rng.normal(size=(D_SAE, x.shape[1]))
+    dec /= np.linalg.norm(dec, axis=1, keepdims=True)
+    dec[0], dec[1], dec[2], dec[3] = gender_dir, -gender_dir, prof_dir, -prof_dir
+    sae = SAE(x.shape[1], D_SAE)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor(dec))
+        sae.W_enc.copy_(torch.tensor(dec.T))
+        sae.b_dec.copy_(torch.cat(acts).mean(0))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shift")
+    records = synthetic_bios()
+    data = write_jsonl(str(folder / "bios.jsonl"), records)
+    lm = load_model(tiny_model)
+    sae = planted_sae(lm, records)
+    sae_dir = folder / "planted"
+    sae_dir.mkdir()
+    sae.save(str(sae_dir), model=tiny_model, hook=HOOK)
+    return {"data": data, "sae": str(sae_dir), "records": records, "lm": lm, "model": tiny_model,
+            "folder": folder}
+
+
+def run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def by_method(report):
+    return {r["method"]: r for r in report["rows"]}
+
+
+def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_path):
+    out = tmp_path / "shift.json"
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                  "--ablate", "auto", "--top", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    (record,) = parse_records(result.stdout)
+    assert record["schema"] == "ssae.artifact/1" and record["kind"] == "shift"
+    assert record["path"] == str(out)
+    report = json.loads(out.read_text())
+    assert report["schema"] == "ssae.shift/1"
+    assert report["created_by"]["tool"] == "ssae-shift" and report["seed"] == 0
+    assert report["cells"]["pairing"] == {"nurse": "female", "physician,surgeon": "male"}
+    assert report["cells"]["test_per_cell"] == 32 and report["cells"]["val_per_cell"] == 16
+    rows = by_method(report)
+    assert list(rows) == ["original", "oracle", "neuron_skyline", "shift:planted", "shift+retrain:planted"]
+    for r in rows.values():
+        assert r["n"] == 128
+        assert set(r["group_accuracy"]) == {"nurse/female", "nurse/male", "physician,surgeon/female",
+                                            "physician,surgeon/male"}
+        assert r["worst_group_accuracy"] == min(r["group_accuracy"].values())
+    original, shift, retrain = rows["original"], rows["shift:planted"], rows["shift+retrain:planted"]
+    # the probe leans on gender: it fails the anti-stereotypical cells
+    assert original["worst_group_accuracy"] < 0.3 and original["gender_accuracy"] > 0.85
+    assert sorted(shift["ablated_latents"]) == GENDER_LATENTS
+    assert shift["worst_group_accuracy"] > original["worst_group_accuracy"] + 0.3
+    assert shift["gender_accuracy"] < 0.7
+    assert retrain["worst_group_accuracy"] > original["worst_group_accuracy"] + 0.3
+    detail = report["saes"][0]
+    assert detail["clean_logit_max_abs_diff"] < 1e-9
+    assert detail["selection_trace"][-1]["gender_auc"] < 0.6
+    top = {t["latent"]: t for t in detail["top_latents"]}
+    assert top[0]["top_tokens"] and top[0]["ablated"] and not top[2]["ablated"]
+    # the table on stderr
+    assert "shift+retrain:planted" in result.stderr and "worst" in result.stderr
+
+
+def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):
+    out = tmp_path / "shift.json"
+    expl = write_jsonl(str(tmp_path / "explanations.jsonl"),
+                       [{"schema": "ssae.explanation/1", "latent": 0, "explanation": "female pronouns"}])
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon",
+                  "--sae", f"g={setup['sae']}", "--ablate", "g=0,1", "--ablation", "mean", "--explanations",
+                  f"g={expl}", "--show", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = by_method(report)
+    assert rows["shift:g"]["ablated_latents"] == [0, 1]
+    assert rows["shift:g"]["worst_group_accuracy"] > rows["original"]["worst_group_accuracy"] + 0.3
+    # with a list, the skyline ablates as many neurons as latents, chosen by attribution
+    assert len(rows["neuron_skyline"]["ablated_neurons"]) == 2
+    top = {t["latent"]: t for t in report["saes"][0]["top_latents"]}
+    assert top[0]["explanation"] == "female pronouns" and top[1]["explanation"] is None
+    # an existing output is kept without --force
+    again = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                 "-o", str(out)])
+    assert again.exit_code == 2 and "exists (use --force" in again.stderr
+
+
+def test_clean_splice_is_exact_and_attribution_matches_real_ablation(setup):
+    records, lm = setup["records"], setup["lm"]
+    sae = SAE.load(setup["sae"])
+    bios = [S.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
+    cells = S.build_cells(bios, ["nurse"], ["physician", "surgeon"], {"nurse": 1, "physician": 1, "surgeon": 1})
+    acts, tokens = S.document_activations(lm, HOOK, [b.text for b in bios], quiet=True)
+    x = S.pooled(acts)
+    train = cells.train_ambiguous
+    probe = S.LinearProbe.fit(x[train], cells.label[train])
+    signs = np.where(cells.label == 1, 1.0, -1.0)
+    stats = S.latent_stats(sae, acts, tokens, train)
+    for ablate_to, mask in ((np.zeros(D_SAE), np.ones(D_SAE, bool)),
+                            (stats.train_mean, S.slice_mask(stats.frequency, (1, 2)))):
+        scores, max_diff = S.attribute_latents(sae, probe, acts, train, signs, ablate_to, mask)
+        assert max_diff < 1e-9  # nothing ablated: the spliced path gives the original logits
+        base = signs[train] * probe.logit(x[train])
+        for j in range(D_SAE):
+            ablated = S.ablate_latents(x[train], stats.pooled[train], [j], sae, ablate_to)
+            exact = float((signs[train] * probe.logit(ablated) - base).mean())
+            expected = exact if mask[j] else 0.0
+            assert scores[j] == pytest.approx(expected, abs=1e-5)
+        assert np.abs(scores).max() > 0.1
+    # the slice keeps the most often active half
+    mask = S.slice_mask(stats.frequency, (1, 2))
+    assert mask.sum() == D_SAE // 2 and stats.frequency[mask].min() >= stats.frequency[~mask].max()
+
+
+def test_token_level_ablation_equals_pooled_formula(setup):
+    sae = SAE.load(setup["sae"])
+    acts, tokens = S.document_activations(setup["lm"], HOOK, [r["text"] for r in setup["records"][:5]], quiet=True)
+    stats = S.latent_stats(sae, acts, tokens, [0, 1])
+    with torch.no_grad():
+        for i, a in enumerate(acts):
+            f = sae.encode(a)
+            err = a - sae.decode(f)
+            f_abl = f.clone()
+            f_abl[:, GENDER_LATENTS] = torch.tensor(stats.train_mean[GENDER_LATENTS], dtype=f.dtype)
+            token_level = (sae.decode(f_abl) + err).mean(0).double().numpy()
+            pooled = S.ablate_latents(a.mean(0, keepdim=True).double().numpy(), stats.pooled[i:i + 1],
+                                      GENDER_LATENTS, sae, stats.train_mean)[0]
+            np.testing.assert_allclose(token_level, pooled, atol=1e-5)
+
+
+def test_slice_restricts_candidates(setup, tmp_path):
+    out = tmp_path / "shift.json"
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                  "--slice", "1/2", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    detail = json.loads(out.read_text())["saes"][0]
+    assert detail["latents_considered"] == D_SAE // 2
+    considered = {t["latent"] for t in detail["top_latents"] if t["attribution"] != 0}
+    assert len(considered) <= D_SAE // 2
+
+
+def test_labhc_schema_and_csv(tmp_path):
+    index = {name: i for i, name in enumerate(S.BIOS_PROFESSIONS)}
+    assert index["nurse"] == 13 and index["professor"] == 21
+    hf = [{"hard_text": r["text"], "profession": index[r["profession"]], "gender": int(r["gender"] == "female")}
+          for r in synthetic_bios(per_cell=4)]
+    path = write_jsonl(str(tmp_path / "hf.jsonl"), hf)
+    bios, seen = S.load_bios([path], {"nurse", "surgeon"})
+    assert seen == {"nurse": 16, "physician": 8, "surgeon": 8}
+    assert len(bios) == 24 and {b.gender for b in bios} == {"male", "female"}
+    assert bios[0].text == hf[0]["hard_text"] and bios[0].profession == "nurse"
+    csv_path = tmp_path / "bios.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "profession", "gender"])
+        writer.writeheader()
+        for r in synthetic_bios(per_cell=4):
+            writer.writerow({k: r[k] for k in ("text", "profession", "gender")})
+    bios, _ = S.load_bios([str(csv_path)], {"nurse", "physician"})
+    assert len(bios) == 24
+    cells = S.build_cells(bios, ["nurse"], ["physician"], {"nurse": 16, "physician": 8}, seed=1)
+    assert cells.counts["test_per_cell"] == 1 and len(cells.test) == 4
+    assert not set(cells.test) & set(cells.val) and not set(cells.test) & set(cells.train_ambiguous)
+    assert S.parse_side("13,physician") == ["nurse", "physician"]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_profession", "--professions: no documents with profession 'professor'"),
+    ("empty_cell", "cell physician,surgeon/female is empty"),
+    ("no_gender", ":3: record has no 'gender' field"),
+    ("bad_gender", ":1: field 'gender' is 'x'"),
+])
+def test_bad_inputs_exit_2(setup, tmp_path, case, message):
+    records = [dict(r) for r in setup["records"]]
+    professions = ["nurse", "physician,surgeon"]
+    if case == "no_profession":
+        professions = ["professor", "nurse"]
+    elif case == "empty_cell":
+        records = [r for r in records if r["profession"] == "nurse" or r["gender"] == "male"]
+    elif case == "no_gender":
+        del records[2]["gender"]
+    elif case == "bad_gender":
+        records[0]["gender"] = "x"
+    data = write_jsonl(str(tmp_path / "bios.jsonl"), records)
+    out = tmp_path / "shift.json"
+    result = run(["--data", data, "--professions", *professions, "--sae", setup["sae"], "-o", str(out)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssae-shift: error: ") and message in lines[0], result.stderr
+    assert not out.exists() and os.listdir(tmp_path) == ["bios.jsonl"]
+
+
+def test_bad_options_exit_2(setup, tmp_path):
+    base = ["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+            "-o", str(tmp_path / "s.json")]
+    result = run(base + ["--ablate", "3,99"])
+    assert result.exit_code == 2 and "latent 99 is out of range" in result.stderr
+    result = run(base + ["--slice", "1/2", "--ablate", "0,1,2,3,4,5,6,7,8,9"])
+    assert result.exit_code == 2 and "is not in the --slice 1/2" in result.stderr
+    result = run(base[:-2] + ["--sae", str(tmp_path), "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and "not an SAE directory" in result.stderr
+    assert not (tmp_path / "s.json").exists()
