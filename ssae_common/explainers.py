@@ -560,7 +560,6 @@ def run_explain(job, common) -> dict:
     from .outputs import check_target, commit, partial_path, sha256_file
     from .progress import Progress
     from .provenance import config_hash, created_by, input_fingerprint
-    from .records import artifact_record
     from .sae import SAE
     from .signals import StopFlag
 

@@ -118,14 +118,19 @@ def read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG)
     if not os.path.exists(path):
         raise BadInput(f"{folder}: not an SAE directory (no {CONFIG})")
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding one object; BadInput naming the file otherwise."""
     try:
         with open(path) as f:
-            cfg = json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}: malformed JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(cfg, dict):
+    if not isinstance(data, dict):
         raise BadInput(f"{path}: expected a JSON object")
-    return cfg
+    return data
 
 
 def load_sae(folder: str, device: str = "cpu") -> SAE:

@@ -15,28 +15,16 @@ All imports are exact for the listed architectures (same reconstruction as the s
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 
 from .errors import BadInput
-from .sae import CONFIG, SCHEMA, WEIGHTS, SAE
+from .sae import CONFIG, SCHEMA, WEIGHTS, SAE, read_json_object
 
 log = logging.getLogger("ssae")
 FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: malformed JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a JSON object")
-    return data
 
 
 def _safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -61,7 +49,7 @@ def detect_format(path: str) -> str:
     if "sae_weights.safetensors" in files:
         return "saelens"
     if CONFIG in files and WEIGHTS in files:
-        cfg = _read_json(os.path.join(path, CONFIG))
+        cfg = read_json_object(os.path.join(path, CONFIG))
         return "ssae" if cfg.get("schema") == SCHEMA else "sparsify"
     subs = sorted(d for d in files if os.path.isdir(os.path.join(path, d))
                   and os.path.exists(os.path.join(path, d, CONFIG)))
@@ -90,7 +78,7 @@ def _build(where: str, W_enc, b_enc, W_dec, b_dec, architecture: str, k, cfg: di
 
 
 def _saelens(path: str) -> SAE:
-    cfg = _read_json(os.path.join(path, "cfg.json"))
+    cfg = read_json_object(os.path.join(path, "cfg.json"))
     where = os.path.join(path, "sae_weights.safetensors")
     t = _safetensors(where)
     W_enc, b_enc, W_dec, b_dec = (_need(t, n, where) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
@@ -119,7 +107,7 @@ def _saelens(path: str) -> SAE:
 
 
 def _sparsify(path: str) -> SAE:
-    cfg = _read_json(os.path.join(path, CONFIG))
+    cfg = read_json_object(os.path.join(path, CONFIG))
     where = os.path.join(path, WEIGHTS)
     t = _safetensors(where)
     enc = _need(t, "encoder.weight", where)
@@ -144,7 +132,7 @@ def _dictionary_learning(path: str) -> SAE:
     if not isinstance(state, dict):
         raise BadInput(f"{weights}: expected a state dict")
     cfg_path = os.path.join(folder, "config.json")
-    trainer = _read_json(cfg_path).get("trainer", {}) if os.path.exists(cfg_path) else {}
+    trainer = read_json_object(cfg_path).get("trainer", {}) if os.path.exists(cfg_path) else {}
     dict_class = trainer.get("dict_class")
     enc = _need(state, "encoder.weight", weights)
     W_dec = _need(state, "decoder.weight", weights).T.contiguous()

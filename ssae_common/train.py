@@ -389,7 +389,7 @@ def auxk_loss(sae: SAE, err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
     """Validation metrics on normalised rows."""
-    losses, mses, l0s, sq_err = [], [], [], 0.0
+    losses, mses, l0s = [], [], []
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
     for s in range(0, len(x), batch):
         loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1)

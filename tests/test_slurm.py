@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from helpers import sample_docs, write_jsonl
 from ssae_common.activations import ActivationStore
