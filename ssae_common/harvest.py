@@ -103,9 +103,7 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     state = writer.resume_state
     counter = _Counter()
     counter.short = int(state.get("n_short", 0))
-    bos = model.bos_token_id
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (bos or 0)
-    skip = 1 if (bos is not None and cfg.drop_bos) else 0
+    skip = 1 if (model.bos_token_id is not None and cfg.drop_bos) else 0
     n_docs = writer.n_docs
     last_input = state.get("last_input_doc", -1)  # input index of the newest doc row
     budget = (cfg.max_tokens - writer.n_tokens) if cfg.max_tokens else None
@@ -117,13 +115,8 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     with io, Progress("harvest", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
         progress.done = writer.n_tokens
         for batch in _batches(iter_windows(model, docs, cfg, state, counter), cfg.batch_size):
-            prefix = [bos] if bos is not None else []
-            seqs = [prefix + w.tokens for w in batch]
-            length = max(len(s) for s in seqs)
-            tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                tokens[b, :len(s)] = torch.tensor(s)
-            acts = model.activations(tokens.to(model.device), cfg.hook).float().cpu()
+            seqs = [model.with_bos(w.tokens) for w in batch]
+            acts = model.activations(model.padded(seqs).to(model.device), cfg.hook).float().cpu()
 
             rows, tok_ids, doc_rows, positions = [], [], [], []
             new_ids, new_texts, new_inputs = [], [], []

@@ -171,6 +171,46 @@ class LoadedModel:
                 return int(cand)
         return None
 
+    @property
+    def pad_token_id(self) -> int:
+        """Right padding never changes real positions of a causal model, so any id will do."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else (self.bos_token_id or 0)
+
+    def with_bos(self, tokens: list[int]) -> list[int]:
+        """A window as the model sees it: BOS (when the tokenizer has one), then the tokens."""
+        bos = self.bos_token_id
+        return ([bos] if bos is not None else []) + list(tokens)
+
+    def padded(self, seqs: list[list[int]]):
+        """Right-padded [len(seqs), longest] long tensor of token sequences."""
+        import torch
+
+        tokens = torch.full((len(seqs), max(len(s) for s in seqs)), self.pad_token_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        return tokens
+
+    def first_window_activations(self, token_lists: list[list[int]], hook: str, batch_size: int,
+                                 drop_bos: bool = True, progress=None) -> list:
+        """Per document, [tokens, d_model] activations at `hook` of BOS + its (already truncated)
+        tokens, BOS dropped unless `drop_bos` is false. Documents of similar length share a batch."""
+        import torch
+
+        skip = 1 if (self.bos_token_id is not None and drop_bos) else 0
+        seqs = [self.with_bos(t) for t in token_lists]
+        out: list = [torch.zeros(0, self.d_model)] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), batch_size):
+            idx = [i for i in order[start:start + batch_size] if len(seqs[i]) > skip]
+            if idx:
+                acts = self.activations(self.padded([seqs[i] for i in idx]).to(self.device), hook).float()
+                for b, i in enumerate(idx):
+                    out[i] = acts[b, skip:len(seqs[i])].clone()
+            if progress is not None:
+                progress.update(len(order[start:start + batch_size]))
+        return out
+
     def hook_names(self) -> list[str]:
         return list(self.bridge.hook_dict.keys())
 

@@ -264,32 +264,11 @@ def document_activations(lm, hook: str, texts: list[str], context_size: int = 12
                          quiet: bool = False) -> tuple[list, list]:
     """Per document: activations at `hook` for its tokens after BOS ([T, d] float32 tensors, T >= 1) and
     the token ids. Documents are truncated to context_size - 1 tokens."""
-    import torch
-
-    bos = lm.bos_token_id
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (bos or 0)
-    span = context_size - (1 if bos is not None else 0)
-    token_lists = []
-    for text in texts:
-        ids = lm.tokenize(text)[:span]
-        token_lists.append(ids)
-    order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))  # less padding per batch
-    acts: list = [None] * len(texts)
-    prefix = [bos] if bos is not None else []
-    skip = len(prefix)
+    span = context_size - (1 if lm.bos_token_id is not None else 0)
+    token_lists = [lm.tokenize(text)[:span] for text in texts]
     with Progress("activations", total=len(texts), unit="docs", quiet=quiet) as progress:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            seqs = [prefix + token_lists[i] for i in batch]
-            length = max(len(s) for s in seqs)
-            tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                tokens[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-            out = lm.activations(tokens.to(lm.device), hook).float().cpu()
-            for b, i in enumerate(batch):
-                acts[i] = out[b, skip:len(seqs[b])].clone()
-            progress.update(len(batch))
-    return acts, token_lists
+        acts = lm.first_window_activations(token_lists, hook, batch_size, progress=progress)
+    return [a.cpu() for a in acts], token_lists
 
 
 def pooled(acts: list) -> np.ndarray:

@@ -55,9 +55,7 @@ def window_batches(lm, docs: Iterable, cfg: DocsEvalConfig, skip_windows: int = 
     hcfg = HarvestConfig(hook=cfg.hook, context_size=cfg.context_size, batch_size=cfg.batch_size)
     hcfg.check()
     windows = iter_windows(lm, docs, hcfg, {"next_input_doc": 0, "next_window": 0}, counter or _Counter())
-    bos = lm.bos_token_id
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (bos or 0)
-    prefix = [bos] if bos is not None else []
+    prefix = lm.with_bos([])
     budget = token_budget
     for batch in _batches(itertools.islice(windows, skip_windows, None), cfg.batch_size):
         seqs = []
@@ -70,11 +68,9 @@ def window_batches(lm, docs: Iterable, cfg: DocsEvalConfig, skip_windows: int = 
                 budget -= len(toks)
         if not seqs:
             return
-        length = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
+        tokens = lm.padded(seqs)
+        length = tokens.shape[1]
         lengths = torch.tensor([len(s) for s in seqs])
-        for b, s in enumerate(seqs):
-            tokens[b, :len(s)] = torch.tensor(s)
         pos = torch.arange(length)[None, :]
         real = pos < lengths[:, None]
         act_pos = real & (pos >= len(prefix))

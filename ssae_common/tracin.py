@@ -134,27 +134,8 @@ def document_activations(lm, texts: Sequence[str], hook: str, context_size: int 
                          drop_bos: bool = True, progress=None) -> list[torch.Tensor]:
     """[tokens, d_model] activations of each text's first window (BOS + context_size - 1 tokens, as
     ssae-harvest cuts windows; BOS dropped from the result like harvest's default)."""
-    bos = lm.bos_token_id
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (bos or 0)
-    span = context_size - (1 if bos is not None else 0)
-    skip = 1 if (bos is not None and drop_bos) else 0
-    prefix = [bos] if bos is not None else []
-    seqs = [prefix + lm.tokenize(t)[:span] for t in texts]
-    out: list[torch.Tensor] = [torch.zeros(0, lm.d_model)] * len(texts)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        idx = [i for i in order[start:start + batch_size] if len(seqs[i]) > skip]
-        if idx:
-            length = max(len(seqs[i]) for i in idx)
-            tokens = torch.full((len(idx), length), pad, dtype=torch.long)
-            for b, i in enumerate(idx):
-                tokens[b, :len(seqs[i])] = torch.tensor(seqs[i])
-            acts = lm.activations(tokens.to(lm.device), hook).float()
-            for b, i in enumerate(idx):
-                out[i] = acts[b, skip:len(seqs[i])].clone()
-        if progress is not None:
-            progress.update(len(order[start:start + batch_size]))
-    return out
+    span = context_size - (1 if lm.bos_token_id is not None else 0)
+    return lm.first_window_activations([lm.tokenize(t)[:span] for t in texts], hook, batch_size, drop_bos, progress)
 
 
 def check_saes(saes: Sequence, paths: Sequence[str]) -> tuple[str | None, str | None]:

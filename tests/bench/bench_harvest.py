@@ -23,14 +23,6 @@ from ssae_common.records import iter_docs  # noqa: E402
 from helpers_docs import write_docs  # noqa: E402
 
 
-def padded(model, batch):
-    seqs = [[model.bos_token_id] + w.tokens for w in batch]
-    out = torch.full((len(seqs), max(map(len, seqs))), model.tokenizer.pad_token_id or 0, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        out[b, :len(s)] = torch.tensor(s)
-    return out
-
-
 def bare_forward(model, batches, layer):
     hf = model.bridge.original_model
     inner = hf.model
@@ -65,7 +57,7 @@ def main():
     windows = iter_windows(model, iter_docs([docs_path]), cfg, {"next_input_doc": 0, "next_window": 0}, _Counter())
     batches, stored = [], 0
     for batch in _batches(windows, cfg.batch_size):
-        batches.append(padded(model, batch))
+        batches.append(model.padded([model.with_bos(w.tokens) for w in batch]))
         stored += sum(len(w.tokens) for w in batch)
         if stored >= args.tokens:
             break
