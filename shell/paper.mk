@@ -26,11 +26,13 @@ MODEL ?= smollm2
 HOOK ?= blocks.6.hook_resid_post
 DEVICE ?= auto
 PAPER ?= $(ROOT)/ssae-work/paper
-GENERAL_TOKENS ?= 400000
-GSAE_TOKENS ?= 4000000
+GENERAL_TOKENS ?= 600000
+GSAE_TOKENS ?= 2000000
 SUB_DOCS ?= 1500
 SUB_TOKENS ?= 150000
-SSAE_TOKENS ?= 1000000
+SSAE_TOKENS ?= 500000
+# MiniLM's own limit is 256 tokens; 128 halves the dense encoding of the corpus (the longest CPU step)
+DENSE_MAX_LENGTH ?= 128
 EXPANSION ?= 4
 K ?= 32
 K_SWEEP ?= 8 16 64
@@ -48,13 +50,17 @@ SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.js
 SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
 
 .PHONY: paper paper-gsae paper-ssae paper-eval paper-sweep paper-shift
-paper: paper-eval paper-sweep paper-shift
-	@echo "paper: tables in $(P)/eval/*/report.html and $(P)/shift/shift.json" >&2
+paper: $(P)/tables.txt
+	@cat $< >&2
+	@echo "paper: these tables are in $<; plots and definitions in $(P)/eval/*/report.html" >&2
 paper-gsae: $(P)/gsae/cfg.json
 paper-ssae: $(SSAES)
 paper-eval: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json
 paper-sweep: $(P)/eval/pareto/metrics.json
 paper-shift: $(P)/shift/shift.json
+
+$(P)/tables.txt: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json $(P)/eval/pareto/metrics.json $(P)/shift/shift.json
+	$(PY) -m ssae_common.tables $^ > $@
 
 $(P)/general.h5:
 	mkdir -p $(@D)
@@ -66,11 +72,11 @@ $(P)/gsae/cfg.json: $(P)/general.h5
 # subdomain documents by each retrieval recipe; the test set never leaks in
 $(P)/docs/bm25.jsonl $(P)/docs/dense.jsonl: $(P)/docs/%.jsonl:
 	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@,$@)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@,$@)
 
 $(P)/docs/dense_tracin.jsonl: $(P)/gsae/cfg.json
 	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@,$@)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@,$@)
 
 $(P)/acts/%.h5: $(P)/docs/%.jsonl
 	mkdir -p $(@D)

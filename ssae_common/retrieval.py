@@ -373,26 +373,31 @@ class DenseIndex:
     """Unit-norm corpus embeddings (float16 on disk, memory-mapped) and exact blocked top-k search."""
 
     def __init__(self, store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, device: str = "cpu",
-                 batch_size: int = 64, block_rows: int = 65536, quiet: bool = False, chunk_docs: int | None = None):
+                 batch_size: int = 64, block_rows: int = 65536, quiet: bool = False, chunk_docs: int | None = None,
+                 max_length: int | None = None):
         self.store, self.model_spec, self.device = store, model, device
+        self.max_length = max_length  # encoder tokens per text; None keeps the model's own limit
         self.chunk_docs = chunk_docs or max(batch_size * 4, 256)  # documents between checkpoints
         self.batch_size, self.block_rows, self.quiet = batch_size, block_rows, quiet
         self._encoder = None
-        self.path = self.cache_path(store, model)
+        self.path = self.cache_path(store, model, max_length)
         self.encoded_now = 0  # documents embedded by this process (0 when the cache was reused)
         self.seconds_encoding = 0.0
         self._ensure_embeddings()
         self.embeddings = np.load(self.path, mmap_mode="r")
 
     @staticmethod
-    def cache_path(store: CorpusStore, model: str = DEFAULT_DENSE_MODEL) -> str:
-        key = config_hash(store.key, dense_identity(model), "unit-norm float16")
+    def cache_path(store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, max_length: int | None = None) -> str:
+        parts = (store.key, dense_identity(model), "unit-norm float16") + ((f"max_length={max_length}",) if max_length else ())
+        key = config_hash(*parts)
         return os.path.join(index_dir(), f"dense-{key}.npy")
 
     @property
     def encoder(self):
         if self._encoder is None:
             self._encoder = load_encoder(self.model_spec, self.device)
+            if self.max_length:
+                self._encoder.max_seq_length = self.max_length
         return self._encoder
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

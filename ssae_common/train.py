@@ -247,7 +247,8 @@ def data_parallel(device: str) -> DataParallel:
         atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
     control = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else None
     _DATA_PARALLEL = DataParallel(rank, world, local_rank, control)
-    log.debug("data parallel: rank %d of %d (local rank %d, %s)", rank, world, local_rank, tdist.get_backend())
+    if rank == 0:
+        log.info("training data-parallel over %d ranks (%s)", world, tdist.get_backend())
     return _DATA_PARALLEL
 
 

@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+import h5py
 import pytest
 
 from helpers import WORDS, write_jsonl
@@ -61,3 +62,18 @@ def test_gsae_to_ssae_recipe(tmp_path, tiny_model, corpus):
     metrics = json.load(open(out / "eval" / "metrics.json"))
     assert len(metrics["saes"]) == 2
     assert json.load(open(out / "ssae" / "cfg.json"))["parent"]["path"].endswith("gsae")
+
+    # the paper's best recipe on the same GSAE, then the feature browser for the SSAE
+    acts = tmp_path / "tracin.h5"
+    p = run_example("dense_tracin.sh", [corpus["seeds"], corpus["corpus"], str(out / "gsae"), str(acts)],
+                    env_for(tiny_model, TOP_K="30"), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with h5py.File(acts) as f:
+        assert f["token_ids"].shape[0] > 0 and f.attrs["hook"] == "blocks.1.hook_resid_post"
+        ids = [i.decode() for i in f["docs/id"][:]]
+    assert 0 < len(ids) <= 30 and all(i.startswith("c") for i in ids)
+    browser = tmp_path / "browser"
+    p = run_example("explain_latents.sh", [str(out / "ssae"), str(acts), str(browser), "0-3"],
+                    env_for(tiny_model, EXPLAINER="none"), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (browser / "index.html").exists() and f"feature browser: {browser}/index.html" in p.stderr

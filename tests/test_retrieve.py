@@ -160,6 +160,21 @@ def test_dense_matches_numpy_cosine_and_caches(corpus):
     assert again.encoded_now == 0 and again._encoder is None
 
 
+def test_dense_max_length_cuts_texts_and_has_its_own_cache(corpus):
+    store = _store(corpus)
+    full = R.DenseIndex(store, batch_size=16)
+    short = R.DenseIndex(store, batch_size=16, max_length=8)
+    assert short.path != full.path and short.encoded_now == len(store)
+    assert short.encoder.max_seq_length == 8
+    texts = list(store.iter_texts())
+    long_doc = max(range(len(texts)), key=lambda i: len(texts[i]))
+    full_model = R.load_encoder(R.DEFAULT_DENSE_MODEL, "cpu")  # a long text embeds differently when cut to 8 tokens
+    full_model.max_seq_length = 8
+    cut = full_model.encode([texts[long_doc]], normalize_embeddings=True)[0]
+    np.testing.assert_allclose(np.asarray(short.embeddings[long_doc], dtype=np.float32), cut, atol=2e-3)
+    assert float(np.asarray(full.embeddings[long_doc], dtype=np.float32) @ cut) < 0.99
+
+
 def test_dense_embedding_resumes_after_interruption(tmp_path, monkeypatch):
     store = _store(write_jsonl(str(tmp_path / "small.jsonl"), sample_docs(24, 12, seed=2)))
     calls = []

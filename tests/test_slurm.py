@@ -1,10 +1,12 @@
 """The SLURM scripts under small fake sbatch/srun/scontrol shims that set the SLURM variables."""
 import glob
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from helpers import sample_docs, write_jsonl
 from ssae_common.activations import ActivationStore
@@ -83,6 +85,37 @@ def test_fit_is_signalled_checkpoints_requeues_and_resumes(tmp_path):
     a, b = load_file(str(whole / "sae.safetensors")), load_file(str(run_dir / "sae" / "sae.safetensors"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.integration
+def test_fit_under_torchrun_is_signalled_and_requeued(tmp_path):
+    """NPROC_PER_NODE=2: torchrun (gloo on CPU) exits 1 when its workers stop with 75, so the script
+    requeues on signal plus checkpoint; the requeued run resumes and matches one process."""
+    from safetensors.numpy import load_file
+    from test_fit import make_store, sparse_data
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make_store(run_dir / "acts.h5", sparse_data(n=4000))
+    args = ("--architecture topk --k 4 --d-sae 32 --batch-size 128 --train-tokens 25600 --checkpoint-every 20 "
+            "--val-tokens 256 --seed 3 --device cpu")
+    whole = tmp_path / "whole"
+    p = subprocess.run([os.path.join(BIN, "ssae-fit"), str(run_dir / "acts.h5"), *args.split(), "-o", str(whole)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    r = sbatch(tmp_path, os.path.join(SLURM, "fit.sbatch"), OUT=run_dir, FIT_ARGS=args, NPROC_PER_NODE=2,
+               OMP_NUM_THREADS=1, FAKE_SLURM_SIGNAL_WHEN=run_dir / ".sae.partial" / "checkpoint.pt")
+    logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    assert r.returncode == 0, logs
+    runs = history(tmp_path)
+    assert sum(line.startswith("requeue") for line in runs) == 1, runs
+    assert "checkpointed; requeueing" in logs and "resuming" in logs
+    assert logs.count("training data-parallel over 2 ranks (gloo)") == 2  # the first run and the requeued one
+    training = json.load(open(run_dir / "sae" / "cfg.json"))["training"]
+    assert training["tokens"] == 25600 and training["ranks"] == 2
+    a, b = load_file(str(whole / "sae.safetensors")), load_file(str(run_dir / "sae" / "sae.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4)
 
 
 def test_eval_script_runs_on_a_fitted_sae(tmp_path):

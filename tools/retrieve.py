@@ -38,6 +38,8 @@ def _none(value: str | None) -> str | None:
 @click.option("--dense-model", default=R.DEFAULT_DENSE_MODEL, show_default=True,
               help="sentence-transformers model: the bundled all-MiniLM-L6-v2, a Hugging Face name or a folder.")
 @click.option("--dense-batch-size", type=int, default=64, show_default=True, help="Texts per encoder batch.")
+@click.option("--dense-max-length", type=int, default=None,
+              help="Encoder tokens per text (longer texts are cut) [default: the model's own, 256 for MiniLM].")
 @click.option("--combine", default="rrf", show_default=True, help="How per-seed rankings combine: rrf, max or sum.")
 @click.option("--rrf-k", type=int, default=R.RRF_K, show_default=True, help="k of reciprocal-rank fusion.")
 @click.option("--depth", type=int, default=1000, show_default=True, help="Ranked documents kept per seed (and method).")
@@ -57,7 +59,7 @@ def _none(value: str | None) -> str | None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Documents per LM forward pass (TracIn).")
 @click.option("-o", "--out", default=None, help="Write the records to this file instead of stdout.")
 def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, stemmer, dense_model, dense_batch_size,
-         combine, rrf_k, depth, top_k, budget_tokens, exclude, include_seeds, rerank, sae, model, hook, rerank_pool,
+         dense_max_length, combine, rrf_k, depth, top_k, budget_tokens, exclude, include_seeds, rerank, sae, model, hook, rerank_pool,
          tracin_normalize, context_size, batch_size, out):
     """Retrieve documents like SEEDS (paths, or - / stdin; each seed is one query) from --corpus."""
     R.check_choice("--method", method, R.METHODS)
@@ -65,7 +67,8 @@ def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, st
     R.check_choice("--combine", combine, R.COMBINERS)
     R.check_choice("--rerank", rerank, RERANKERS)
     for name, value in (("--depth", depth), ("--top-k", top_k), ("--budget-tokens", budget_tokens),
-                        ("--dense-batch-size", dense_batch_size), ("--batch-size", batch_size), ("--rrf-k", rrf_k)):
+                        ("--dense-batch-size", dense_batch_size), ("--dense-max-length", dense_max_length),
+                        ("--batch-size", batch_size), ("--rrf-k", rrf_k)):
         if value is not None and value < 1:
             raise BadInput(f"{name} {value}: must be at least 1")
     if k1 < 0 or not 0 <= b <= 1:
@@ -103,7 +106,8 @@ def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, st
     resolved = common.resolved(
         corpus=R.corpus_fingerprint(corpus, text_field)["inputs"], text_field=text_field, method=method,
         engine=engine if method != "dense" else None, bm25=params.describe() if method != "dense" else None,
-        dense_model=R.dense_identity(dense_model) if method != "bm25" else None, combine=combine, rrf_k=rrf_k,
+        dense_model=R.dense_identity(dense_model) if method != "bm25" else None,
+        dense_max_length=dense_max_length if method != "bm25" else None, combine=combine, rrf_k=rrf_k,
         depth=depth, top_k=top_k, budget_tokens=budget_tokens, exclude=list(exclude), include_seeds=include_seeds,
         rerank=rerank, sae=[os.path.abspath(p) for p in sae_folders], model=model, hook=hook,
         rerank_pool=rerank_pool, tracin_normalize=tracin_normalize, context_size=context_size,
@@ -116,7 +120,8 @@ def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, st
         index = R.BM25Index(store, params, engine, quiet=common.quiet)
         per_method["bm25"] = index.rank(queries, depth, quiet=common.quiet)
     if method in ("dense", "hybrid"):
-        dense = R.DenseIndex(store, dense_model, device=common.device, batch_size=dense_batch_size, quiet=common.quiet)
+        dense = R.DenseIndex(store, dense_model, device=common.device, batch_size=dense_batch_size,
+                              quiet=common.quiet, max_length=dense_max_length)
         per_method["dense"] = dense.rank(queries, depth)
     if method == "hybrid":
         per_seed = [R.rrf_fuse([bm, de], rrf_k) for bm, de in zip(per_method["bm25"], per_method["dense"])]

@@ -1,0 +1,46 @@
+"""The text tables of ssae-eval metrics.json and ssae-shift JSON files, one after another (the paper's
+tables): `python -m ssae_common.tables FILE...` writes them to stdout."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .errors import BadInput
+from .report import text_table
+from .shift import SCHEMA as SHIFT_SCHEMA, format_table
+
+METRICS_SCHEMA = "ssae.metrics/1"
+
+
+def table_of(path: str) -> str:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read JSON ({e})") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema == METRICS_SCHEMA:
+        inputs = ", ".join(os.path.basename(p) for p in doc.get("dataset", {}).get("paths", []))
+        clean = doc["saes"][0].get("ppl_clean") if doc["saes"] else None
+        title = f"{path}: {doc['n_tokens']} tokens of {inputs or 'activations'}"
+        if clean is not None:
+            title += f"; clean-model perplexity {clean:.3f}"
+        return title + "\n" + text_table(doc["saes"])
+    if schema == SHIFT_SCHEMA:
+        return f"{path}: accuracies in %\n" + format_table(doc)
+    raise BadInput(f"{path}: not ssae-eval metrics or ssae-shift output (schema {schema!r})")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        tables = [table_of(p) for p in argv]
+    except BadInput as e:
+        print(f"tables: {e}", file=sys.stderr)
+        return e.exit_code
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
