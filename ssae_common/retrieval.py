@@ -388,7 +388,9 @@ class DenseIndex:
 
     @staticmethod
     def cache_path(store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, max_length: int | None = None) -> str:
-        parts = (store.key, dense_identity(model), "unit-norm float16") + ((f"max_length={max_length}",) if max_length else ())
+        parts = [store.key, dense_identity(model), "unit-norm float16"]
+        if max_length:  # the model's own limit keeps the key caches were written under
+            parts.append(f"max_length={max_length}")
         key = config_hash(*parts)
         return os.path.join(index_dir(), f"dense-{key}.npy")
 

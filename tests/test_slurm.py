@@ -28,6 +28,10 @@ def sbatch(tmp_path, *args, **env):
                           text=True, timeout=900)
 
 
+def slurm_logs(tmp_path):
+    return "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+
+
 def history(tmp_path):
     path = tmp_path / "slurm" / "history"
     return path.read_text().splitlines() if path.exists() else []
@@ -45,7 +49,7 @@ def test_harvest_array_then_merge_equals_an_unsharded_run(tmp_path, tiny_model):
     env = dict(DOCS=docs, OUT=tmp_path / "run", MODEL=tiny_model, HOOK="blocks.1.hook_resid_post",
                HARVEST_ARGS="--dtype float32 --context-size 12")
     r = sbatch(tmp_path, "--array=0-3", os.path.join(SLURM, "harvest_array.sbatch"), **env)
-    assert r.returncode == 0, r.stderr + "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    assert r.returncode == 0, r.stderr + slurm_logs(tmp_path)
     assert len(glob.glob(str(tmp_path / "run/shards/shard_*.h5"))) == 4
     r = sbatch(tmp_path, os.path.join(SLURM, "merge.sbatch"), **env)
     assert r.returncode == 0, open(glob.glob(str(tmp_path / "slurm/*.log"))[-1]).read()
@@ -61,22 +65,29 @@ def test_harvest_array_then_merge_equals_an_unsharded_run(tmp_path, tiny_model):
         np.testing.assert_allclose(a.rows(0, a.n_tokens), b.rows(0, b.n_tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_fit_is_signalled_checkpoints_requeues_and_resumes(tmp_path):
-    from safetensors.numpy import load_file
+def fit_uninterrupted(tmp_path, args):
+    """OUT folder with acts.h5 for fit.sbatch, and the same fit run once without interruption."""
     from test_fit import make_store, sparse_data
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     make_store(run_dir / "acts.h5", sparse_data(n=4000))
-    args = ("--architecture topk --k 4 --d-sae 32 --batch-size 128 --train-tokens 256000 --checkpoint-every 50 "
-            "--val-tokens 256 --seed 3")
     whole = tmp_path / "whole"
     p = subprocess.run([os.path.join(BIN, "ssae-fit"), str(run_dir / "acts.h5"), *args.split(), "-o", str(whole)],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    return run_dir, whole
+
+
+def test_fit_is_signalled_checkpoints_requeues_and_resumes(tmp_path):
+    from safetensors.numpy import load_file
+
+    args = ("--architecture topk --k 4 --d-sae 32 --batch-size 128 --train-tokens 256000 --checkpoint-every 50 "
+            "--val-tokens 256 --seed 3")
+    run_dir, whole = fit_uninterrupted(tmp_path, args)
     r = sbatch(tmp_path, os.path.join(SLURM, "fit.sbatch"), OUT=run_dir, FIT_ARGS=args,
                FAKE_SLURM_SIGNAL_WHEN=run_dir / ".sae.partial" / "partial.json")
-    logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    logs = slurm_logs(tmp_path)
     assert r.returncode == 0, logs
     runs = history(tmp_path)
     assert any(line.startswith("requeue") for line in runs), runs
@@ -92,20 +103,13 @@ def test_fit_under_torchrun_is_signalled_and_requeued(tmp_path):
     """NPROC_PER_NODE=2: torchrun (gloo on CPU) exits 1 when its workers stop with 75, so the script
     requeues on signal plus checkpoint; the requeued run resumes and matches one process."""
     from safetensors.numpy import load_file
-    from test_fit import make_store, sparse_data
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    make_store(run_dir / "acts.h5", sparse_data(n=4000))
     args = ("--architecture topk --k 4 --d-sae 32 --batch-size 128 --train-tokens 25600 --checkpoint-every 20 "
             "--val-tokens 256 --seed 3 --device cpu")
-    whole = tmp_path / "whole"
-    p = subprocess.run([os.path.join(BIN, "ssae-fit"), str(run_dir / "acts.h5"), *args.split(), "-o", str(whole)],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    run_dir, whole = fit_uninterrupted(tmp_path, args)
     r = sbatch(tmp_path, os.path.join(SLURM, "fit.sbatch"), OUT=run_dir, FIT_ARGS=args, NPROC_PER_NODE=2,
                OMP_NUM_THREADS=1, FAKE_SLURM_SIGNAL_WHEN=run_dir / ".sae.partial" / "checkpoint.pt")
-    logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    logs = slurm_logs(tmp_path)
     assert r.returncode == 0, logs
     runs = history(tmp_path)
     assert sum(line.startswith("requeue") for line in runs) == 1, runs
@@ -129,6 +133,6 @@ def test_eval_script_runs_on_a_fitted_sae(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     r = sbatch(tmp_path, os.path.join(SLURM, "eval.sbatch"), OUT=run_dir, ACTS=run_dir / "acts.h5")
-    assert r.returncode == 0, "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm/*.log")))
+    assert r.returncode == 0, slurm_logs(tmp_path)
     metrics = __import__("json").load(open(run_dir / "eval" / "metrics.json"))
     assert metrics["schema"] == "ssae.metrics/1" and len(metrics["saes"]) == 1
