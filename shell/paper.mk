@@ -39,12 +39,13 @@ K_SWEEP ?= 8 16 64
 TILTS ?= 0 500 1e9
 RECIPES ?= bm25 dense dense_tracin indomain
 EVAL_TOKENS ?= 30000
-FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size 4096 --seed 0
+BATCH_SIZE ?= 4096
+FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size $(BATCH_SIZE) --seed 0
 EVERY := --model $(MODEL) --device $(DEVICE)
 
 P := $(PAPER)
 # run a tool with its stderr in OUTPUT.log (shown on failure)
-logged = { $(1); } 2> $(2).log || { tail -n 20 $(2).log >&2; exit 1; }
+logged = mkdir -p $(dir $(2)) && { $(1); } 2> $(2).log || { tail -n 20 $(2).log >&2; exit 1; }
 
 SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.json))
 SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
@@ -90,7 +91,7 @@ $(P)/acts/indomain.h5:
 # SSAE = GSAE finetuned on a recipe's text, with ERM (t0) or TERM
 define ssae_rule
 $(P)/ssae/$(1)-t$(2)/cfg.json: $(P)/acts/$(1).h5 $(P)/gsae/cfg.json
-	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $(2) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $(2) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 endef
 $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(eval $(call ssae_rule,$(r),$(t)))))
 
@@ -102,7 +103,7 @@ define sweep_rule
 $(P)/sweep/gsae-k$(1)/cfg.json: $(P)/general.h5
 	$$(call logged,ssae-fit $$< $(FIT_ARGS) --k $(1) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 $(P)/sweep/ssae-k$(1)/cfg.json: $(P)/acts/dense_tracin.h5 $(P)/sweep/gsae-k$(1)/cfg.json
-	$$(call logged,ssae-fit $$< --init $(P)/sweep/gsae-k$(1) --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+	$$(call logged,ssae-fit $$< --init $(P)/sweep/gsae-k$(1) --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 endef
 $(foreach k,$(K_SWEEP),$(eval $(call sweep_rule,$(k))))
 
@@ -115,7 +116,7 @@ $(P)/docs/medical.jsonl:
 	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@,$@)
 
 $(P)/ssae/medical-t500/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
-	$(call logged,ssae-fit $< --init $(P)/gsae --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size 4096 --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+	$(call logged,ssae-fit $< --init $(P)/gsae --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
 
 $(P)/shift/shift.json: $(P)/gsae/cfg.json $(P)/ssae/medical-t500/cfg.json
 	mkdir -p $(@D)

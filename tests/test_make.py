@@ -1,14 +1,16 @@
 """shell/Makefile's paper targets: the experiment grid, and idempotence (nothing changed: nothing to do)."""
 import os
+import random
 import re
 import subprocess
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make(*args, cwd=ROOT):
     return subprocess.run(["make", "-C", "shell", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
 
 
 def test_paper_grid_covers_the_experiments(tmp_path):
@@ -48,3 +50,51 @@ def test_rerun_with_nothing_changed_does_nothing(tmp_path):
     assert q.returncode == 0, make("-n", "--assume-old=setup", f"PAPER={tmp_path}", *finals).stdout
     os.utime(os.path.join(tmp_path, "general.h5"))  # newer general text: everything downstream reruns
     assert make("-q", "--assume-old=setup", f"PAPER={tmp_path}", *finals).returncode == 1
+
+
+@pytest.mark.integration
+def test_paper_runs_end_to_end_on_a_tiny_grid(tmp_path, tiny_model):
+    """`make paper` itself, every rule executed: the tiny model, built data and a reduced grid."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import WORDS, write_jsonl
+    from test_shift import synthetic_bios
+
+    rng = random.Random(0)
+    physics, medical = WORDS[22:34], WORDS[34:41]
+    general = [w for w in WORDS if w not in physics + medical]
+
+    def doc(vocab, n=30):
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    corpus = [{"id": f"c{i}", "text": doc(physics + general[:8] if i % 4 == 0 else
+                                          medical + general[:8] if i % 4 == 1 else general)} for i in range(160)]
+    files = {
+        "CORPUS": write_jsonl(str(tmp_path / "corpus.jsonl"), corpus),
+        "TEST": write_jsonl(str(tmp_path / "test.jsonl"), [{"id": f"t{i}", "text": doc(physics)} for i in range(8)]),
+        "OOD_TEST": write_jsonl(str(tmp_path / "ood.jsonl"), [{"id": f"q{i}", "text": doc(physics + general)}
+                                                              for i in range(8)]),
+        "INDOMAIN": write_jsonl(str(tmp_path / "indomain.jsonl"), [{"id": f"x{i}", "text": doc(physics)}
+                                                                   for i in range(40)]),
+        "BIOS": write_jsonl(str(tmp_path / "bios.jsonl"), synthetic_bios(per_cell=12)),
+    }
+    (tmp_path / "seeds.txt").write_text("star galaxy orbit planet\nquantum particle spin wave\n")
+    (tmp_path / "med.txt").write_text("nurse hospital patient care\n")
+    grid = dict(files, PAPER=tmp_path / "paper", MODEL=tiny_model, HOOK="blocks.1.hook_resid_post", DEVICE="cpu",
+                SEEDS=tmp_path / "seeds.txt", MED_SEEDS=tmp_path / "med.txt", PROFESSIONS="nurse physician,surgeon",
+                GENERAL_TOKENS=3000, GSAE_TOKENS=4096, SUB_DOCS=30, SUB_TOKENS=800, SSAE_TOKENS=1024,
+                BATCH_SIZE=256, EVAL_TOKENS=400, K=4, K_SWEEP=2, TILTS=500, RECIPES="bm25 dense_tracin")
+    args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
+    p = subprocess.run(["make", "-C", "shell", "paper", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    paper = tmp_path / "paper"
+    tables = (paper / "tables.txt").read_text()
+    assert tables in p.stderr  # printed at the end
+    for name in ("gsae *", "bm25-t500", "dense_tracin-t500", "gsae-k2", "ssae-k2"):
+        assert re.search(rf"^{re.escape(name)}\s", tables, re.M), name
+    assert re.search(r"^shift\+retrain:", tables, re.M) and re.search(r"^original\s", tables, re.M)
+    for log in ("general.h5.log", "gsae.log", "ssae/bm25-t500.log", "eval/physics.log", "shift/shift.json.log"):
+        assert (paper / log).exists(), log
+    again = subprocess.run(["make", "-C", "shell", "-q", *args, str(paper / "tables.txt")], cwd=ROOT)
+    assert again.returncode == 0  # up to date: a rerun does nothing
