@@ -5,8 +5,8 @@ Layout (DESIGN.md): /activations [N, d] (float16, float32, or bfloat16 stored as
 document's index in the input stream) lets shards be merged back into input order.
 
 A file being written lives at a `.partial` name beside its target with `complete = False`; the
-attributes `n_tokens`, `n_docs` and `resume` are updated after every batch, so rows past `n_tokens`
-are discarded on resume and a rerun continues exactly where the checkpoint was.
+attributes `n_tokens`, `n_docs` and `resume` are updated after every batch; a resume copies the
+checkpointed rows into a fresh file (dropping anything later) and continues exactly from there.
 """
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ def chunk_rows(d: int, target_bytes: int = 1 << 20) -> int:
     return max(64, min(16384, target_bytes // max(1, d * 4)))
 
 
+def _copy_checkpointed(path: str, block_rows: int = 65536) -> None:
+    """Rewrite a partial file as just its checkpointed rows and documents. After a kill, HDF5 metadata
+    and string heaps written past the last flush can be torn, and writing on top of them fails."""
+    fresh = path + ".rebuild"
+    with h5py.File(path, "r") as old, h5py.File(fresh, "w") as new:
+        n, d = int(old.attrs["n_tokens"]), int(old.attrs["n_docs"])
+        for key, value in old.attrs.items():
+            new.attrs[key] = value
+        for name, rows in [(name, n) for name in ("activations", "token_ids", "doc_index", "position")] + \
+                [(f"docs/{name}", d) for name in old["docs"]]:
+            src = old[name]
+            dst = new.create_dataset(name, shape=(rows, *src.shape[1:]), maxshape=(None, *src.shape[1:]),
+                                     dtype=src.dtype, chunks=src.chunks)
+            for i in range(0, rows, block_rows):
+                dst[i:min(rows, i + block_rows)] = src[i:min(rows, i + block_rows)]
+    os.replace(fresh, path)
+
+
 class ActivationWriter:
     """Create or resume a partial activation file and append rows batch by batch."""
 
@@ -55,8 +73,8 @@ class ActivationWriter:
             raise BadInput(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
         self.path, self.dtype = path, dtype
         if resume:
+            _copy_checkpointed(path)
             self.f = h5py.File(path, "r+")
-            self._truncate_to_checkpoint()
             return
         self.f = h5py.File(path, "w")
         rows = chunk_rows(d_model)
@@ -81,13 +99,6 @@ class ActivationWriter:
         for key, value in attrs.items():
             a[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         self.f.flush()
-
-    def _truncate_to_checkpoint(self) -> None:
-        n, d = int(self.f.attrs["n_tokens"]), int(self.f.attrs["n_docs"])
-        for name in ("activations", "token_ids", "doc_index", "position"):
-            self.f[name].resize(n, axis=0)
-        for name in self.f["docs"]:
-            self.f["docs"][name].resize(d, axis=0)
 
     @property
     def n_tokens(self) -> int:

@@ -165,7 +165,8 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
 def harvest(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
             force: bool = False, quiet: bool = False) -> dict:
     """Harvest into `out` atomically: a `.partial` file beside it, resumed when the same configuration
-    finds one, renamed into place when complete. Returns the artifact record."""
+    finds one (--force only discards one of another configuration), renamed into place when complete.
+    Returns the artifact record."""
     cfg.check()
     check_target(out, force)
     with exclusive(out):
@@ -183,7 +184,7 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
         except BadInput as e:  # a checkpoint cut off mid-write (e.g. SIGKILL): nothing to resume
             log.warning("cannot resume %s (%s): starting over", tmp, e)
             same = None
-        if same and not force:
+        if same:  # same configuration and inputs: resuming gives what a fresh run would, even under --force
             resume = True
             log.info("resuming %s", tmp)
         else:
@@ -191,7 +192,14 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
                 raise BadInput(f"{tmp}: an interrupted harvest with a different configuration is there "
                                "(use --force to start over)")
             os.remove(tmp)
-    writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume)
+    try:
+        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume)
+    except OSError as e:
+        if not resume:
+            raise
+        log.warning("cannot resume %s (%s): starting over", tmp, e)  # torn before its last checkpoint
+        resume = False
+        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=False)
     try:
         with StopFlag() as stop:
             summary = harvest_into(model, docs, writer, cfg, stop, quiet=quiet)

@@ -718,11 +718,12 @@ def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extr
 
 
 def _resume_or_clear(folder: str, digest: str, force: bool) -> bool:
-    """True when `folder` holds a checkpoint of this configuration; otherwise clears it (or refuses)."""
+    """True when `folder` holds a checkpoint of this configuration (resumed even under --force: the
+    result is the same as a fresh run's); otherwise clears it, or refuses without --force."""
     if not os.path.isdir(folder):
         return False
     state = _read_state(folder)
-    if state.get("config_hash") == digest and os.path.exists(os.path.join(folder, CHECKPOINT)) and not force:
+    if state.get("config_hash") == digest and os.path.exists(os.path.join(folder, CHECKPOINT)):
         return True
     if not force and state.get("config_hash") != digest:
         raise BadInput(f"{folder}: an interrupted fit with a different configuration is there "

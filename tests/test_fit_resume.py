@@ -81,7 +81,10 @@ def test_sigterm_checkpoints_exits_75_and_rerun_matches(tmp_path):
     assert proc.returncode == 75, stderr.decode()
     assert b"checkpoint saved" in stderr and stdout == b""
     assert not out.exists() and os.path.exists(os.path.join(partial_path(str(out)), CHECKPOINT))
-    done = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True)
+    other = subprocess.run([*args, "--tilt", "0", "-o", str(out)], env=env, capture_output=True, text=True)
+    assert other.returncode == 2 and "an interrupted fit with a different configuration is there" in other.stderr
+    assert os.path.exists(os.path.join(partial_path(str(out)), CHECKPOINT))
+    done = subprocess.run([*args, "-o", str(out), "--force"], env=env, capture_output=True)  # as make reruns it
     assert done.returncode == 0, done.stderr.decode()
     assert b"resuming" in done.stderr and json.loads(done.stdout)["path"] == str(out)
     a, b = weights(straight), weights(out)

@@ -213,7 +213,12 @@ def test_interrupted_harvest_resumes_to_the_same_file(tmp_path, tiny_model, sig)
     with pytest.raises(Exception, match="incomplete activation file"):
         ActivationStore(str(partial))
 
-    r = run(base + ["-o", str(out)])
+    other = run(base + ["--max-tokens", "5000", "-o", str(out)])  # another configuration: refused, kept
+    assert other.exit_code == 2 and other.stderr.strip().endswith(
+        f"{partial}: an interrupted harvest with a different configuration is there (use --force to start over)")
+    assert partial.exists()
+    rerun = ["--force"] if sig == signal.SIGTERM else []  # --force (as make passes it) resumes too
+    r = run(base + ["-o", str(out), *rerun])
     assert r.exit_code == 0, r.stderr
     assert "resuming" in r.stderr
     assert not partial.exists()
