@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger("ssae")
+SCHEMA = "ssae.metrics/1"
 TOKEN_BITS = 32
 ENTROPY_BINS = 100
 MAX_ACT_EDGES = np.concatenate([[0.0], np.logspace(-4, 5, 91)])  # first bin [0, 1e-4) holds "nothing active"

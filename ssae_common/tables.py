@@ -7,10 +7,9 @@ import os
 import sys
 
 from .errors import BadInput
+from .metrics import SCHEMA as METRICS_SCHEMA
 from .report import text_table
 from .shift import SCHEMA as SHIFT_SCHEMA, format_table
-
-METRICS_SCHEMA = "ssae.metrics/1"
 
 
 def table_of(path: str) -> str:

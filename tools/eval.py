@@ -10,7 +10,7 @@ import click
 
 from ssae_common.cli import default_output, ssae_command, workdir
 from ssae_common.errors import BadInput
-from ssae_common.metrics import EvalState, MetricConfig, evaluate_store, summarise
+from ssae_common.metrics import SCHEMA, EvalState, MetricConfig, evaluate_store, summarise
 from ssae_common.models import DEFAULT_MODEL, load_model, model_identity
 from ssae_common.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
 from ssae_common.provenance import config_hash, created_by, input_fingerprint
@@ -19,7 +19,6 @@ from ssae_common.sae import SAE, read_config
 from ssae_common.signals import StopFlag
 
 log = logging.getLogger("ssae")
-SCHEMA = "ssae.metrics/1"
 INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "l1_coefficient", "model", "hook", "parent")
 
 
