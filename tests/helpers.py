@@ -66,3 +66,55 @@ def parse_records(text: str) -> list[dict]:
 
 def tokens_of(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text)
+
+
+def make_store(path, acts, dtype="float32", complete=True, model="synthetic-lm", hook="blocks.0.hook_resid_post"):
+    import numpy as np
+
+    from ssae_common.data.activations import ActivationWriter
+
+    n, d = acts.shape
+    w = ActivationWriter(path, d_model=d, dtype=dtype, attrs={"model": model, "hook": hook, "config": {"rows": n}},
+                         resume=False)
+    w.add_docs(["d0"], ["text"], [0])
+    w.add_rows(np.asarray(acts, dtype=np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+               np.arange(n, dtype=np.int32))
+    w.checkpoint(1, 1, 0)
+    if complete:
+        w.finish()
+    else:
+        w.close()
+    return str(path)
+
+
+def sparse_data(n=6000, d=16, n_dirs=24, seed=0):
+    """Rows that are sparse sums of random unit directions plus an offset (SAE-recoverable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((n_dirs, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    codes = (rng.random((n, n_dirs)) < 0.08) * (1 + rng.exponential(1.0, (n, n_dirs)))
+    return (codes @ dirs + 3.0 + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+BIO_FILLER = "the a of and to in is was for on that with as by at from hospital patient care city team".split()
+PRONOUNS = {"female": ["she", "her"], "male": ["he", "his", "him"]}
+
+
+def synthetic_bios(per_cell: int = 40, seed: int = 0) -> list[dict]:
+    """Each bio: one profession word, four gendered pronouns, twelve fillers, shuffled. Nurses are
+    half the documents, physicians and surgeons a quarter each, both genders equally."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for profession, n in (("nurse", 2 * per_cell), ("physician", per_cell), ("surgeon", per_cell)):
+        for gender in ("female", "male"):
+            for i in range(n):
+                words = ([rng.choice(BIO_FILLER) for _ in range(12)] + [profession]
+                         + [rng.choice(PRONOUNS[gender]) for _ in range(4)])
+                rng.shuffle(words)
+                records.append({"id": f"{profession}-{gender}-{i}", "text": " ".join(words),
+                                "profession": profession, "gender": gender})
+    return records

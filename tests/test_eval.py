@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common.models import model_identity
-from ssae_common.sae import SAE
+from ssae_common.data.models import model_identity
+from ssae_common.sae.autoencoder import SAE
 from ssae_tools.eval import main as eval_main
 from ssae_tools.harvest import main as harvest_main
 
@@ -180,11 +180,11 @@ def test_bad_inputs(setup, tmp_path):
 
 
 def test_interrupted_docs_eval_resumes_to_the_same_result(setup, tmp_path):
-    from ssae_common.errors import Interrupted
-    from ssae_common.metrics import EvalState, MetricConfig
-    from ssae_common.models import load_model
-    from ssae_common.records import iter_docs
-    from ssae_common.splice import DocsEvalConfig, evaluate_docs
+    from ssae_common.core.errors import Interrupted
+    from ssae_common.eval.metrics import EvalState, MetricConfig
+    from ssae_common.data.models import load_model
+    from ssae_common.core.records import iter_docs
+    from ssae_common.eval.splice import DocsEvalConfig, evaluate_docs
 
     lm = load_model(setup["model"])
     sae = SAE.load(setup["saes"]["rand"])
@@ -223,7 +223,7 @@ def test_interrupted_docs_eval_resumes_to_the_same_result(setup, tmp_path):
 @pytest.mark.integration
 def test_bundled_model_identity_splice(shared_data, tmp_path):
     """On SmolLM2 at the default hook, an exact SAE leaves the CE untouched and zero ablation hurts."""
-    from ssae_common.models import DEFAULT_HOOK
+    from ssae_common.data.models import DEFAULT_HOOK
 
     ident = save_sae(tmp_path / "ident", identity(576), "smollm2", DEFAULT_HOOK)
     out = tmp_path / "ev"

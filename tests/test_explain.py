@@ -15,13 +15,13 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common import explainers
-from ssae_common.activations import ActivationStore, ActivationWriter
-from ssae_common.contexts import ContextConfig, LatentReader, extract_contexts, parse_latents
-from ssae_common.errors import BadInput
-from ssae_common.explainers import (EXPLAIN_SYSTEM, SCORE_SYSTEM, auc, detection_metrics, parse_explanation,
+from ssae_common.explain import explainers
+from ssae_common.data.activations import ActivationStore, ActivationWriter
+from ssae_common.explain.contexts import ContextConfig, LatentReader, extract_contexts, parse_latents
+from ssae_common.core.errors import BadInput
+from ssae_common.explain.explainers import (EXPLAIN_SYSTEM, SCORE_SYSTEM, auc, detection_metrics, parse_explanation,
                                     parse_selection, read_done)
-from ssae_common.sae import SAE
+from ssae_common.sae.autoencoder import SAE
 from ssae_tools.explain import main as explain
 from ssae_tools.harvest import main as harvest
 
@@ -383,8 +383,8 @@ def test_unreachable_endpoint_is_a_clear_error(setup, tmp_path):
 
 
 def test_interrupt_then_rerun_continues(setup, tmp_path, monkeypatch):
-    from ssae_common import signals
-    from ssae_common.errors import Interrupted
+    from ssae_common.core import signals
+    from ssae_common.core.errors import Interrupted
 
     partial = tmp_path / ".ex.partial" / "explanations.jsonl"
     original = signals.StopFlag.check

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from ssae_common.browser import write_browser
+from ssae_common.explain.browser import write_browser
 
 CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (shell/install-chromium.sh)")

@@ -7,37 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import parse_records
-from ssae_common.activations import ActivationWriter
-from ssae_common.batches import ActivationStream
-from ssae_common.activations import ActivationStore
-from ssae_common.outputs import sha256_file
-from ssae_common.sae import SAE
-from ssae_common.sae_import import import_sae
+from helpers import make_store, parse_records, sparse_data
+from ssae_common.data.batches import ActivationStream
+from ssae_common.data.activations import ActivationStore
+from ssae_common.core.outputs import sha256_file
+from ssae_common.sae.autoencoder import SAE
+from ssae_common.sae.imports import import_sae
 from ssae_tools.fit import main as fit_main
-
-
-def make_store(path, acts, dtype="float32", complete=True, model="synthetic-lm", hook="blocks.0.hook_resid_post"):
-    n, d = acts.shape
-    w = ActivationWriter(path, d_model=d, dtype=dtype, attrs={"model": model, "hook": hook, "config": {"rows": n}},
-                         resume=False)
-    w.add_docs(["d0"], ["text"], [0])
-    w.add_rows(np.asarray(acts, dtype=np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-               np.arange(n, dtype=np.int32))
-    w.checkpoint(1, 1, 0)
-    if complete:
-        w.finish()
-    else:
-        w.close()
-    return str(path)
-
-
-def sparse_data(n=6000, d=16, n_dirs=24, seed=0):
-    rng = np.random.default_rng(seed)
-    dirs = rng.standard_normal((n_dirs, d))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    codes = (rng.random((n, n_dirs)) < 0.08) * (1 + rng.exponential(1.0, (n, n_dirs)))
-    return (codes @ dirs + 3.0 + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ssae_common.errors import Interrupted  # noqa: E402
-from ssae_common.outputs import partial_path  # noqa: E402
-from ssae_common.train import CHECKPOINT, FitConfig, fit  # noqa: E402
-from test_fit import make_store, sparse_data  # noqa: E402
+from ssae_common.core.errors import Interrupted  # noqa: E402
+from ssae_common.core.outputs import partial_path  # noqa: E402
+from ssae_common.sae.train import CHECKPOINT, FitConfig, fit  # noqa: E402
+from helpers import make_store, sparse_data  # noqa: E402
 
 # a batch of 130 rows splits 65/65; 45 steps cover a bit more than one epoch of the training rows
 # d_sae 64 with k 2 and a short dead window leaves latents dead, so AuxK (global-batch statistics) runs

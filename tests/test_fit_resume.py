@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssae_common.errors import Interrupted
-from ssae_common.outputs import partial_path
-from ssae_common.train import CHECKPOINT, FitConfig, fit
-from test_fit import make_store, sparse_data
+from ssae_common.core.errors import Interrupted
+from ssae_common.core.outputs import partial_path
+from ssae_common.sae.train import CHECKPOINT, FitConfig, fit
+from helpers import make_store, sparse_data
 
 
 class StopAfter:

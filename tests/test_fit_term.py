@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from ssae_common.sae import SAE
+from ssae_common.sae.autoencoder import SAE
 from ssae_tools.fit import main as fit_main
-from test_fit import make_store
+from helpers import make_store
 
 D, N_COMMON = 32, 8
 

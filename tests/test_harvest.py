@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common.activations import ActivationStore
-from ssae_common.models import load_model
+from ssae_common.data.activations import ActivationStore
+from ssae_common.data.models import load_model
 from ssae_tools.harvest import main as harvest
 
 BIN = os.path.join(os.path.dirname(sys.executable), "ssae-harvest")
@@ -170,7 +170,7 @@ def test_existing_output_needs_force_and_unwritable_folder(tmp_path, tiny_model,
 
 
 def test_no_input_on_a_terminal_is_a_usage_error(monkeypatch, tiny_model):
-    monkeypatch.setattr("ssae_common.records.stdin_is_terminal", lambda: True)
+    monkeypatch.setattr("ssae_common.core.records.stdin_is_terminal", lambda: True)
     monkeypatch.setattr("ssae_tools.harvest.stdin_is_terminal", lambda: True)
     r = run(["--model", tiny_model, "--layer", "0"])
     assert r.exit_code == 2 and "no input" in r.stderr
@@ -262,7 +262,7 @@ def test_merged_shards_equal_an_unsharded_run(tmp_path, tiny_model, docs):
 
 
 def test_two_writers_of_one_output_are_refused(tmp_path, tiny_model, docs):
-    from ssae_common.outputs import exclusive
+    from ssae_common.core.outputs import exclusive
 
     out = tmp_path / "a.h5"
     with exclusive(str(out)):

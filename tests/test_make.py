@@ -59,7 +59,7 @@ def test_paper_runs_end_to_end_on_a_tiny_grid(tmp_path, tiny_model):
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from helpers import WORDS, write_jsonl
-    from test_shift import synthetic_bios
+    from helpers import synthetic_bios
 
     rng = random.Random(0)
     physics, medical = WORDS[22:34], WORDS[34:41]

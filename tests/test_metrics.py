@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssae_common.metrics import (EvalState, LMScores, MetricConfig, SaeMetrics, aligned_decoder_cosine,
+from ssae_common.eval.metrics import (EvalState, LMScores, MetricConfig, SaeMetrics, aligned_decoder_cosine,
                                  decoder_cosine, log_ratio_counts)
-from ssae_common.sae import SAE
+from ssae_common.sae.autoencoder import SAE
 
 
 def identity_sae(d: int) -> SAE:

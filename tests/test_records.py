@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from ssae_common.errors import BadInput
-from ssae_common.outputs import atomic_dir, atomic_file
-from ssae_common.records import ARTIFACT, iter_docs, read_docs, resolve_artifacts
+from ssae_common.core.errors import BadInput
+from ssae_common.core.outputs import atomic_dir, atomic_file
+from ssae_common.core.records import ARTIFACT, iter_docs, read_docs, resolve_artifacts
 
 
 def test_every_file_form_reads_the_same_documents(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common import retrieval as R
+from ssae_common.retrieval import engines as R
 from ssae_tools.retrieve import main
 
 TOPICS = [

@@ -3,40 +3,21 @@ with a hand-built SAE whose planted gender latents remove it."""
 import csv
 import json
 import os
-import random
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import parse_records, write_jsonl
-from ssae_common import shift as S
-from ssae_common.models import load_model
-from ssae_common.sae import SAE
+from helpers import parse_records, synthetic_bios, write_jsonl
+from ssae_common.shift import method as S
+from ssae_common.data.models import load_model
+from ssae_common.sae.autoencoder import SAE
 from ssae_tools.shift import main
 
 HOOK = "blocks.0.hook_resid_post"
-FILLER = "the a of and to in is was for on that with as by at from hospital patient care city team".split()
-PRONOUNS = {"female": ["she", "her"], "male": ["he", "his", "him"]}
 GENDER_LATENTS = [0, 1]
 D_SAE = 16
-
-
-def synthetic_bios(per_cell: int = 40, seed: int = 0) -> list[dict]:
-    """Each bio: one profession word, four gendered pronouns, twelve fillers, shuffled. Nurses are
-    half the documents, physicians and surgeons a quarter each, both genders equally."""
-    rng = random.Random(seed)
-    records = []
-    for profession, n in (("nurse", 2 * per_cell), ("physician", per_cell), ("surgeon", per_cell)):
-        for gender in ("female", "male"):
-            for i in range(n):
-                words = ([rng.choice(FILLER) for _ in range(12)] + [profession]
-                         + [rng.choice(PRONOUNS[gender]) for _ in range(4)])
-                rng.shuffle(words)
-                records.append({"id": f"{profession}-{gender}-{i}", "text": " ".join(words),
-                                "profession": profession, "gender": gender})
-    return records
 
 
 def planted_sae(lm, records) -> SAE:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import sample_docs, write_jsonl
-from ssae_common.activations import ActivationStore
+from ssae_common.data.activations import ActivationStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = os.path.join(ROOT, "shell", "slurm")
@@ -67,7 +67,7 @@ def test_harvest_array_then_merge_equals_an_unsharded_run(tmp_path, tiny_model):
 
 def fit_uninterrupted(tmp_path, args):
     """OUT folder with acts.h5 for fit.sbatch, and the same fit run once without interruption."""
-    from test_fit import make_store, sparse_data
+    from helpers import make_store, sparse_data
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -123,7 +123,7 @@ def test_fit_under_torchrun_is_signalled_and_requeued(tmp_path):
 
 
 def test_eval_script_runs_on_a_fitted_sae(tmp_path):
-    from test_fit import make_store, sparse_data
+    from helpers import make_store, sparse_data
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

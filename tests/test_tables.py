@@ -1,4 +1,4 @@
-"""python -m ssae_common.tables: the paper's tables from ssae-eval and ssae-shift outputs."""
+"""python -m ssae_common.eval.tables: the paper's tables from ssae-eval and ssae-shift outputs."""
 import json
 import subprocess
 import sys
@@ -10,7 +10,7 @@ def write(path, doc):
 
 
 def tables(*paths):
-    return subprocess.run([sys.executable, "-m", "ssae_common.tables", *paths], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ssae_common.eval.tables", *paths], capture_output=True, text=True)
 
 
 def test_eval_and_shift_tables(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssae_common.term import tilted_loss, tilt_weights, weight_concentration
+from ssae_common.sae.term import tilted_loss, tilt_weights, weight_concentration
 
 mpmath.mp.dps = 60
 

@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common import tracin as T
-from ssae_common.sae import SAE
+from ssae_common.retrieval import tracin as T
+from ssae_common.sae.autoencoder import SAE
 from ssae_tools.retrieve import main
 
 HOOK = "blocks.0.hook_resid_post"
@@ -102,7 +102,7 @@ def test_cli_tracin_rerank(tiny_model, sae_dir, tmp_path):
 
     # the same scores from the library: the 10 first-stage candidates, activations, factorised TracIn
     first = parse_records(CliRunner().invoke(main, [seeds, "--corpus", corpus, "--top-k", 10]).stdout)
-    from ssae_common.models import load_model
+    from ssae_common.data.models import load_model
 
     lm = load_model(tiny_model)
     sae = SAE.load(sae_dir)

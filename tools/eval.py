@@ -8,15 +8,16 @@ import os
 
 import click
 
-from ssae_common.cli import default_output, ssae_command, workdir
-from ssae_common.errors import BadInput
-from ssae_common.metrics import SCHEMA, EvalState, MetricConfig, evaluate_store, summarise
-from ssae_common.models import DEFAULT_MODEL, load_model, model_identity
-from ssae_common.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
-from ssae_common.provenance import config_hash, created_by, input_fingerprint
-from ssae_common.records import artifact_record, iter_docs, resolve_artifacts, spool_stdin
-from ssae_common.sae import SAE, read_config
-from ssae_common.signals import StopFlag
+from ssae_tools.base import ssae_command
+from ssae_common.core.outputs import default_output, workdir
+from ssae_common.core.errors import BadInput
+from ssae_common.eval.metrics import SCHEMA, EvalState, MetricConfig, evaluate_store, summarise
+from ssae_common.data.models import DEFAULT_MODEL, load_model, model_identity
+from ssae_common.core.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
+from ssae_common.core.provenance import config_hash, created_by, input_fingerprint
+from ssae_common.core.records import artifact_record, iter_docs, resolve_artifacts, spool_stdin
+from ssae_common.sae.autoencoder import SAE, read_config
+from ssae_common.core.signals import StopFlag
 
 log = logging.getLogger("ssae")
 INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "l1_coefficient", "model", "hook", "parent")
@@ -107,7 +108,7 @@ def _evaluate(common, paths, docs, activations, baseline, model, hook, context_s
 
     store = None
     if activations:
-        from ssae_common.activations import ActivationStore
+        from ssae_common.data.activations import ActivationStore
 
         store = ActivationStore(activations)
         if store.n_tokens == 0:
@@ -178,7 +179,7 @@ def _evaluate(common, paths, docs, activations, baseline, model, hook, context_s
                 evaluate_store(store, loaded, state, rows=rows, max_tokens=max_tokens, device=device, stop=stop,
                                quiet=common.quiet, save=save)
             else:
-                from ssae_common.splice import DocsEvalConfig, evaluate_docs
+                from ssae_common.eval.splice import DocsEvalConfig, evaluate_docs
 
                 dcfg = DocsEvalConfig(hook=hook, context_size=context_size, batch_size=batch_size, max_tokens=max_tokens,
                                       splice_bos=splice_bos)
@@ -203,8 +204,8 @@ def _evaluate(common, paths, docs, activations, baseline, model, hook, context_s
                            "context_size": context_size if docs else (store.context_size or None)},
                "n_tokens": int(state.n_tokens), "baseline": baseline_name, "saes": results, "config": resolved,
                "created_by": created_by("ssae-eval")}
-        from ssae_common.plots import make_plots
-        from ssae_common.report import text_table, write_report
+        from ssae_common.eval.plots import make_plots
+        from ssae_common.eval.report import text_table, write_report
 
         with atomic_dir(out, common.force) as tmp:
             with open(os.path.join(tmp, "metrics.json"), "w") as f:

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 
 import click
 
-from ssae_common.cli import ssae_command
-from ssae_common.contexts import ContextConfig
-from ssae_common.errors import BadInput
-from ssae_common.explainers import run_explain
-from ssae_common.records import resolve_artifacts
+from ssae_tools.base import ssae_command
+from ssae_common.explain.contexts import ContextConfig
+from ssae_common.core.errors import BadInput
+from ssae_common.explain.explainers import run_explain
+from ssae_common.core.records import resolve_artifacts
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """ssae-fit: activations -> a sparse autoencoder (`ssae.sae/1` directory), by ERM or tilted ERM,
 from scratch or finetuned from a general SAE (--init).  Under torchrun it trains data-parallel
-(ssae_common.train.DataParallel); rank 0 writes the output and prints the record."""
+(ssae_common.sae.train.DataParallel); rank 0 writes the output and prints the record."""
 from __future__ import annotations
 
 import math
@@ -9,14 +9,15 @@ from dataclasses import asdict
 
 import click
 
-from ssae_common.activations import open_stores
-from ssae_common.batches import store_fingerprint
-from ssae_common.cli import default_output, ssae_command
-from ssae_common.errors import BadInput
-from ssae_common.provenance import config_hash, created_by
-from ssae_common.records import resolve_artifacts
-from ssae_common.sae_import import FORMATS, import_sae
-from ssae_common.train import FitConfig, Parent, fit, parent_sha256, sae_artifact
+from ssae_common.data.activations import open_stores
+from ssae_common.data.activations import store_fingerprint
+from ssae_tools.base import ssae_command
+from ssae_common.core.outputs import default_output
+from ssae_common.core.errors import BadInput
+from ssae_common.core.provenance import config_hash, created_by
+from ssae_common.core.records import resolve_artifacts
+from ssae_common.sae.imports import FORMATS, import_sae
+from ssae_common.sae.train import FitConfig, Parent, fit, parent_sha256, sae_artifact
 
 
 @ssae_command("fit")

@@ -5,14 +5,16 @@ import os
 
 import click
 
-from ssae_common.cli import default_output, parse_shard, ssae_command, workdir
-from ssae_common.errors import BadInput
-from ssae_common.harvest import HarvestConfig, activation_artifact, harvest
-from ssae_common.models import DEFAULT_MODEL, load_model, model_identity, parse_hook
-from ssae_common.provenance import config_hash, created_by, input_fingerprint
-from ssae_common.activations import DTYPES, merge_shards
-from ssae_common.outputs import atomic_file
-from ssae_common.records import iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
+from ssae_tools.base import ssae_command
+from ssae_common.core.outputs import default_output, workdir
+from ssae_common.core.runtime import parse_shard
+from ssae_common.core.errors import BadInput
+from ssae_common.data.harvest import HarvestConfig, activation_artifact, harvest
+from ssae_common.data.models import DEFAULT_MODEL, load_model, model_identity, parse_hook
+from ssae_common.core.provenance import config_hash, created_by, input_fingerprint
+from ssae_common.data.activations import DTYPES, merge_shards
+from ssae_common.core.outputs import atomic_file
+from ssae_common.core.records import iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
 
 
 @ssae_command("harvest")

@@ -8,13 +8,13 @@ import os
 
 import click
 
-from ssae_common.cli import ssae_command
-from ssae_common.errors import BadInput
-from ssae_common.models import DEFAULT_MODEL, model_identity
-from ssae_common.outputs import atomic_file, check_target
-from ssae_common.provenance import config_hash, created_by
-from ssae_common.records import iter_docs, stdin_is_terminal, write_record
-from ssae_common import retrieval as R
+from ssae_tools.base import ssae_command
+from ssae_common.core.errors import BadInput
+from ssae_common.data.models import DEFAULT_MODEL, model_identity
+from ssae_common.core.outputs import atomic_file, check_target
+from ssae_common.core.provenance import config_hash, created_by
+from ssae_common.core.records import iter_docs, stdin_is_terminal, write_record
+from ssae_common.retrieval import engines as R
 
 log = logging.getLogger("ssae")
 RERANKERS = ("none", "tracin")
@@ -135,8 +135,8 @@ def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, st
     lm_spec = model
     saes = []
     if rerank == "tracin":
-        from ssae_common.sae import SAE
-        from ssae_common.tracin import check_saes
+        from ssae_common.sae.autoencoder import SAE
+        from ssae_common.retrieval.tracin import check_saes
 
         saes = [SAE.load(p, device=common.device) for p in sae_folders]
         sae_model, sae_hook = check_saes(saes, sae_folders)
@@ -198,7 +198,7 @@ def main(common, seeds, corpus, text_field, method, engine, k1, b, stopwords, st
 
 
 def _budget_tokenizer(spec: str):
-    from ssae_common.models import resolve_model_path
+    from ssae_common.data.models import resolve_model_path
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
@@ -213,9 +213,9 @@ def _tracin(common, saes, lm_spec, hook, store, kept, queries, context_size, bat
 
     import numpy as np
 
-    from ssae_common.models import load_model
-    from ssae_common.progress import Progress
-    from ssae_common.tracin import document_activations, tracin_rerank_scores
+    from ssae_common.data.models import load_model
+    from ssae_common.core.progress import Progress
+    from ssae_common.retrieval.tracin import document_activations, tracin_rerank_scores
 
     lm = load_model(lm_spec, device=common.device)
     lm.check_hook(hook)

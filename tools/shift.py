@@ -7,14 +7,15 @@ import os
 
 import click
 
-from ssae_common.cli import default_output, ssae_command
-from ssae_common.errors import BadInput
-from ssae_common.models import load_model, model_identity
-from ssae_common.outputs import atomic_file, check_target, sha256_file
-from ssae_common.provenance import config_hash, created_by, input_fingerprint
-from ssae_common.records import artifact_record, resolve_artifacts
-from ssae_common.sae import load_sae, read_config
-from ssae_common.shift import (SCHEMA, SaeSpec, ShiftConfig, build_cells, document_activations, format_table,
+from ssae_tools.base import ssae_command
+from ssae_common.core.outputs import default_output
+from ssae_common.core.errors import BadInput
+from ssae_common.data.models import load_model, model_identity
+from ssae_common.core.outputs import atomic_file, check_target, sha256_file
+from ssae_common.core.provenance import config_hash, created_by, input_fingerprint
+from ssae_common.core.records import artifact_record, resolve_artifacts
+from ssae_common.sae.autoencoder import load_sae, read_config
+from ssae_common.shift.method import (SCHEMA, SaeSpec, ShiftConfig, build_cells, document_activations, format_table,
                                load_bios, parse_latent_list, parse_side, parse_slice, read_explanations, run_shift)
 
 log = logging.getLogger("ssae")

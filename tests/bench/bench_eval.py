@@ -27,7 +27,7 @@ TEST_DOCS = os.path.join(os.path.dirname(ROOT), "shared", "data", "physics", "as
 def make_sae(folder: str, d: int, model: str, hook: str, seed: int = 0) -> str:
     import torch
 
-    from ssae_common.sae import SAE
+    from ssae_common.sae.autoencoder import SAE
 
     g = torch.Generator().manual_seed(seed)
     sae = SAE(d, 8 * d, "topk", 32)
@@ -49,10 +49,10 @@ def docs_file(tmp: str) -> str:
 def throughput(args, tmp: str) -> None:
     import torch
 
-    from ssae_common.models import DEFAULT_HOOK, load_model, model_identity
-    from ssae_common.records import iter_docs
-    from ssae_common.sae import SAE
-    from ssae_common.splice import DocsEvalConfig, next_token_ce, window_batches
+    from ssae_common.data.models import DEFAULT_HOOK, load_model, model_identity
+    from ssae_common.core.records import iter_docs
+    from ssae_common.sae.autoencoder import SAE
+    from ssae_common.eval.splice import DocsEvalConfig, next_token_ce, window_batches
 
     lm = load_model(args.model, "cpu")
     hook = DEFAULT_HOOK if lm.n_layers > 6 else "blocks.0.hook_resid_post"
@@ -91,8 +91,8 @@ def throughput(args, tmp: str) -> None:
                     fn(b)
                 results.setdefault(name, []).append(time.perf_counter() - t)
         # one batch of the whole per-batch eval step (clean + zero ablation + spliced + metrics), for scale
-        from ssae_common.metrics import EvalState, MetricConfig
-        from ssae_common.splice import evaluate_docs
+        from ssae_common.eval.metrics import EvalState, MetricConfig
+        from ssae_common.eval.splice import evaluate_docs
 
         state = EvalState("bench", {"s": (sae.d_in, sae.d_sae)}, MetricConfig(), with_lm=True)
         t = time.perf_counter()

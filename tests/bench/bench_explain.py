@@ -9,7 +9,7 @@ activations; the SAE is random with biases set for ~--density firing rate per la
 Side by side, in the same run and each in a fresh process:
   * reference: one bare streaming pass that encodes every chunk through the SAE and keeps nothing: the
     floor any extraction that sees every token pays;
-  * extraction: ssae_common.contexts.extract_contexts (pass 1 + windows + token text).
+  * extraction: ssae_common.explain.contexts.extract_contexts (pass 1 + windows + token text).
 Peak memory is the process's peak RSS (ru_maxrss) minus its RSS after imports.  For scale, the memory to
 hold all latent activations at once (tokens x latents x 4 bytes) is printed too (computed, not run).
 """
@@ -44,7 +44,7 @@ def rss_mb() -> float:
 
 def tokenizer_source(folder: str) -> str:
     try:
-        from ssae_common.models import resolve_model_path
+        from ssae_common.data.models import resolve_model_path
 
         return resolve_model_path("smollm2")
     except Exception:
@@ -70,7 +70,7 @@ def texts():
 def make_store(path: str, model: str, n_tokens: int, d_model: int, seed: int) -> None:
     from transformers import AutoTokenizer
 
-    from ssae_common.activations import ActivationWriter
+    from ssae_common.data.activations import ActivationWriter
 
     tok = AutoTokenizer.from_pretrained(model)
     w = ActivationWriter(path, d_model=d_model, dtype="float16", resume=False,
@@ -104,7 +104,7 @@ def make_sae(folder: str, d_model: int, d_sae: int, density: float, seed: int) -
     import torch
     from scipy.stats import norm
 
-    from ssae_common.sae import SAE
+    from ssae_common.sae.autoencoder import SAE
 
     torch.manual_seed(seed)
     sae = SAE(d_model, d_sae)
@@ -118,9 +118,9 @@ def make_sae(folder: str, d_model: int, d_sae: int, density: float, seed: int) -
 def _bare_pass(store_path, sae_path, latents, chunk_rows, queue):
     import torch
 
-    from ssae_common.activations import ActivationStore
-    from ssae_common.contexts import LatentReader
-    from ssae_common.sae import SAE
+    from ssae_common.data.activations import ActivationStore
+    from ssae_common.explain.contexts import LatentReader
+    from ssae_common.sae.autoencoder import SAE
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base = rss_mb()
@@ -139,9 +139,9 @@ def _extract(store_path, sae_path, latents, tokenizer, queue):
     import torch
     from transformers import AutoTokenizer
 
-    from ssae_common.activations import ActivationStore
-    from ssae_common.contexts import ContextConfig, extract_contexts
-    from ssae_common.sae import SAE
+    from ssae_common.data.activations import ActivationStore
+    from ssae_common.explain.contexts import ContextConfig, extract_contexts
+    from ssae_common.sae.autoencoder import SAE
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tok = AutoTokenizer.from_pretrained(tokenizer)

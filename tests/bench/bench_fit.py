@@ -35,7 +35,7 @@ def matmul_flops(batch: int, d_sae: int, seconds: float = 3.0) -> float:
 
 
 def make_store(path: str, rows: int, seed: int = 0) -> str:
-    from ssae_common.activations import ActivationWriter
+    from ssae_common.data.activations import ActivationWriter
 
     g = np.random.default_rng(seed)
     dirs = g.standard_normal((4096, D_IN)).astype(np.float32) / np.sqrt(D_IN)
@@ -53,9 +53,9 @@ def make_store(path: str, rows: int, seed: int = 0) -> str:
 
 def train_rate(store: str, d_sae: int, tilt: float, batch: int, steps: int) -> float:
     """Steady-state tokens/s of the training loop (data stream included), after one warm-up step."""
-    from ssae_common.activations import ActivationStore
-    from ssae_common.batches import ActivationStream
-    from ssae_common.train import FitConfig, Trainer, init_sae
+    from ssae_common.data.activations import ActivationStore
+    from ssae_common.data.batches import ActivationStream
+    from ssae_common.sae.train import FitConfig, Trainer, init_sae
 
     cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, tilt=tilt, lr=1e-4, batch_size=batch,
                     train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1)

@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import BIN, run_peak_rss  # noqa: E402
 
-from ssae_common.harvest import HarvestConfig, _batches, _Counter, harvest, iter_windows  # noqa: E402
-from ssae_common.models import load_model  # noqa: E402
-from ssae_common.records import iter_docs  # noqa: E402
+from ssae_common.data.harvest import HarvestConfig, _batches, _Counter, harvest, iter_windows  # noqa: E402
+from ssae_common.data.models import load_model  # noqa: E402
+from ssae_common.core.records import iter_docs  # noqa: E402
 from helpers_docs import write_docs  # noqa: E402
 
 

@@ -85,7 +85,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="bench: %(message)s")
-    from ssae_common import retrieval as R
+    from ssae_common.retrieval import engines as R
 
     work = os.environ.setdefault("SSAE_WORKDIR", os.path.join(ROOT, "ssae-work"))
     seeds = [json.loads(line) for line in open(opts.seeds, encoding="utf-8") if line.strip()]
@@ -168,9 +168,9 @@ def dense_speed(R, store, queries, opts, rows):
 
 
 def tracin_speed(store, queries, fast_rank, opts, rows):
-    from ssae_common.models import load_model
-    from ssae_common.sae import SAE
-    from ssae_common.tracin import check_saes, document_activations, tracin_rerank_scores
+    from ssae_common.data.models import load_model
+    from ssae_common.sae.autoencoder import SAE
+    from ssae_common.retrieval.tracin import check_saes, document_activations, tracin_rerank_scores
 
     saes = [SAE.load(p) for p in opts.sae]
     model_name, hook = check_saes(saes, opts.sae)

@@ -28,12 +28,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInput
-from .outputs import atomic_dir
-from .progress import Progress
-from .provenance import config_hash, input_fingerprint
-from .records import iter_docs
-from .signals import StopFlag
+from ..core.errors import BadInput
+from ..core.outputs import atomic_dir
+from ..core.progress import Progress
+from ..core.provenance import config_hash, input_fingerprint
+from ..core.records import iter_docs
+from ..core.signals import StopFlag
 
 log = logging.getLogger("ssae")
 
@@ -54,7 +54,7 @@ def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
 
 
 def index_dir() -> str:
-    from .cli import workdir
+    from ..core.outputs import workdir
 
     return os.path.join(workdir(), "index")
 
@@ -470,7 +470,7 @@ class DenseIndex:
                 stop.check()
         self.seconds_encoding = time.perf_counter() - t0
         out.flush()
-        del out
+        out = None  # release the memmap before the rename
         os.replace(partial, self.path)
         os.remove(state_path)
         log.info("embedded %d documents in %.1f s into %s", self.encoded_now, self.seconds_encoding, self.path)

@@ -16,11 +16,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .activations import ActivationStore, ActivationWriter
-from .errors import BadInput
-from .outputs import check_target, exclusive, partial_path
-from .progress import Progress
-from .records import Source, artifact_record
-from .signals import StopFlag
+from ..core.errors import BadInput
+from ..core.outputs import check_target, exclusive, partial_path
+from ..core.progress import Progress
+from ..core.records import Source, artifact_record
+from ..core.signals import StopFlag
 
 log = logging.getLogger("ssae")
 

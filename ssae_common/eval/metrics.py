@@ -417,7 +417,7 @@ def evaluate_store(store, saes: list, state: EvalState, rows: int = 4096, max_to
                    device: str = "cpu", stop=None, quiet: bool = False, save=None) -> None:
     """Activation metrics of each (name, SAE) over an ActivationStore, chunk by chunk, resuming after
     `state.done` rows."""
-    from .progress import Progress
+    from ..core.progress import Progress
 
     stop_row = store.n_tokens if max_tokens is None else min(store.n_tokens, max_tokens)
     with Progress("eval", total=stop_row, unit="tokens", quiet=quiet) as progress:
@@ -440,7 +440,7 @@ def _parent_matches(parent, baseline_path: str, baseline_sha: str | None) -> boo
     are aligned with the baseline's by index. None when the SAE records no parent."""
     import os
 
-    from .outputs import sha256_file
+    from ..core.outputs import sha256_file
 
     if not parent:
         return None

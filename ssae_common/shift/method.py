@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadInput
-from .progress import Progress
-from .records import iter_raw
+from ..core.errors import BadInput
+from ..core.progress import Progress
+from ..core.records import iter_raw
 
 log = logging.getLogger("ssae")
 

@@ -112,3 +112,27 @@ def exclusive(path: str) -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 os.remove(lock_path)
+
+
+def workdir() -> str:
+    return os.environ.get("SSAE_WORKDIR", "ssae-work")
+
+
+def default_output(kind: str, digest: str, suffix: str) -> str:
+    """Where a bulk output goes when -o is not given: $SSAE_WORKDIR/<kind>/<hash><suffix>."""
+    return os.path.join(workdir(), kind, digest + suffix)
+
+
+def existing_output(kind: str, digest: str, suffix: str = "", marker: str | None = None,
+                    force: bool = False) -> tuple[str, bool]:
+    """The default output path of a stage and whether a complete artifact is already there to reuse.
+
+    `marker` is the file inside a folder output whose presence means complete (e.g. "cfg.json")."""
+    import logging
+
+    path = default_output(kind, digest, suffix)
+    done = os.path.exists(os.path.join(path, marker) if marker else path)
+    if done and not force:
+        logging.getLogger("ssae").info("reusing %s", path)
+        return path, True
+    return path, False

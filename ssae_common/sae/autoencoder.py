@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import BadInput
+from ..core.errors import BadInput
 
 SCHEMA = "ssae.sae/1"
 ARCHITECTURES = ("relu", "topk")

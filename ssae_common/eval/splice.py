@@ -24,8 +24,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .harvest import HarvestConfig, _batches, _Counter, iter_windows
-from .progress import Progress
+from ..data.harvest import HarvestConfig, _batches, _Counter, iter_windows
+from ..core.progress import Progress
 
 log = logging.getLogger("ssae")
 

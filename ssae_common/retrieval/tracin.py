@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import BadInput
+from ..core.errors import BadInput
 
 log = logging.getLogger("ssae")
 

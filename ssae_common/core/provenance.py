@@ -9,7 +9,7 @@ import shlex
 import sys
 import time
 
-from . import __version__
+from .. import __version__
 
 
 def created_by(tool: str) -> dict:

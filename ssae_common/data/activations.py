@@ -10,6 +10,7 @@ checkpointed rows into a fresh file (dropping anything later) and continues exac
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterator
@@ -17,7 +18,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .errors import BadInput
+from ..core.errors import BadInput
 
 SCHEMA = "ssae.activations/1"
 DTYPES = ("float16", "float32", "bfloat16")
@@ -317,3 +318,20 @@ def merge_shards(paths: list[str], out_tmp: str, attrs: dict) -> tuple[int, int]
     finally:
         for s in stores:
             s.close()
+
+
+def store_fingerprint(path: str) -> str:
+    """A cheap identity for a (possibly huge) activation file: size, row count, the harvest's recorded
+    configuration and provenance, and the bytes at both ends.  Not a full sha256 (that would read the
+    whole file)."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with ActivationStore(path) as s:
+        a = s.attrs
+        h.update(json.dumps([size, s.n_tokens, a.get("config"), a.get("created_by")], sort_keys=True,
+                            default=str).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()

@@ -20,8 +20,8 @@ import os
 
 import torch
 
-from .errors import BadInput
-from .sae import CONFIG, SCHEMA, WEIGHTS, SAE, read_json_object
+from ..core.errors import BadInput
+from .autoencoder import CONFIG, SCHEMA, WEIGHTS, SAE, read_json_object
 
 log = logging.getLogger("ssae")
 FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning")

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from .errors import BadInput
+from ..core.errors import BadInput
 
 log = logging.getLogger("ssae")
 
@@ -67,7 +67,7 @@ def _lock(path: str):
 
 def convert_gguf(gguf_path: str) -> str:
     """De-quantise a GGUF file once into a cached model folder (safetensors + tokenizer) and return it."""
-    from .outputs import sha256_file
+    from ..core.outputs import sha256_file
 
     st = os.stat(gguf_path)
     key = f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{st.st_size}-{int(st.st_mtime)}"
@@ -120,6 +120,17 @@ def resolve_model_path(spec: str) -> str:
     if os.path.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         raise BadInput(f"--model {spec}: no such folder")
     return spec  # a Hugging Face name
+
+
+def load_tokenizer(spec: str, *, flag: str = "--model"):
+    """The tokenizer of a model alias, folder, .gguf file or Hugging Face name (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{flag} {spec}: cannot load its tokenizer ({e})".splitlines()[0]) from None
 
 
 def model_identity(spec: str) -> str:

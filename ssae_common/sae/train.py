@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .activations import ActivationStore
-from .batches import ActivationStream
-from .errors import BadInput, Interrupted
-from .outputs import atomic_dir, check_target, partial_path, sha256_file
-from .progress import Progress
-from .records import artifact_record
-from .sae import SAE
-from .signals import StopFlag
+from ..data.activations import ActivationStore
+from ..data.batches import ActivationStream
+from ..core.errors import BadInput, Interrupted
+from ..core.outputs import atomic_dir, check_target, partial_path, sha256_file
+from ..core.progress import Progress
+from ..core.records import artifact_record
+from .autoencoder import SAE
+from ..core.signals import StopFlag
 from .term import tilted_loss, tilt_weights
 
 log = logging.getLogger("ssae")
@@ -613,7 +613,7 @@ def fit(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = N
         config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
         stop: StopFlag | None = None) -> dict:
     """Train into the SAE directory `out` (atomic; resumable from the partial folder beside it)."""
-    from .activations import open_stores
+    from ..data.activations import open_stores
 
     cfg.check()
     stores = open_stores(paths)
@@ -741,7 +741,7 @@ def _read_state(folder: str) -> dict:
 
 
 def sae_artifact(path: str) -> dict:
-    from .sae import read_config
+    from .autoencoder import read_config
 
     cfg = read_config(path)
     training = cfg.get("training") or {}
@@ -756,7 +756,7 @@ def config_dict(cfg: FitConfig) -> dict:
 
 
 def parent_sha256(path: str) -> str:
-    from .sae_import import parent_files
+    from .imports import parent_files
 
     files = parent_files(path)
     if len(files) == 1:

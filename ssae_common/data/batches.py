@@ -15,16 +15,13 @@ step) and trains on its own slice of it (train.py).
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .activations import ActivationStore
-from .errors import BadInput
+from ..core.errors import BadInput
 
 MAX_BLOCK_ROWS = 2048
 SPLIT, EPOCH, WINDOW = 1, 2, 3  # seed streams
@@ -183,20 +180,3 @@ class ActivationStream:
             self._ahead = None
         self._pool.shutdown(wait=True)
         self._cache.clear()
-
-
-def store_fingerprint(path: str) -> str:
-    """A cheap identity for a (possibly huge) activation file: size, row count, the harvest's recorded
-    configuration and provenance, and the bytes at both ends.  Not a full sha256 (that would read the
-    whole file)."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with ActivationStore(path) as s:
-        a = s.attrs
-        h.update(json.dumps([size, s.n_tokens, a.get("config"), a.get("created_by")], sort_keys=True,
-                            default=str).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()

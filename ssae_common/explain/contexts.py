@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadInput
+from ..core.errors import BadInput
 
 log = logging.getLogger("ssae")
 

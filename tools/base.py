@@ -14,28 +14,27 @@ built-in default.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
-import random
 import sys
 import traceback
+import typing
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
 import click
 
-from . import __version__
-from .errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
-from .records import write_record
+from ssae_common import __version__
+from ssae_common.core.config import ConfigError, field_types, flag_name, option_specs
+from ssae_common.core.errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
+from ssae_common.core.records import write_record
+from ssae_common.core.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
-
-
-def workdir() -> str:
-    return os.environ.get("SSAE_WORKDIR", "ssae-work")
 
 
 def _load_config(ctx: click.Context, param, value):
@@ -70,48 +69,6 @@ def _load_config(ctx: click.Context, param, value):
     ctx.default_map = {**(ctx.default_map or {}), **norm}
     ctx.meta["ssae.config_file"] = os.path.abspath(value)
     return value
-
-
-def parse_shard(value: str | None) -> tuple[int, int]:
-    """`i/n` (0-based), defaulting from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT."""
-    if not value:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-        if task is None or count is None:
-            return 0, 1
-        value = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{count}"
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise BadInput(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise BadInput(f"--shard {value!r}: need 0 <= i < n")
-    return i, n
-
-
-def resolve_device(spec: str) -> str:
-    import torch
-
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {spec}: CUDA is not available on this machine")
-        if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
-            raise BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-        return spec
-    if spec != "cpu":
-        raise BadInput(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
-    return spec
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -240,6 +197,10 @@ def ssae_command(tool: str, **command_kwargs):
                 except Interrupted as e:
                     log.warning("%s", e)
                     sys.exit(e.exit_code)
+                except ConfigError as e:
+                    flags = getattr(f, "__ssae_flags__", {})
+                    message = e.with_flag(flags[e.field_name]) if e.field_name in flags else str(e)
+                    _fail(tool, message, e.exit_code)
                 except BadInput as e:
                     _fail(tool, str(e), e.exit_code)
                 except SsaeError as e:
@@ -268,6 +229,65 @@ def ssae_command(tool: str, **command_kwargs):
     return decorate
 
 
-def default_output(kind: str, digest: str, suffix: str) -> str:
-    """Where a bulk output goes when -o is not given: $SSAE_WORKDIR/<kind>/<hash><suffix>."""
-    return os.path.join(workdir(), kind, digest + suffix)
+def config_options(cls, *, skip: tuple[str, ...] = (), name: str = "config"):
+    """Generate a tool's click options from a stage config dataclass (ssae_common.core.config) and hand
+    the function one `cls` instance as `name` instead of the separate values.
+
+    Fields in `skip`, or declared with cli=False, get no option (the tool sets them itself)."""
+    specs = {n: s for n, s in option_specs(cls).items() if s.cli and n not in skip}
+    types = field_types(cls)
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in specs if n in kwargs}
+            for n, spec in specs.items():
+                if spec.multiple and n in values:
+                    values[n] = tuple(values[n])
+            kwargs[name] = cls(**values)
+            return f(*args, **kwargs)
+
+        for n in reversed(list(specs)):
+            wrapper = _click_option(n, specs[n], types[n], defaults[n])(wrapper)
+        wrapper.__ssae_flags__ = {**getattr(f, "__ssae_flags__", {}), **{n: flag_name(n, s) for n, s in specs.items()}}
+        return wrapper
+
+    return decorate
+
+
+def _click_option(name: str, spec, annotation, fld) -> Callable:
+    flag = flag_name(name, spec)
+    default = fld.default if fld.default is not dataclasses.MISSING else (
+        fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None)
+    base = _base_type(annotation)
+    help_text = spec.help
+    if spec.derived:
+        help_text = f"{help_text} [default: {spec.derived}]".strip()
+    kwargs = {"default": default, "help": help_text, "show_default": default is not None and not spec.derived
+              and default != () and default is not False}
+    if spec.envvar:
+        kwargs["envvar"] = list(spec.envvar)
+    decls = [flag] + ([spec.short] if spec.short else [])
+    if base is bool:
+        off = "--" + (spec.negative or "no-" + flag[2:])
+        decls = [f"{flag}/{off}"]
+        kwargs["show_default"] = True
+    elif spec.multiple:
+        kwargs.update(multiple=True, default=tuple(default or ()), type=base if base in (int, float) else str)
+    elif spec.choices:
+        kwargs["type"] = click.Choice(spec.choices)
+    elif base in (int, float, str):
+        kwargs["type"] = base
+    return click.option(*decls, name, **kwargs)
+
+
+def _base_type(annotation):
+    """int | None -> int; tuple[str, ...] -> str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        return args[0] if args else str
+    if args:
+        return _base_type(args[0])
+    return annotation

@@ -6,10 +6,10 @@ import json
 import os
 import sys
 
-from .errors import BadInput
+from ..core.errors import BadInput
 from .metrics import SCHEMA as METRICS_SCHEMA
 from .report import text_table
-from .shift import SCHEMA as SHIFT_SCHEMA, format_table
+from ..shift.method import SCHEMA as SHIFT_SCHEMA, format_table
 
 
 def table_of(path: str) -> str:

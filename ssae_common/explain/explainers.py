@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .errors import BadInput, SsaeError
+from ..core.errors import BadInput, SsaeError
 
 log = logging.getLogger("ssae")
 
@@ -125,7 +125,7 @@ class LocalLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .models import model_identity, resolve_model_path
+        from ..data.models import model_identity, resolve_model_path
 
         path = resolve_model_path(spec)
         try:
@@ -253,7 +253,7 @@ class LocalLM:
 
 def make_backend(kind: str, *, model: str | None, url: str | None, api_key: str | None, device: str,
                  timeout: float, option_prefix: str = "--explainer"):
-    from .models import DEFAULT_MODEL
+    from ..data.models import DEFAULT_MODEL
 
     if kind == "local":
         return LocalLM(model or DEFAULT_MODEL, device)
@@ -553,15 +553,15 @@ def run_explain(job, common) -> dict:
     import os
     import shutil
 
-    from .activations import ActivationStore
+    from ..data.activations import ActivationStore
     from .browser import write_browser
-    from .cli import default_output
+    from ..core.outputs import default_output
     from .contexts import extract_contexts, parse_latents
-    from .outputs import check_target, commit, partial_path, sha256_file
-    from .progress import Progress
-    from .provenance import config_hash, created_by, input_fingerprint
-    from .sae import SAE
-    from .signals import StopFlag
+    from ..core.outputs import check_target, commit, partial_path, sha256_file
+    from ..core.progress import Progress
+    from ..core.provenance import config_hash, created_by, input_fingerprint
+    from ..sae.autoencoder import SAE
+    from ..core.signals import StopFlag
 
     sae = SAE.load(job.sae_path, "cpu")
     store = ActivationStore(job.store_path)
@@ -679,7 +679,7 @@ def run_explain(job, common) -> dict:
 def _artifact(out: str) -> dict:
     import os
 
-    from .records import artifact_record
+    from ..core.records import artifact_record
 
     records = read_done(os.path.join(out, "explanations.jsonl"))
     ok = [r for r in records if r.get("status") == "ok"]
@@ -692,7 +692,7 @@ def _artifact(out: str) -> dict:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from .models import resolve_model_path
+    from ..data.models import resolve_model_path
 
     if not spec:
         raise BadInput("the activation file names no model: give --model for its tokenizer")

@@ -1,0 +1,49 @@
+"""Run-time settings every stage shares: device choice, seeding, SLURM array sharding."""
+from __future__ import annotations
+
+import os
+import random
+
+from .errors import BadInput
+
+
+def parse_shard(value: str | None) -> tuple[int, int]:
+    """`i/n` (0-based), defaulting from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT."""
+    if not value:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if task is None or count is None:
+            return 0, 1
+        value = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{count}"
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise BadInput(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise BadInput(f"--shard {value!r}: need 0 <= i < n")
+    return i, n
+
+
+def resolve_device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {spec}: CUDA is not available on this machine")
+        if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
+            raise BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    if spec != "cpu":
+        raise BadInput(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
+    return spec
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
