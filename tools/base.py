@@ -31,7 +31,7 @@ from ssae_common import __version__
 from ssae_common.core.config import ConfigError, field_types, flag_name, option_specs
 from ssae_common.core.errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
 from ssae_common.core.records import write_record
-from ssae_common.core.runtime import resolve_device, seed_everything
+from ssae_common.core.runtime import RunContext, seed_everything
 
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
@@ -72,29 +72,16 @@ def _load_config(ctx: click.Context, param, value):
 
 
 @dataclass
-class Common:
-    """Options every tool shares, plus the data stream."""
+class Common(RunContext):
+    """The shared run options of a tool, plus its data stream (the real stdout)."""
 
-    tool: str
-    device_spec: str = "auto"
-    seed: int = 0
-    quiet: bool = False
     verbose: int = 0
-    force: bool = False
     config_file: str | None = None
     stdout: IO[str] = field(default=sys.stdout, repr=False)
 
-    @property
-    def device(self) -> str:
-        return resolve_device(self.device_spec)
-
     def emit(self, record: dict) -> None:
-        """Write one record to the data stream (the real stdout)."""
+        """Write one record to the data stream."""
         write_record(self.stdout, record)
-
-    def resolved(self, **options) -> dict:
-        """The resolved configuration stored in artifacts."""
-        return {"tool": f"ssae-{self.tool}", "seed": self.seed, **options}
 
 
 def common_options(f: Callable) -> Callable:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 from .errors import BadInput
 
@@ -47,3 +48,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """What every stage run shares besides its own config: device, seed, overwrite and verbosity.
+
+    From Python: `RunContext(device="cpu", seed=1)`; the tools build one from --device, --seed, --force
+    and --quiet.  `tool` names the caller in provenance ("ssae-fit", or "python" for library use)."""
+
+    tool: str = "python"
+    device_spec: str = "auto"
+    seed: int = 0
+    quiet: bool = False
+    force: bool = False
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.device_spec)
+
+    @property
+    def program(self) -> str:
+        return self.tool if self.tool == "python" else f"ssae-{self.tool}"
+
+    def resolved(self, **options) -> dict:
+        """The resolved configuration stored in artifacts."""
+        return {"tool": self.program, "seed": self.seed, **options}
