@@ -10,6 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
+from ssae_common.core.config import ConfigError
+from ssae_common.core.runtime import RunContext
+from ssae_common.retrieval import RetrieveConfig, retrieve
 from ssae_common.retrieval import engines as R
 from ssae_tools.retrieve import main
 
@@ -306,6 +309,48 @@ def test_bad_inputs(tmp_path, corpus, seeds):
     _one_line_error(run(seeds, "--corpus", corpus, "--top-k", 0), "--top-k 0")
     _one_line_error(run(seeds, "--corpus", corpus, "--exclude", tmp_path / "nope.jsonl"), "nope.jsonl: no such file")
     assert not os.path.exists(os.path.join(R.index_dir(), "corpus-x"))
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def test_retrieve_from_python(corpus, seeds, tmp_path):
+    """The stage without click: the same records the tool prints, and -o's file and provenance."""
+    config = RetrieveConfig(corpus=(corpus,), top_k=6, stemmer="none")
+    result = retrieve(config, [seeds], context=RunContext(device_spec="cpu", tool="python"))
+    recs = result.records
+    assert [r["rank"] for r in recs] == list(range(1, 7))
+    assert recs[0]["id"] in ("t9", "t1", "t0") and recs[0]["method"] == "bm25" and recs[0]["seed_ids"]
+    assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
+    assert result.provenance["config"]["top_k"] == 6 and result.provenance["created_by"]["tool"] == "python"
+    cli = run(seeds, "--corpus", corpus, "--top-k", 6, "--stemmer", "none")
+    assert parse_records(cli.stdout) == recs
+
+    out = str(tmp_path / "docs.jsonl")
+    written = retrieve(config, [seeds], out=out, context=RunContext())
+    assert parse_records(open(out).read()) == written.records == recs
+    assert json.loads(open(out + ".provenance.json").read())["n_docs"] == 6
+    with pytest.raises(Exception, match="exists"):
+        retrieve(config, [seeds], out=out, context=RunContext())
+    assert RetrieveConfig(corpus=(corpus,)).resolve().top_k == 1000  # the derived default
+    assert RetrieveConfig(corpus=(corpus,), budget_tokens=50).resolve().top_k is None
+
+
+def test_config_errors_name_fields_from_python_and_flags_from_the_cli(corpus, seeds):
+    with pytest.raises(ConfigError) as e:
+        retrieve(RetrieveConfig(corpus=(corpus,), rrf_k=0), [seeds])
+    assert e.value.field_name == "rrf_k" and str(e.value).startswith("rrf_k 0:")
+    with pytest.raises(ConfigError) as e:
+        RetrieveConfig(corpus=(corpus,), method="sparse").check()
+    assert e.value.field_name == "method" and "bm25, dense, hybrid" in str(e.value)
+    with pytest.raises(ConfigError, match="^corpus"):
+        RetrieveConfig().check()
+    with pytest.raises(ConfigError, match="^sae"):
+        RetrieveConfig(corpus=(corpus,), sae=("x",)).check()  # an SAE without rerank tracin
+    _one_line_error(run(seeds, "--corpus", corpus, "--rrf-k", 0), "--rrf-k 0: must be at least 1")
+    _one_line_error(run(seeds, "--corpus", corpus, "--b", 1.5), "--b 1.5: must be at most 1")
+    _one_line_error(run(seeds, "--corpus", "-"), "--corpus -:")
+    _one_line_error(run(seeds, "--corpus", corpus, "--sae", "x"), "--sae x: only used with --rerank tracin")
 
 
 @pytest.mark.integration

@@ -263,7 +263,8 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
     elif spec.multiple:
         kwargs.update(multiple=True, default=tuple(default or ()), type=base if base in (int, float) else str)
     elif spec.choices:
-        kwargs["type"] = click.Choice(spec.choices)
+        # not click.Choice: the config's check() refuses other values, in the words of every other bad value
+        kwargs.update(type=str, metavar="[" + "|".join(spec.choices) + "]")
     elif base in (int, float, str):
         kwargs["type"] = base
     return click.option(*decls, name, **kwargs)

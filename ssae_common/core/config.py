@@ -54,6 +54,8 @@ class ConfigError(BadInput):
         value = self.value
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
+        if value in (None, ""):  # a missing value: nothing to show after the flag
+            return f"{flag}: {self.message}"
         return f"{flag} {value}: {self.message}"
 
 

@@ -1,0 +1,13 @@
+"""Retrieval of subdomain documents: the stage's config (light) and its entry point (loaded on use)."""
+from .config import RetrieveConfig
+
+
+def __getattr__(name):
+    if name in ("retrieve", "write_retrieval", "Retrieval"):
+        from . import stage
+
+        return getattr(stage, name)
+    raise AttributeError(name)
+
+
+__all__ = ["RetrieveConfig", "Retrieval", "retrieve", "write_retrieval"]

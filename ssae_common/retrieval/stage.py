@@ -1,0 +1,213 @@
+"""The retrieve stage from Python: seed documents -> ranked `ssae.doc/1` records from a corpus.
+
+    first stage: per seed, a BM25 and/or dense ranking of the corpus (hybrid: reciprocal-rank fusion
+                 of the two), `depth` documents deep; the per-seed rankings combine into one (rrf, max
+                 or sum);
+    selection:   walk the combined ranking, skipping excluded documents (the seeds too, unless
+                 include_seeds) and duplicates, until top_k documents or budget_tokens tokens;
+    rerank:      optionally TracIn over rerank_pool times that selection, then the same cut again.
+
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.retrieval import RetrieveConfig, retrieve
+    result = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"], context=RunContext())
+    result.records  # best first
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..core.errors import BadInput
+from ..core.outputs import atomic_file, check_target
+from ..core.provenance import config_hash, created_by
+from ..core.records import iter_docs, stdin_is_terminal, write_record
+from ..core.runtime import RunContext
+from ..data.models import DEFAULT_MODEL, load_tokenizer, model_identity
+from . import engines as R
+from .config import RetrieveConfig
+
+log = logging.getLogger("ssae")
+PROVENANCE_SCHEMA = "ssae.retrieval-provenance/1"
+
+
+@dataclass
+class Retrieval:
+    """The ranked records (best first) and the provenance written beside them in an output file."""
+
+    records: list[dict]
+    provenance: dict
+
+
+def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
+             context: RunContext | None = None) -> Retrieval:
+    """Retrieve documents like the seeds (paths in any input format, or "-" / nothing for stdin; each
+    seed document is one query) from `config.corpus`; with `out`, also write them there (and the
+    provenance to OUT.provenance.json)."""
+    context = context or RunContext()
+    config = config.resolve()
+    if out:
+        check_target(out, context.force)
+    seed_docs = _read_seeds(seeds, config.text_field)
+    exclusions = R.Exclusions.from_files(config.exclude, config.text_field)
+    if not config.include_seeds:
+        for rec in seed_docs:
+            exclusions.add(rec["id"], rec["text"])
+    params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
+        stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
+    resolved = _resolved(config, context, params, seed_docs)
+
+    store = R.CorpusStore.open_or_build(list(config.corpus), config.text_field, quiet=context.quiet)
+    queries = [r["text"] for r in seed_docs]
+    combined = R.combine_seeds(_first_stage(config, context, store, params, queries), config.combine, config.rrf_k)
+    order = combined.ranking.positions
+    first_score = dict(zip(order.tolist(), combined.ranking.scores.tolist()))
+
+    lm_spec, hook, saes = config.model, config.hook, []
+    if config.rerank == "tracin":
+        saes, lm_spec, hook = _load_saes(config, context)
+    count_tokens = None
+    if config.budget_tokens is not None:
+        tokenizer = load_tokenizer(lm_spec or DEFAULT_MODEL)
+
+        def count_tokens(text):
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # TracIn reranks a pool larger than the output, then cuts it to the output size
+    scale = config.rerank_pool if config.rerank == "tracin" else 1.0
+    kept, stats = R.select(store, order, exclusions, int(config.top_k * scale) if config.top_k else None,
+                           int(config.budget_tokens * scale) if config.budget_tokens else None, count_tokens)
+    final_scores = {p: first_score[p] for p in kept}
+    if config.rerank == "tracin":
+        kept, final_scores = _tracin(config, context, saes, lm_spec, hook, store, kept, queries)
+        kept, _ = R.select(store, kept, R.Exclusions(), config.top_k, config.budget_tokens, count_tokens)
+    _log_summary(config, seed_docs, order, stats, kept)
+
+    method_label = config.method + ("+tracin" if config.rerank == "tracin" else "")
+    records = []
+    for rank, pos in enumerate(kept, 1):
+        rec = store.record(pos)
+        rec["score"] = float(final_scores[pos])
+        rec["rank"] = rank
+        rec["method"] = method_label
+        rec["seed_ids"] = [seed_docs[s]["id"] for s in combined.seeds_of.get(pos, [])[:10]]
+        if config.rerank == "tracin":
+            rec.setdefault("meta", {})["first_stage_score"] = float(first_score[pos])
+        records.append(rec)
+    result = Retrieval(records, {
+        "schema": PROVENANCE_SCHEMA, "config": resolved, "config_hash": config_hash(resolved),
+        "n_docs": len(records), "created_by": created_by(context.program), **stats})
+    if out:
+        write_retrieval(result, out, force=context.force)
+    return result
+
+
+def write_retrieval(result: Retrieval, out: str, *, force: bool = False) -> None:
+    """The records as JSONL at `out` and the provenance at OUT.provenance.json (each written atomically)."""
+    with atomic_file(out, force=force) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in result.records:
+                write_record(f, rec)
+    with atomic_file(out + ".provenance.json", force=True) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(result.provenance, f, indent=1)
+    log.info("wrote %d documents to %s (provenance in %s.provenance.json)", len(result.records), out, out)
+
+
+def _off(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("", "none", "off") else value
+
+
+def _read_seeds(paths: Sequence[str], text_field: str) -> list[dict]:
+    inputs = list(paths) or ["-"]
+    if inputs == ["-"] and stdin_is_terminal():
+        raise BadInput("no seeds: give seed document paths or pipe them on stdin")
+    seed_docs = [rec for rec, _ in iter_docs(inputs, text_field)]
+    if not seed_docs:
+        raise BadInput(f"{', '.join('<stdin>' if p == '-' else p for p in inputs)}: no seed documents")
+    return seed_docs
+
+
+def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict]) -> dict:
+    """The provenance's config: what decides the output (not batch sizes); model and hook as given."""
+    sparse, dense = config.method != "dense", config.method != "bm25"
+    return context.resolved(
+        corpus=R.corpus_fingerprint(config.corpus, config.text_field)["inputs"], text_field=config.text_field,
+        method=config.method, engine=config.engine if sparse else None, bm25=params.describe() if sparse else None,
+        dense_model=R.dense_identity(config.dense_model) if dense else None,
+        dense_max_length=config.dense_max_length if dense else None, combine=config.combine, rrf_k=config.rrf_k,
+        depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens, exclude=list(config.exclude),
+        include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
+        model=config.model, hook=config.hook, rerank_pool=config.rerank_pool,
+        tracin_normalize=config.tracin_normalize, context_size=config.context_size,
+        seeds=[{"id": r["id"]} for r in seed_docs])
+
+
+def _first_stage(config: RetrieveConfig, context: RunContext, store, params, queries: list[str]) -> list:
+    """One ranking per seed, `depth` documents deep."""
+    per_method: dict[str, list[R.Ranking]] = {}
+    if config.method in ("bm25", "hybrid"):
+        index = R.BM25Index(store, params, config.engine, quiet=context.quiet)
+        per_method["bm25"] = index.rank(queries, config.depth, quiet=context.quiet)
+    if config.method in ("dense", "hybrid"):
+        dense = R.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
+                             quiet=context.quiet, max_length=config.dense_max_length)
+        per_method["dense"] = dense.rank(queries, config.depth)
+    if config.method != "hybrid":
+        return per_method[config.method]
+    fused = [R.rrf_fuse([bm, de], config.rrf_k) for bm, de in zip(per_method["bm25"], per_method["dense"])]
+    return [R.Ranking(r.positions[:config.depth], r.scores[:config.depth]) for r in fused]
+
+
+def _load_saes(config: RetrieveConfig, context: RunContext):
+    """The TracIn checkpoints, and the language model and hook (defaulting to the SAEs' own)."""
+    from ..sae.autoencoder import SAE
+    from .tracin import check_saes
+
+    saes = [SAE.load(p, device=context.device) for p in config.sae]
+    sae_model, sae_hook = check_saes(saes, list(config.sae))
+    hook = config.hook or sae_hook
+    if not hook:
+        raise BadInput(f"--sae {config.sae[0]}: cfg.json names no hook; give --hook")
+    return saes, config.model or sae_model or DEFAULT_MODEL, hook
+
+
+def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hook: str, store, kept: list[int],
+            queries: list[str]) -> tuple[list[int], dict[int, float]]:
+    """The kept positions reordered by TracIn score (best first), and each one's score."""
+    import numpy as np
+
+    from ..core.progress import Progress
+    from ..data.models import load_model
+    from .tracin import document_activations, tracin_rerank_scores
+
+    lm = load_model(lm_spec, device=context.device)
+    lm.check_hook(hook)
+    if lm.d_model != saes[0].d_in:
+        raise BadInput(f"--sae: d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
+                       f"(d_model {lm.d_model})")
+    t0 = time.perf_counter()
+    texts = [store.record(p)["text"] for p in kept]
+    with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=context.quiet) as pr:
+        seed_acts = document_activations(lm, queries, hook, config.context_size, config.batch_size, progress=pr)
+        cand_acts = document_activations(lm, texts, hook, config.context_size, config.batch_size, progress=pr)
+    scores = tracin_rerank_scores(saes, seed_acts, cand_acts, normalize=config.tracin_normalize)
+    log.info("TracIn over %d candidates and %d seeds with %d checkpoint(s) in %.1f s", len(kept), len(queries),
+             len(saes), time.perf_counter() - t0)
+    pos = np.asarray(kept, dtype=np.int64)
+    order = R.top_k(scores, len(scores), index=np.arange(len(scores)))
+    return [int(p) for p in pos[order]], {int(p): float(s) for p, s in zip(pos, scores)}
+
+
+def _log_summary(config: RetrieveConfig, seed_docs: list[dict], order, stats: dict, kept: list[int]) -> None:
+    log.info("%d seeds, %d candidate(s) within depth %d; %d excluded, %d duplicate(s); %d output",
+             len(seed_docs), len(order), config.depth, stats["excluded"], stats["duplicates"], len(kept))
+    if config.top_k and len(kept) < config.top_k:
+        log.warning("only %d documents found for --top-k %d (raise --depth to go further down each seed's ranking)",
+                    len(kept), config.top_k)
+    if not kept:
+        wanted = f"{config.top_k} documents" if config.top_k else f"{config.budget_tokens} tokens"
+        log.warning("no documents retrieved (wanted %s)", wanted)
