@@ -121,8 +121,8 @@ def _off(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("", "none", "off") else value
 
 
-def _read_seeds(paths: Sequence[str], text_field: str) -> list[dict]:
-    inputs = list(paths) or ["-"]
+def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
+    inputs = [paths] if isinstance(paths, str) else list(paths) or ["-"]
     if inputs == ["-"] and stdin_is_terminal():
         raise BadInput("no seeds: give seed document paths or pipe them on stdin")
     seed_docs = [rec for rec, _ in iter_docs(inputs, text_field)]
