@@ -213,9 +213,9 @@ def _tracin(common, saes, lm_spec, hook, store, kept, queries, context_size, bat
 
     import numpy as np
 
-    from ssae_common.data.models import load_model
+    from ssae_common.data.models import document_activations, load_model
     from ssae_common.core.progress import Progress
-    from ssae_common.retrieval.tracin import document_activations, tracin_rerank_scores
+    from ssae_common.retrieval.tracin import tracin_rerank_scores
 
     lm = load_model(lm_spec, device=common.device)
     lm.check_hook(hook)
@@ -225,8 +225,10 @@ def _tracin(common, saes, lm_spec, hook, store, kept, queries, context_size, bat
     t0 = time.perf_counter()
     texts = [store.record(p)["text"] for p in kept]
     with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=common.quiet) as pr:
-        seed_acts = document_activations(lm, queries, hook, context_size, batch_size, progress=pr)
-        cand_acts = document_activations(lm, texts, hook, context_size, batch_size, progress=pr)
+        seed_acts = document_activations(lm, queries, hook, context_size=context_size, batch_size=batch_size,
+                                         progress=pr).acts
+        cand_acts = document_activations(lm, texts, hook, context_size=context_size, batch_size=batch_size,
+                                         progress=pr).acts
     scores = tracin_rerank_scores(saes, seed_acts, cand_acts, normalize=normalize)
     log.info("TracIn over %d candidates and %d seeds with %d checkpoint(s) in %.1f s", len(kept), len(queries),
              len(saes), time.perf_counter() - t0)
