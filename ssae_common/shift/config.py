@@ -28,7 +28,7 @@ class ShiftConfig:
         help="Ablated latents (and skyline neurons) are set to 0 or to their mean on the ambiguous set.")
     slice: str | None = option(
         None, help="Keep only the most active fraction of latents as candidates, e.g. 1/8 (the rest counts as error).")
-    model: str | None = option(None, help="Language model [default: the SAE's cfg.json model].")
+    model: str | None = option(None, help="Language model", derived="the SAE's cfg.json model")
     explanations: tuple[str, ...] = option(
         (), multiple=True, help="ssae-explain output (folder or explanations.jsonl), in --sae order or NAME=PATH.")
     pairing: str = option(
