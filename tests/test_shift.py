@@ -10,8 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, synthetic_bios, write_jsonl
+from ssae_common.core.config import ConfigError
+from ssae_common.core.runtime import RunContext
+from ssae_common.shift import ShiftConfig, shift
 from ssae_common.shift import method as S
-from ssae_common.data.models import load_model
+from ssae_common.data.models import document_activations, load_model
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.shift import main
 
@@ -24,7 +27,7 @@ def planted_sae(lm, records) -> SAE:
     """Latents 0/1: +/- the within-profession female-minus-male direction of the pooled activations
     (together they remove that direction from every token); 2/3: +/- the profession direction; the
     rest random. Decoder bias: the mean token activation, so the pairs split each token's projection."""
-    acts, _ = S.document_activations(lm, HOOK, [r["text"] for r in records], quiet=True)
+    acts, _ = document_activations(lm, [r["text"] for r in records], HOOK)
     x = S.pooled(acts)
     female = np.array([r["gender"] == "female" for r in records])
     nurse = np.array([r["profession"] == "nurse" for r in records])
@@ -134,7 +137,7 @@ def test_clean_splice_is_exact_and_attribution_matches_real_ablation(setup):
     sae = SAE.load(setup["sae"])
     bios = [S.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
     cells = S.build_cells(bios, ["nurse"], ["physician", "surgeon"], {"nurse": 1, "physician": 1, "surgeon": 1})
-    acts, tokens = S.document_activations(lm, HOOK, [b.text for b in bios], quiet=True)
+    acts, tokens = document_activations(lm, [b.text for b in bios], HOOK)
     x = S.pooled(acts)
     train = cells.train_ambiguous
     probe = S.LinearProbe.fit(x[train], cells.label[train])
@@ -158,7 +161,7 @@ def test_clean_splice_is_exact_and_attribution_matches_real_ablation(setup):
 
 def test_token_level_ablation_equals_pooled_formula(setup):
     sae = SAE.load(setup["sae"])
-    acts, tokens = S.document_activations(setup["lm"], HOOK, [r["text"] for r in setup["records"][:5]], quiet=True)
+    acts, tokens = document_activations(setup["lm"], [r["text"] for r in setup["records"][:5]], HOOK)
     stats = S.latent_stats(sae, acts, tokens, [0, 1])
     with torch.no_grad():
         for i, a in enumerate(acts):
@@ -242,4 +245,42 @@ def test_bad_options_exit_2(setup, tmp_path):
     assert result.exit_code == 2 and "is not in the --slice 1/2" in result.stderr
     result = run(base[:-2] + ["--sae", str(tmp_path), "-o", str(tmp_path / "s.json")])
     assert result.exit_code == 2 and "not an SAE directory" in result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
+    config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],),
+                         ablate=("1,0,1",), show=3)
+    context = RunContext(device_spec="cpu", seed=0)
+    record = shift(config, context=context)
+    assert record["schema"] == "ssae.artifact/1" and record["kind"] == "shift" and record["rows"] == 5
+    report = json.loads(open(record["path"]).read())
+    assert report["created_by"]["tool"] == "python" and report["config"]["tool"] == "python"
+    # a latent list is sorted and deduplicated
+    assert by_method(report)["shift:planted"]["ablated_latents"] == GENDER_LATENTS
+    assert record["worst_group_accuracy"] == {r["method"]: r["worst_group_accuracy"] for r in report["rows"]}
+    mtime = os.path.getmtime(record["path"])
+    assert shift(config, context=context) == record  # the default output is reused
+    assert os.path.getmtime(record["path"]) == mtime
+
+
+def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup, tmp_path):
+    base = dict(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],))
+    for change, field in (({"probe_c": 0.0}, "probe_c"), ({"test_fraction": 0.5, "val_fraction": 0.5}, "val_fraction"),
+                          ({"slice": "3/2"}, "slice"), ({"data": ()}, "data")):
+        with pytest.raises(ConfigError) as e:
+            ShiftConfig(**{**base, **change}).check()
+        assert e.value.field_name == field
+    # a backwards range is refused, not read as no latents
+    with pytest.raises(ConfigError) as e:
+        shift(ShiftConfig(**base, ablate=("5-3",)), out=str(tmp_path / "s.json"), context=RunContext(device_spec="cpu"))
+    assert e.value.field_name == "ablate" and "'5-3' is not a latent index or a range" in str(e.value)
+    args = ["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+            "-o", str(tmp_path / "s.json")]
+    result = run(args + ["--probe-c", "0"])
+    assert result.exit_code == 2 and "ssae-shift: error: --probe-c 0.0: must be greater than 0" in result.stderr
+    result = run(args + ["--ablate", "5-3"])
+    assert result.exit_code == 2 and "ssae-shift: error: --ablate 5-3: '5-3' is not a latent index" in result.stderr
+    result = run(args + ["--ablate", "nope=1"])
+    assert result.exit_code == 2 and "--ablate nope=1: no SAE named 'nope'" in result.stderr
     assert not (tmp_path / "s.json").exists()

@@ -102,12 +102,13 @@ def test_cli_tracin_rerank(tiny_model, sae_dir, tmp_path):
 
     # the same scores from the library: the 10 first-stage candidates, activations, factorised TracIn
     first = parse_records(CliRunner().invoke(main, [seeds, "--corpus", corpus, "--top-k", 10]).stdout)
-    from ssae_common.data.models import load_model
+    from ssae_common.data.models import document_activations, load_model
 
     lm = load_model(tiny_model)
     sae = SAE.load(sae_dir)
-    seed_acts = T.document_activations(lm, ["star galaxy orbit of the planet", "the light of a star and its mass"], HOOK)
-    cand_acts = T.document_activations(lm, [r["text"] for r in first], HOOK)
+    seed_acts = document_activations(lm, ["star galaxy orbit of the planet", "the light of a star and its mass"],
+                                     HOOK).acts
+    cand_acts = document_activations(lm, [r["text"] for r in first], HOOK).acts
     want = T.tracin_rerank_scores([sae], seed_acts, cand_acts)
     by_id = dict(zip([r["id"] for r in first], want))
     assert [r["id"] for r in recs] == sorted(by_id, key=lambda i: -by_id[i])[:5]

@@ -255,6 +255,8 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
               and default != () and default is not False}
     if spec.envvar:
         kwargs["envvar"] = list(spec.envvar)
+    if spec.required:
+        kwargs["required"] = True
     decls = [flag] + ([spec.short] if spec.short else [])
     if base is bool:
         off = "--" + (spec.negative or "no-" + flag[2:])
@@ -262,6 +264,8 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
         kwargs["show_default"] = True
     elif spec.multiple:
         kwargs.update(multiple=True, default=tuple(default or ()), type=base if base in (int, float) else str)
+    elif spec.nargs:
+        kwargs.update(nargs=spec.nargs, type=base if base in (int, float) else str)
     elif spec.choices:
         # not click.Choice: the config's check() refuses other values, in the words of every other bad value
         kwargs.update(type=str, metavar="[" + "|".join(spec.choices) + "]")

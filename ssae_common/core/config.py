@@ -31,6 +31,8 @@ class OptionSpec:
     derived: str | None = None  # how a None default is resolved, shown as [default: ...]
     negative: str | None = None  # bool options: the name of the off switch (default no-<flag>)
     multiple: bool = False  # repeatable (a tuple of values)
+    nargs: int | None = None  # a fixed number of values after one flag (a tuple)
+    required: bool = False  # the tool refuses to run without it
     cli: bool = True  # False: library-only field, no flag
     envvar: tuple[str, ...] | None = None  # extra environment variables read by the tool
 

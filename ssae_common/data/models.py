@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 from ..core.errors import BadInput
 
@@ -256,6 +257,22 @@ class LoadedModel:
         with torch.inference_mode():
             self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=self.stop_layer(hook))
         return got["x"]
+
+
+class DocumentActivations(NamedTuple):
+    acts: list  # per document, [tokens, d_model] float32 CPU tensors at the hook (BOS dropped)
+    tokens: list[list[int]]  # per document, the token ids of those rows
+
+
+def document_activations(lm: LoadedModel, texts: Sequence[str], hook: str, *, context_size: int = 128,
+                         batch_size: int = 16, progress=None) -> DocumentActivations:
+    """Each text's first window at `hook`: BOS + its first context_size - 1 tokens, as ssae-harvest cuts
+    windows, with BOS dropped from the result like harvest's default. The activations are moved to the
+    CPU so that many documents do not hold device memory."""
+    span = context_size - (1 if lm.bos_token_id is not None else 0)
+    tokens = [lm.tokenize(text)[:span] for text in texts]
+    acts = lm.first_window_activations(tokens, hook, batch_size, progress=progress)
+    return DocumentActivations([a.cpu() for a in acts], tokens)
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:

@@ -181,8 +181,8 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     import numpy as np
 
     from ..core.progress import Progress
-    from ..data.models import load_model
-    from .tracin import document_activations, tracin_rerank_scores
+    from ..data.models import document_activations, load_model
+    from .tracin import tracin_rerank_scores
 
     lm = load_model(lm_spec, device=context.device)
     lm.check_hook(hook)
@@ -192,8 +192,10 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     t0 = time.perf_counter()
     texts = [store.record(p)["text"] for p in kept]
     with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=context.quiet) as pr:
-        seed_acts = document_activations(lm, queries, hook, config.context_size, config.batch_size, progress=pr)
-        cand_acts = document_activations(lm, texts, hook, config.context_size, config.batch_size, progress=pr)
+        seed_acts = document_activations(lm, queries, hook, context_size=config.context_size,
+                                         batch_size=config.batch_size, progress=pr).acts
+        cand_acts = document_activations(lm, texts, hook, context_size=config.context_size,
+                                         batch_size=config.batch_size, progress=pr).acts
     scores = tracin_rerank_scores(saes, seed_acts, cand_acts, normalize=config.tracin_normalize)
     log.info("TracIn over %d candidates and %d seeds with %d checkpoint(s) in %.1f s", len(kept), len(queries),
              len(saes), time.perf_counter() - t0)

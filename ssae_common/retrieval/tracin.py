@@ -126,18 +126,6 @@ def tracin_scores_autograd(sae, seed_acts: Sequence[torch.Tensor], acts: Sequenc
     return np.array([float(flat_grad(a) @ mean) if len(a) else 0.0 for a in acts])
 
 
-# ----------------------------------------------------------------------------------------------
-# activations of documents at the SAE's hook
-
-
-def document_activations(lm, texts: Sequence[str], hook: str, context_size: int = 128, batch_size: int = 8,
-                         drop_bos: bool = True, progress=None) -> list[torch.Tensor]:
-    """[tokens, d_model] activations of each text's first window (BOS + context_size - 1 tokens, as
-    ssae-harvest cuts windows; BOS dropped from the result like harvest's default)."""
-    span = context_size - (1 if lm.bos_token_id is not None else 0)
-    return lm.first_window_activations([lm.tokenize(t)[:span] for t in texts], hook, batch_size, drop_bos, progress)
-
-
 def check_saes(saes: Sequence, paths: Sequence[str]) -> tuple[str | None, str | None]:
     """The model and hook the SAE checkpoints share (from cfg.json), or BadInput."""
     hooks = {sae.hook for sae in saes}

@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
-from ..core.progress import Progress
 from ..core.records import iter_raw
+from ..core.stats import roc_auc
+from .config import ShiftConfig, slice_fraction
 
 log = logging.getLogger("ssae")
 
@@ -164,9 +166,9 @@ def parse_side(value: str) -> list[str]:
         try:
             names.append(normalise_profession(part))
         except ValueError:
-            raise BadInput(f"--professions {value!r}: {part!r} is not a profession name or index") from None
+            raise ConfigError("professions", value, f"{part!r} is not a profession name or index") from None
     if not names:
-        raise BadInput(f"--professions {value!r}: empty side")
+        raise ConfigError("professions", value, "empty side")
     return names
 
 
@@ -259,17 +261,6 @@ def build_cells(bios: list[Bio], side_a: list[str], side_b: list[str], seen: dic
 
 
 # ---------------------------------------------------------------------------------------- activations
-
-def document_activations(lm, hook: str, texts: list[str], context_size: int = 128, batch_size: int = 16,
-                         quiet: bool = False) -> tuple[list, list]:
-    """Per document: activations at `hook` for its tokens after BOS ([T, d] float32 tensors, T >= 1) and
-    the token ids. Documents are truncated to context_size - 1 tokens."""
-    span = context_size - (1 if lm.bos_token_id is not None else 0)
-    token_lists = [lm.tokenize(text)[:span] for text in texts]
-    with Progress("activations", total=len(texts), unit="docs", quiet=quiet) as progress:
-        acts = lm.first_window_activations(token_lists, hook, batch_size, progress=progress)
-    return [a.cpu() for a in acts], token_lists
-
 
 def pooled(acts: list) -> np.ndarray:
     return np.stack([a.mean(0).numpy() for a in acts]).astype(np.float64)
@@ -397,18 +388,6 @@ def slice_mask(frequency: np.ndarray, fraction: tuple[int, int] | None) -> np.nd
     return mask
 
 
-def parse_slice(value: str | None) -> tuple[int, int] | None:
-    if value in (None, "", "1", "1/1"):
-        return None
-    try:
-        num, den = (int(v) for v in str(value).split("/"))
-    except ValueError:
-        raise BadInput(f"--slice {value!r}: expected a fraction such as 1/8") from None
-    if not 0 < num <= den:
-        raise BadInput(f"--slice {value!r}: need 0 < numerator <= denominator")
-    return num, den
-
-
 # -------------------------------------------------------------------------------------------- attribution
 
 def attribute_latents(sae, probe: LinearProbe, acts: list, docs: list[int], signs: np.ndarray,
@@ -492,6 +471,13 @@ def ablate_neurons(x_pooled: np.ndarray, neurons: list[int], ablate_to: np.ndarr
     return out
 
 
+def gender_separation(gender_probe: LinearProbe, x: np.ndarray, y_gender: np.ndarray) -> tuple[float, float]:
+    """(ROC AUC of the gender probe's logit, its accuracy) on `x`."""
+    auc = roc_auc(gender_probe.logit(x), y_gender)
+    # one gender only: nothing to separate, which counts as chance
+    return 0.5 if auc is None else auc, gender_probe.accuracy(x, y_gender)
+
+
 def greedy_gender_selection(candidates: list[int], ablate_fn, gender_probe: LinearProbe, y_gender: np.ndarray,
                             max_selected: int, min_drop: float = 0.01) -> tuple[list[int], list[dict]]:
     """Among `candidates`, repeatedly add the one whose ablation (with those already chosen) most lowers
@@ -501,18 +487,14 @@ def greedy_gender_selection(candidates: list[int], ablate_fn, gender_probe: Line
     Separation is measured threshold-free (ROC AUC of the probe's logit; ties: the lower accuracy):
     ablating one side of a signal (e.g. only a "she" latent) shifts every logit one way and can bring
     the plain accuracy to chance while the genders stay perfectly separable."""
-    def measure(x):
-        logit = gender_probe.logit(x)
-        return roc_auc(logit, y_gender), gender_probe.accuracy(x, y_gender)
-
     chosen: list[int] = []
-    auc, accuracy = measure(ablate_fn([]))
+    auc, accuracy = gender_separation(gender_probe, ablate_fn([]), y_gender)
     steps = [{"latent": None, "gender_auc": auc, "gender_accuracy": accuracy}]
     remaining = list(candidates)
     while remaining and len(chosen) < max_selected and auc > 0.5:
         best = None
         for c in remaining:
-            score = measure(ablate_fn(chosen + [c]))
+            score = gender_separation(gender_probe, ablate_fn(chosen + [c]), y_gender)
             if best is None or score < best[0]:
                 best = (score, c)
         if auc - best[0][0] < min_drop:
@@ -522,40 +504,6 @@ def greedy_gender_selection(candidates: list[int], ablate_fn, gender_probe: Line
         auc, accuracy = best[0]
         steps.append({"latent": int(best[1]), "gender_auc": auc, "gender_accuracy": accuracy})
     return chosen, steps
-
-
-def roc_auc(score: np.ndarray, y: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties counted half (0.5 is chance)."""
-    from scipy.stats import rankdata
-
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return 0.5
-    ranks = rankdata(score)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def parse_latent_list(value: str, d_sae: int, what: str) -> list[int]:
-    out = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-"))
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise BadInput(f"--ablate {value!r}: {part!r} is not a latent index or range") from None
-    bad = [i for i in out if not 0 <= i < d_sae]
-    if bad:
-        raise BadInput(f"--ablate {value!r}: latent {bad[0]} is out of range for {what} (d_sae {d_sae})")
-    if not out:
-        raise BadInput(f"--ablate {value!r}: no latents given")
-    return sorted(set(out), key=out.index)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -618,35 +566,24 @@ def top_tokens_of(stats: LatentStats, latent: int, tokenizer, n: int = 8) -> lis
 # -------------------------------------------------------------------------------------------------- run
 
 @dataclass
-class ShiftConfig:
-    ablation: str = "zero"
-    top: int = 50
-    auto_max: int = 25
-    auto_min_drop: float = 0.01
-    probe_c: float = 1.0
-    slice: tuple[int, int] | None = None
-    show: int = 20
-    seed: int = 0
-
-
-@dataclass
 class SaeSpec:
     name: str
     path: str
     sae: object
-    ablate: str  # "auto" or a latent list
+    latents: list[int] | None  # the latents to ablate; None: chosen by the auto rule
     explanations: dict[int, str] | None = None
 
 
-def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], tokenizer, cfg: ShiftConfig,
-              device: str = "cpu") -> dict:
+def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], tokenizer, cfg: ShiftConfig, *,
+              seed: int = 0, device: str = "cpu") -> dict:
     """Everything after the LM pass; returns the report body (rows, per-SAE details, cell counts)."""
+    fraction = slice_fraction(cfg.slice)
     x = pooled(acts)
     train, balanced, val, test = cells.train_ambiguous, cells.train_balanced, cells.val, cells.test
     signs = np.where(cells.label == 1, 1.0, -1.0)
-    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, cfg.seed)
-    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, cfg.seed)
-    gender_probe = LinearProbe.fit(x[balanced], cells.gender[balanced], cfg.probe_c, cfg.seed)
+    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, seed)
+    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, seed)
+    gender_probe = LinearProbe.fit(x[balanced], cells.gender[balanced], cfg.probe_c, seed)
     gender_val = cells.gender[val]
     rows = [row("original", None, evaluate(probe, x[test], cells, test)),
             row("oracle", None, evaluate(oracle, x[test], cells, test))]
@@ -657,7 +594,7 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
     for spec in saes:
         sae = spec.sae
         stats = latent_stats(sae, acts, token_lists, train, device=device)
-        mask = slice_mask(stats.frequency, cfg.slice)
+        mask = slice_mask(stats.frequency, fraction)
         ablate_to = stats.train_mean if cfg.ablation == "mean" else np.zeros(sae.d_sae)
         scores, max_diff = attribute_latents(sae, probe, acts, train, signs, ablate_to, mask, device=device)
         ranked = [int(j) for j in np.lexsort((np.arange(sae.d_sae), -np.abs(scores))) if mask[j]]
@@ -666,22 +603,23 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
         def ablate_val(chosen, _stats=stats, _sae=sae, _to=ablate_to):
             return ablate_latents(x[val], _stats.pooled[val], chosen, _sae, _to)
 
-        if spec.ablate == "auto":
+        if spec.latents is None:
             chosen, steps = greedy_gender_selection(candidates, ablate_val, gender_probe, gender_val, cfg.auto_max,
                                                     cfg.auto_min_drop)
         else:
-            chosen = parse_latent_list(spec.ablate, sae.d_sae, spec.name)
+            chosen = list(spec.latents)
             outside = [j for j in chosen if not mask[j]]
             if outside:
-                raise BadInput(f"--ablate: latent {outside[0]} of {spec.name} is not in the --slice "
-                               f"{cfg.slice[0]}/{cfg.slice[1]} (the most active latents)")
-            steps = [{"latent": None, "gender_auc": roc_auc(gender_probe.logit(ablate_val([])), gender_val),
-                      "gender_accuracy": gender_probe.accuracy(ablate_val([]), gender_val)},
-                     {"latent": chosen, "gender_auc": roc_auc(gender_probe.logit(ablate_val(chosen)), gender_val),
-                      "gender_accuracy": gender_probe.accuracy(ablate_val(chosen), gender_val)}]
+                raise ConfigError("ablate", ",".join(map(str, chosen)),
+                                  f"latent {outside[0]} of {spec.name} is not in the --slice "
+                                  f"{fraction[0]}/{fraction[1]} (the most active latents)")
+            steps = []
+            for latent, ablated in ((None, []), (chosen, chosen)):
+                auc, accuracy = gender_separation(gender_probe, ablate_val(ablated), gender_val)
+                steps.append({"latent": latent, "gender_auc": auc, "gender_accuracy": accuracy})
         max_ablated = max(max_ablated, len(chosen))
         x_abl = ablate_latents(x, stats.pooled, chosen, sae, ablate_to)
-        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, cfg.seed)
+        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed)
         per_sae_rows.append(row(f"shift:{spec.name}", spec.name, evaluate(probe, x_abl[test], cells, test), chosen))
         per_sae_rows.append(row(f"shift+retrain:{spec.name}", spec.name,
                                 evaluate(retrained, x_abl[test], cells, test), chosen))
@@ -695,14 +633,14 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
             top.append(entry)
         details.append({"name": spec.name, "path": os.path.abspath(spec.path), "d_sae": sae.d_sae,
                         "architecture": sae.architecture, "latents_considered": int(mask.sum()),
-                        "selection": "auto" if spec.ablate == "auto" else "list",
+                        "selection": "auto" if spec.latents is None else "list",
                         "ablated_latents": chosen, "selection_trace": steps,
                         "clean_logit_max_abs_diff": max_diff, "top_latents": top})
 
     neuron_to = x[train].mean(0) if cfg.ablation == "mean" else np.zeros(x.shape[1])
     neuron_scores = neuron_attribution(probe, x[train], signs[train], neuron_to)
     neuron_ranked = [int(j) for j in np.lexsort((np.arange(x.shape[1]), -np.abs(neuron_scores)))]
-    if all(s.ablate == "auto" for s in saes):
+    if all(s.latents is None for s in saes):
         neurons, neuron_steps = greedy_gender_selection(
             neuron_ranked[:cfg.top], lambda chosen: ablate_neurons(x[val], chosen, neuron_to), gender_probe,
             gender_val, cfg.auto_max, cfg.auto_min_drop)

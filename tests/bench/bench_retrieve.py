@@ -168,19 +168,19 @@ def dense_speed(R, store, queries, opts, rows):
 
 
 def tracin_speed(store, queries, fast_rank, opts, rows):
-    from ssae_common.data.models import load_model
+    from ssae_common.data.models import document_activations, load_model
     from ssae_common.sae.autoencoder import SAE
-    from ssae_common.retrieval.tracin import check_saes, document_activations, tracin_rerank_scores
+    from ssae_common.retrieval.tracin import check_saes, tracin_rerank_scores
 
     saes = [SAE.load(p) for p in opts.sae]
     model_name, hook = check_saes(saes, opts.sae)
     lm = load_model(model_name or "smollm2")
     cand = [store.record(int(p))["text"] for p in fast_rank[0].positions[:opts.tracin_docs]]
     t0 = time.perf_counter()
-    seed_acts = document_activations(lm, queries, hook)
+    seed_acts = document_activations(lm, queries, hook).acts
     t_seed = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cand_acts = document_activations(lm, cand, hook)
+    cand_acts = document_activations(lm, cand, hook).acts
     t_act = time.perf_counter() - t0
     t0 = time.perf_counter()
     tracin_rerank_scores(saes, seed_acts, [])  # the seeds' mean gradient alone

@@ -1,0 +1,167 @@
+"""The SHIFT stage from Python: `shift(ShiftConfig(...), context=RunContext(...))` runs what ssae-shift
+runs (SAE naming, per-SAE options, bios, cells, activations, probes, ablation) and writes the report."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from ..core.config import ConfigError
+from ..core.outputs import atomic_file, check_target, existing_output, sha256_file
+from ..core.parse import parse_latent_ranges, split_named, unique_names
+from ..core.progress import Progress
+from ..core.provenance import config_hash, created_by, input_fingerprint
+from ..core.records import artifact_record, resolve_artifacts
+from ..core.runtime import RunContext
+from ..data.models import document_activations, load_model, model_identity
+from ..sae.autoencoder import load_sae, read_config
+from .config import ShiftConfig
+from .method import (SCHEMA, SaeSpec, build_cells, format_table, load_bios, parse_side, read_explanations,
+                     run_shift)
+
+log = logging.getLogger("ssae")
+
+ATTRIBUTION = ("attribution patching: mean over ambiguous training docs of sum_t dM/df_tj * (a_j - f_tj), "
+               "M the probe logit signed to the true class, x = decode(f) + err with err fixed")
+
+
+def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -> dict:
+    """Run SHIFT for every SAE of `config.saes` and write the ssae.shift/1 report to `out` (default: under
+    $SSAE_WORKDIR, named by the hash of the resolved configuration, reused unless context.force).
+    Returns the shift artifact record."""
+    config.check()
+    side_a, side_b = parse_side(config.professions[0]), parse_side(config.professions[1])
+    named = _sae_paths(config.saes)
+    names = [n for n, _ in named]
+    ablate_by = _per_sae(config.ablate, names, "ablate", "auto", broadcast=True)
+    explain_by = _per_sae(config.explanations, names, "explanations", None)
+    hook, model = _hook_and_model(named, config.model)
+
+    resolved = context.resolved(
+        data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
+        saes=[{"name": n, "path": os.path.abspath(p), "sha256": sha256_file(p), "ablate": ablate_by[n],
+               "explanations": explain_by[n]} for n, p in named],
+        model=model_identity(model), hook=hook, ablation=config.ablation, slice=config.slice,
+        pairing=config.pairing, top=config.top, auto_max=config.auto_max, auto_min_drop=config.auto_min_drop,
+        show=config.show, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+        max_per_cell=config.max_per_cell, probe_c=config.probe_c, context_size=config.context_size,
+        text_field=config.text_field, profession_field=config.profession_field, gender_field=config.gender_field)
+    if out is None:
+        out, reuse = existing_output("shift", config_hash(resolved), ".json", force=context.force)
+        if reuse:
+            return shift_artifact(out)
+    check_target(out, context.force)
+
+    bios, seen = load_bios(config.data, set(side_a + side_b), config.text_field, config.profession_field,
+                           config.gender_field)
+    cells = build_cells(bios, side_a, side_b, seen, pairing=config.pairing, test_fraction=config.test_fraction,
+                        val_fraction=config.val_fraction, max_per_cell=config.max_per_cell, seed=context.seed,
+                        data_name=", ".join(config.data))
+    log.info("cells: %s", json.dumps(cells.counts))
+
+    device = context.device
+    specs = []
+    for n, p in named:
+        sae = load_sae(p, device)
+        latents = None if ablate_by[n] == "auto" else _latents(ablate_by[n], sae.d_sae, n)
+        specs.append(SaeSpec(n, p, sae, latents, read_explanations(explain_by[n]) if explain_by[n] else None))
+    lm = load_model(model, device=device)
+    lm.check_hook(hook)
+    for spec in specs:
+        if spec.sae.d_in != lm.d_model:
+            raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s d_model "
+                                                 f"{lm.d_model}")
+    used = sorted(set(cells.train_ambiguous + cells.train_balanced + cells.val + cells.test))
+    with Progress("activations", total=len(used), unit="docs", quiet=context.quiet) as progress:
+        acts, token_lists = document_activations(lm, [bios[i].text for i in used], hook,
+                                                 context_size=config.context_size, batch_size=config.batch_size,
+                                                 progress=progress)
+    # run_shift indexes documents by their position in `used`
+    position = {i: k for k, i in enumerate(used)}
+    for attr in ("train_ambiguous", "train_balanced", "val", "test"):
+        setattr(cells, attr, [position[i] for i in getattr(cells, attr)])
+    cells.label, cells.gender = cells.label[used], cells.gender[used]
+
+    body = run_shift(acts, token_lists, cells, specs, lm.tokenizer, config, seed=context.seed, device=device)
+    report = {"schema": SCHEMA, "created_by": created_by(context.program), "config": resolved,
+              "seed": context.seed, "model": lm.name, "hook": hook, "professions": {"A": side_a, "B": side_b},
+              "cells": cells.counts, "ablation": config.ablation, "attribution": ATTRIBUTION, **body}
+    with atomic_file(out, force=context.force) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+    print(format_table(report), file=sys.stderr)
+    return shift_artifact(out)
+
+
+def shift_artifact(path: str) -> dict:
+    """The artifact record of a written shift report (fresh or reused)."""
+    with open(path) as f:
+        report = json.load(f)
+    return artifact_record("shift", path, rows=len(report["rows"]),
+                           worst_group_accuracy={r["method"]: r["worst_group_accuracy"] for r in report["rows"]})
+
+
+def _sae_paths(values) -> list[tuple[str, str]]:
+    """(name, path) of every SAE: NAME=DIR, DIR, or - for sae artifact records on stdin."""
+    given, paths = [], []
+    for value in values:
+        name, path = split_named(value)
+        if path == "-":
+            piped = resolve_artifacts(["-"], "sae")
+            given += [None] * len(piped)
+            paths += piped
+        else:
+            given.append(name)
+            paths.append(path)
+    return list(zip(unique_names(paths, given), paths))
+
+
+def _per_sae(values, names: list[str], field: str, default, *, broadcast: bool = False) -> dict:
+    """Values of a per-SAE option: NAME=VALUE pairs, or plain values in SAE order (with `broadcast`, one
+    plain value applies to every SAE not named)."""
+    out = {n: default for n in names}
+    plain = []
+    for value in values:
+        name, rest = split_named(value)
+        if name in out:
+            out[name] = rest
+        elif name is not None and "," not in name:
+            raise ConfigError(field, value, f"no SAE named {name!r} (names: {', '.join(names)})")
+        else:
+            plain.append(value)
+    if broadcast and len(plain) == 1:
+        return {n: plain[0] if out[n] == default else out[n] for n in names}
+    if len(plain) > len(names):
+        raise ConfigError(field, tuple(values), f"{len(plain)} values for {len(names)} SAE(s); use NAME=VALUE")
+    for n, value in zip(names, plain):
+        out[n] = value
+    return out
+
+
+def _latents(spec: str, d_sae: int, sae_name: str) -> list[int]:
+    try:
+        return parse_latent_ranges(spec, d_sae, field="ablate", allow_all=False)
+    except ConfigError as e:
+        raise ConfigError("ablate", spec, f"{e.message} in SAE {sae_name}") from None
+
+
+def _hook_and_model(named: list[tuple[str, str]], model: str | None) -> tuple[str, str]:
+    """The hook the SAEs share (from cfg.json) and the model to run: `model`, else the one the SAEs name."""
+    configs = {n: read_config(p) for n, p in named}
+    hooks = {c.get("hook") for c in configs.values()}
+    if len(hooks) != 1 or None in hooks or "" in hooks:
+        detail = ", ".join(f"{n}: {c.get('hook')}" for n, c in configs.items())
+        raise ConfigError("saes", [p for _, p in named], f"the SAEs must share one hook recorded in cfg.json "
+                                                         f"({detail})")
+    if model is None:
+        models = {c.get("model") for c in configs.values()}
+        if len(models) != 1 or not next(iter(models)):
+            raise ConfigError("saes", [p for _, p in named], "the SAEs' cfg.json give no single model; "
+                                                             "set the model (--model)")
+        return hooks.pop(), models.pop()
+    for n, c in configs.items():
+        recorded = c.get("model")
+        if recorded and model_identity(recorded) != model_identity(model):
+            log.warning("%s was trained on %s, running it on %s", n, recorded, model)
+    return hooks.pop(), model
