@@ -61,7 +61,7 @@ paper-sweep: $(P)/eval/pareto/metrics.json
 paper-shift: $(P)/shift/shift.json
 
 $(P)/tables.txt: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json $(P)/eval/pareto/metrics.json $(P)/shift/shift.json
-	$(PY) -m ssae_common.eval.tables $^ > $@
+	$(PY) -m ssae_tools.tables $^ > $@
 
 $(P)/general.h5:
 	mkdir -p $(@D)

@@ -233,3 +233,44 @@ def test_bundled_model_identity_splice(shared_data, tmp_path):
     assert e["ce_spliced"] == pytest.approx(e["ce_clean"], abs=1e-4)
     assert e["ce_zero_ablation"] > e["ce_clean"] + 1.0
     assert 1.5 < e["ce_clean"] < 6.0
+
+
+def test_python_api_writes_metrics_and_returns_the_record(setup, tmp_path):
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.data.activations import store_fingerprint
+    from ssae_common.eval import EvalConfig, evaluate, metrics_artifact
+
+    out = tmp_path / "py"
+    rec = evaluate(EvalConfig(activations=setup["acts"]), [setup["saes"]["rand"]], out=str(out),
+                   context=RunContext(device_spec="cpu", quiet=True))
+    doc = json.loads((out / "metrics.json").read_text())
+    assert rec == metrics_artifact(str(out))
+    assert rec["kind"] == "metrics" and rec["path"] == str(out / "metrics.json") and rec["n_tokens"] == doc["n_tokens"]
+    assert [s["name"] for s in rec["saes"]] == ["rand"] and rec["saes"][0]["l0"] == doc["saes"][0]["l0"]
+    assert doc["config"]["tool"] == "python" and doc["created_by"]["tool"] == "python"
+    # an activation file is identified cheaply, never by a full sha256 of its bytes
+    assert doc["dataset"]["inputs"] == [{"path": setup["acts"], "fingerprint": store_fingerprint(setup["acts"])}]
+
+
+def test_config_errors_name_the_field_in_python_and_the_flag_on_the_command_line(setup, tmp_path):
+    from ssae_common.core.config import ConfigError
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.data.models import DEFAULT_MODEL
+    from ssae_common.eval import EvalConfig, evaluate
+
+    with pytest.raises(ConfigError) as e:
+        evaluate(EvalConfig(activations=setup["acts"], context_size=1), [setup["saes"]["rand"]],
+                 out=str(tmp_path / "x"), context=RunContext(device_spec="cpu"))
+    assert e.value.field_name == "context_size" and str(e.value) == "context_size 1: must be at least 2"
+    r = run([setup["saes"]["rand"], "--activations", setup["acts"], "--context-size", "1", "-o", str(tmp_path / "x")],
+            code=2)
+    assert r.stderr == "ssae-eval: error: --context-size 1: must be at least 2\n"
+    with pytest.raises(ConfigError) as e:
+        EvalConfig().check()
+    assert e.value.field_name == "docs" and str(e.value).startswith("docs: give exactly one of")
+    r = run([setup["saes"]["rand"], "--activations", setup["acts"], "--hook", "blocks.1.hook_resid_post"], code=2)
+    assert r.stderr.strip() == (f"ssae-eval: error: --hook blocks.1.hook_resid_post: {setup['acts']} holds "
+                                f"activations of {HOOK!r}")
+    assert not (tmp_path / "x").exists()
+    # the help's derived default names the real default model
+    assert DEFAULT_MODEL in run(["--help"]).stdout

@@ -1,7 +1,11 @@
-"""python -m ssae_common.eval.tables: the paper's tables from ssae-eval and ssae-shift outputs."""
+"""ssae-tables: the paper's tables from ssae-eval and ssae-shift outputs."""
 import json
 import subprocess
 import sys
+
+from click.testing import CliRunner
+
+from ssae_tools.tables import main as tables_main
 
 
 def write(path, doc):
@@ -10,7 +14,7 @@ def write(path, doc):
 
 
 def tables(*paths):
-    return subprocess.run([sys.executable, "-m", "ssae_common.eval.tables", *paths], capture_output=True, text=True)
+    return CliRunner().invoke(tables_main, list(paths))
 
 
 def test_eval_and_shift_tables(tmp_path):
@@ -23,7 +27,7 @@ def test_eval_and_shift_tables(tmp_path):
         {"method": "shift:gsae", "profession_accuracy": 0.9, "gender_accuracy": 0.5, "worst_group_accuracy": 0.725,
          "group_accuracy": {"nurse|female": 0.95}, "n": 40, "ablated_latents": [3, 7]}]})
     p = tables(metrics, shift)
-    assert p.returncode == 0, p.stderr
+    assert p.exit_code == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0] == f"{metrics}: 1234 tokens of astro_ph_test.jsonl.gz; clean-model perplexity 9.877"
     assert lines[1].split() == ["SAE", "L0", "FVU", "ppl", "spliced", "ppl/base"]
@@ -32,10 +36,18 @@ def test_eval_and_shift_tables(tmp_path):
     shift_rows = p.stdout.split("\n\n")[1].splitlines()
     assert shift_rows[0] == f"{shift}: accuracies in %"
     assert shift_rows[2].split() == ["shift:gsae", "90.0", "50.0", "72.5", "95.0", "40", "2"]
+    # the way shell/paper.mk runs it, with no console script installed
+    run = subprocess.run([sys.executable, "-m", "ssae_tools.tables", metrics, shift], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout == p.stdout
 
 
 def test_unknown_file_exits_2(tmp_path):
     other = write(tmp_path / "cfg.json", {"schema": "ssae.sae/1"})
     p = tables(other)
-    assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr == f"tables: {other}: not ssae-eval metrics or ssae-shift output (schema 'ssae.sae/1')\n"
+    assert p.exit_code == 2 and p.stdout == ""
+    assert p.stderr == f"ssae-tables: error: {other}: not ssae-eval metrics or ssae-shift output (schema 'ssae.sae/1')\n"
+
+
+def test_no_file_is_a_usage_error():
+    p = tables()
+    assert p.exit_code == 2 and "Missing argument 'FILES...'" in p.stderr

@@ -50,15 +50,18 @@ class ConfigError(BadInput):
 
     def __init__(self, field_name: str, value: Any, message: str):
         self.field_name, self.value, self.message = field_name, value, message
-        super().__init__(f"{field_name} {value!r}: {message}")
+        super().__init__(f"{field_name}{'' if _unset(value) else f' {value!r}'}: {message}")
 
     def with_flag(self, flag: str) -> str:
         value = self.value
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
-        if value in (None, ""):  # a missing value: nothing to show after the flag
-            return f"{flag}: {self.message}"
-        return f"{flag} {value}: {self.message}"
+        return f"{flag}{'' if _unset(value) else f' {value}'}: {self.message}"
+
+
+def _unset(value: Any) -> bool:
+    """No value to show (e.g. a required option left out): the message alone says what is wrong."""
+    return value is None or value in ("", (), [])
 
 
 def option_specs(cls) -> dict[str, OptionSpec]:

@@ -1,10 +1,9 @@
 """The text tables of ssae-eval metrics.json and ssae-shift JSON files, one after another (the paper's
-tables): `python -m ssae_common.tables FILE...` writes them to stdout."""
+tables); the command `ssae-tables FILE...` prints them."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 from ..core.errors import BadInput
 from .metrics import SCHEMA as METRICS_SCHEMA
@@ -31,15 +30,6 @@ def table_of(path: str) -> str:
     raise BadInput(f"{path}: not ssae-eval metrics or ssae-shift output (schema {schema!r})")
 
 
-def main(argv: list[str]) -> int:
-    try:
-        tables = [table_of(p) for p in argv]
-    except BadInput as e:
-        print(f"tables: {e}", file=sys.stderr)
-        return e.exit_code
-    print("\n\n".join(tables))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def tables(paths: list[str]) -> str:
+    """The tables of every file, separated by a blank line."""
+    return "\n\n".join(table_of(p) for p in paths)
