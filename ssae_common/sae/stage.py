@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..core.config import replace, to_dict
+from ..core.config import ConfigError, replace, to_dict
 from ..core.outputs import default_output, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record
@@ -42,6 +42,9 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
     parent = None
     if config.init:
         sae, fmt = import_sae(config.init, config.init_format)
+        if sae.d_in != d_in:
+            raise ConfigError("init", config.init, f"d_in {sae.d_in} differs from the activations' d_model {d_in} "
+                                                   f"({activations[0]})")
         parent = Parent(config.init, fmt, parent_sha256(config.init), sae)
     cfg = replace(config.resolve(d_in, n_rows, parent.sae if parent else None),
                   seed=context.seed, device=context.device)
