@@ -10,7 +10,10 @@ from click.testing import CliRunner
 from helpers import make_store, parse_records, sparse_data
 from ssae_common.data.batches import ActivationStream
 from ssae_common.data.activations import ActivationStore
+from ssae_common.core.config import ConfigError
 from ssae_common.core.outputs import sha256_file
+from ssae_common.core.runtime import RunContext
+from ssae_common.sae import FitConfig, fit
 from ssae_common.sae.autoencoder import SAE
 from ssae_common.sae.imports import import_sae
 from ssae_tools.fit import main as fit_main
@@ -103,6 +106,48 @@ def test_stdin_record_default_output_and_reuse(store, tmp_path):
     assert parse_records(r2.stdout)[0]["path"] == rec["path"]
     r3 = run([*args[:-2], "--val-tokens", "256"], input=record)  # another config, another folder
     assert parse_records(r3.stdout)[0]["path"] != rec["path"]
+
+
+def test_fit_from_python_writes_sae_dir_and_returns_record(store, tmp_path):
+    out = tmp_path / "sae"
+    config = FitConfig(k=4, d_sae=32, tilt=500.0, batch_size=256, train_tokens=12800, log_every=10, val_every=25,
+                       val_tokens=512, warmup_steps=5)
+    rec = fit(config, [store], out=str(out), context=RunContext(device_spec="cpu", seed=1))
+    assert rec["kind"] == "sae" and rec["path"] == str(out) and rec["d_sae"] == 32 and rec["tokens"] == 12800
+    cfg = json.load(open(out / "cfg.json"))
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["seed"] == 1
+    assert cfg["created_by"]["tool"] == "python" and cfg["config"]["shuffle_rows"] == 32768
+    # the derived defaults, resolved from the data: d_in 16, 6000 rows
+    assert cfg["config"]["lr"] == pytest.approx(2e-4 / np.sqrt(32 / 2**14)) and cfg["config"]["b_dec_init"] == "median"
+    assert cfg["config"]["dead_tokens"] == 12800 // 5 and cfg["config"]["device"] == "cpu"
+
+
+def test_resolve_fills_derived_defaults():
+    cfg = FitConfig().resolve(d_in=16, n_rows=1000)
+    assert (cfg.architecture, cfg.d_sae, cfg.k, cfg.l1, cfg.train_tokens) == ("topk", 128, 32, 0.0, 1000)
+    assert cfg.dead_tokens == 4096 and cfg.b_dec_init == "median" and cfg.is_resolved  # max(batch, budget / 5)
+    relu = FitConfig(architecture="relu", expansion=2, k=7).resolve(d_in=16, n_rows=1000)
+    assert (relu.d_sae, relu.k, relu.l1) == (32, None, 5 / 16)
+    parent = SAE(16, 24, "topk", 3)
+    tuned = FitConfig(init="gsae").resolve(d_in=16, n_rows=1000, parent=parent)
+    assert (tuned.architecture, tuned.d_sae, tuned.k, tuned.b_dec_init) == ("topk", 24, 3, "parent")
+    with pytest.raises(ConfigError) as e:
+        FitConfig(init="gsae", d_sae=48).resolve(d_in=16, n_rows=1000, parent=parent)
+    assert e.value.field_name == "d_sae"
+
+
+@pytest.mark.parametrize("changes,field,flags,message", [
+    ({"batch_size": 0}, "batch_size", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    ({"b_dec_init": "parent"}, "b_dec_init", ["--b-dec-init", "parent"], "--b-dec-init parent: needs --init"),
+    ({"decay_fraction": 1.5}, "decay_fraction", ["--decay-fraction", "1.5"], "--decay-fraction 1.5: must be at most 1"),
+])
+def test_bad_value_names_the_field_in_python_and_the_flag_on_the_command_line(store, changes, field, flags,
+                                                                               message):
+    with pytest.raises(ConfigError) as e:
+        FitConfig(**changes).check()
+    assert e.value.field_name == field and str(e.value).startswith(f"{field} ")
+    r = run([store, *flags])
+    assert r.exit_code == 2 and f"ssae-fit: error: {message}" in r.stderr
 
 
 # --- batches --------------------------------------------------------------------------------------

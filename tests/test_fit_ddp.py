@@ -14,18 +14,20 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ssae_common.core.errors import Interrupted  # noqa: E402
 from ssae_common.core.outputs import partial_path  # noqa: E402
-from ssae_common.sae.train import CHECKPOINT, FitConfig, fit  # noqa: E402
+from ssae_common.sae.config import FitConfig  # noqa: E402
+from ssae_common.sae.train import CHECKPOINT, train_sae  # noqa: E402
 from helpers import make_store, sparse_data  # noqa: E402
 
 # a batch of 130 rows splits 65/65; 45 steps cover a bit more than one epoch of the training rows
 # d_sae 64 with k 2 and a short dead window leaves latents dead, so AuxK (global-batch statistics) runs
 CFG = dict(architecture="topk", d_sae=64, k=2, l1=0.0, lr=2e-3, batch_size=130, train_tokens=130 * 45,
-           warmup_steps=5, log_every=7, val_every=20, checkpoint_every=25, window_rows=700, val_tokens=300,
+           warmup_steps=5, log_every=7, val_every=20, checkpoint_every=25, shuffle_rows=700, val_tokens=300,
            aux_k=4, dead_tokens=260)
 CLI = ["--architecture", "topk", "--k", "2", "--d-sae", "64", "--lr", "2e-3", "--batch-size", "130",
        "--train-tokens", str(130 * 45), "--warmup-steps", "5", "--log-every", "7", "--val-every", "20",
        "--val-tokens", "300", "--shuffle-rows", "700", "--aux-k", "4", "--dead-tokens", "260", "--seed", "3",
        "--device", "cpu"]
+ERM = FitConfig(**CFG, tilt=0.0, seed=3).resolve(16, 5000)  # the library run: d_in 16, 5000 rows
 FIT_KW = dict(resolved={}, config_digest="ddp-test", extra_cfg={}, quiet=True)
 ATOL = 2e-5  # float32 sums in a different order (two half-batch matmuls vs one), 45 Adam steps
 
@@ -100,7 +102,7 @@ def test_torchrun_erm_interrupted_on_one_rank_resumes_and_matches(store, tmp_pat
     checkpoint; rerunning resumes and ends bit-identical to an uninterrupted torchrun run, which is
     within tolerance of one process."""
     single = tmp_path / "single"
-    fit([store], FitConfig(**CFG, tilt=0.0, seed=3), str(single), **FIT_KW)
+    train_sae([store], ERM, str(single), **FIT_KW)
 
     done = torchrun(os.path.abspath(__file__), store, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,16 +137,15 @@ class StopOnRank:
 def driver(store, folder):
     """Under torchrun: an uninterrupted fit, then one stopped by rank 1 at step 11 (between checkpoints),
     then its resumption."""
-    cfg = FitConfig(**CFG, tilt=0.0, seed=3)
-    fit([store], cfg, os.path.join(folder, "ddp_straight"), **FIT_KW)
+    train_sae([store], ERM, os.path.join(folder, "ddp_straight"), **FIT_KW)
     out = os.path.join(folder, "ddp_resumed")
     try:
-        fit([store], FitConfig(**CFG, tilt=0.0, seed=3), out, stop=StopOnRank(1, 11), **FIT_KW)
+        train_sae([store], ERM, out, stop=StopOnRank(1, 11), **FIT_KW)
         raise SystemExit("not interrupted")
     except Interrupted:
         assert os.path.exists(os.path.join(partial_path(out), CHECKPOINT)) and not os.path.exists(out)
         print(f"rank {os.environ['RANK']}: interrupted at step 11", file=sys.stderr)
-    fit([store], FitConfig(**CFG, tilt=0.0, seed=3), out, **FIT_KW)
+    train_sae([store], ERM, out, **FIT_KW)
     print(f"rank {os.environ['RANK']}: resumed", file=sys.stderr)
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from ssae_common.core.errors import Interrupted
 from ssae_common.core.outputs import partial_path
-from ssae_common.sae.train import CHECKPOINT, FitConfig, fit
+from ssae_common.sae.config import FitConfig
+from ssae_common.sae.train import CHECKPOINT, train_sae
 from helpers import make_store, sparse_data
 
 
@@ -40,20 +41,21 @@ def log_lines(folder):
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
 def test_resume_after_injected_stop_gives_identical_weights(tmp_path, architecture):
     store = make_store(tmp_path / "acts.h5", sparse_data(n=5000))
-    cfg = dict(architecture=architecture, d_sae=32, k=4 if architecture == "topk" else None,
-               l1=0.0 if architecture == "topk" else 0.01, tilt=50.0, lr=2e-3, batch_size=128,
-               train_tokens=128 * 90, warmup_steps=10, log_every=7, val_every=20, checkpoint_every=25,
-               window_rows=700, val_tokens=300, aux_k=4 if architecture == "topk" else 0, dead_tokens=600)
+    cfg = FitConfig(architecture=architecture, d_sae=32, k=4 if architecture == "topk" else None,
+                    l1=0.0 if architecture == "topk" else 0.01, tilt=50.0, lr=2e-3, batch_size=128,
+                    train_tokens=128 * 90, warmup_steps=10, log_every=7, val_every=20, checkpoint_every=25,
+                    shuffle_rows=700, val_tokens=300, aux_k=4 if architecture == "topk" else 0,
+                    dead_tokens=600).resolve(16, 5000)
     kw = dict(resolved={}, config_digest="same", extra_cfg={}, quiet=True)
-    fit([store], FitConfig(**cfg), str(tmp_path / "straight"), **kw)
+    train_sae([store], cfg, str(tmp_path / "straight"), **kw)
 
     out = str(tmp_path / "resumed")
     with pytest.raises(Interrupted):
-        fit([store], FitConfig(**cfg), out, stop=StopAfter(33), **kw)  # between checkpoints, mid-window
+        train_sae([store], cfg, out, stop=StopAfter(33), **kw)  # between checkpoints, mid-window
     assert not os.path.exists(out) and os.path.exists(os.path.join(partial_path(out), CHECKPOINT))
     with pytest.raises(Interrupted):
-        fit([store], FitConfig(**cfg), out, stop=StopAfter(30), **kw)  # a second interruption
-    fit([store], FitConfig(**cfg), out, **kw)
+        train_sae([store], cfg, out, stop=StopAfter(30), **kw)  # a second interruption
+    train_sae([store], cfg, out, **kw)
     assert not os.path.exists(partial_path(out))
     a, b = weights(tmp_path / "straight"), weights(out)
     for name in a:

@@ -20,11 +20,12 @@ import os
 
 import torch
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from .autoencoder import CONFIG, SCHEMA, WEIGHTS, SAE, read_json_object
+from .config import FORMATS
 
 log = logging.getLogger("ssae")
-FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning")
 
 
 def _safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -40,9 +41,9 @@ def detect_format(path: str) -> str:
     if os.path.isfile(path):
         if path.endswith(".pt"):
             return "dictionary_learning"
-        raise BadInput(f"--init {path}: expected an SAE folder (or a dictionary_learning ae.pt)")
+        raise ConfigError("init", path, "expected an SAE folder (or a dictionary_learning ae.pt)")
     if not os.path.isdir(path):
-        raise BadInput(f"--init {path}: no such SAE folder")
+        raise ConfigError("init", path, "no such SAE folder")
     files = set(os.listdir(path))
     if "ae.pt" in files:
         return "dictionary_learning"
@@ -54,8 +55,8 @@ def detect_format(path: str) -> str:
     subs = sorted(d for d in files if os.path.isdir(os.path.join(path, d))
                   and os.path.exists(os.path.join(path, d, CONFIG)))
     if subs:
-        raise BadInput(f"--init {path}: holds several SAEs ({', '.join(subs[:6])}); give the one for your hook")
-    raise BadInput(f"--init {path}: no SAE files found (expected ssae, SAELens, sparsify or dictionary_learning layout)")
+        raise ConfigError("init", path, f"holds several SAEs ({', '.join(subs[:6])}); give the one for your hook")
+    raise ConfigError("init", path, "no SAE files found (expected ssae, SAELens, sparsify or dictionary_learning layout)")
 
 
 def _need(tensors: dict, name: str, where: str) -> torch.Tensor:
@@ -158,14 +159,14 @@ def _dictionary_learning(path: str) -> SAE:
 def import_sae(path: str, fmt: str = "auto") -> tuple[SAE, str]:
     """Load any supported SAE; returns (sae, format)."""
     if fmt not in FORMATS:
-        raise BadInput(f"--init-format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise ConfigError("init_format", fmt, f"expected one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "ssae":
         return SAE.load(path), fmt
     reader = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning}[fmt]
     if fmt != "dictionary_learning" and not os.path.isdir(path):
-        raise BadInput(f"--init {path}: no such SAE folder")
+        raise ConfigError("init", path, "no such SAE folder")
     return reader(path), fmt
 
 

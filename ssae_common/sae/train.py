@@ -25,19 +25,20 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..data.activations import ActivationStore
 from ..data.batches import ActivationStream
+from ..core.config import ConfigError
 from ..core.errors import BadInput, Interrupted
 from ..core.outputs import atomic_dir, check_target, partial_path, sha256_file
 from ..core.progress import Progress
-from ..core.records import artifact_record
-from .autoencoder import SAE
 from ..core.signals import StopFlag
+from .autoencoder import SAE
+from .config import FitConfig
 from .term import tilted_loss, tilt_weights
 
 log = logging.getLogger("ssae")
@@ -49,66 +50,6 @@ SMALL_STEP = 10**8  # batch x d_in x d_sae below which CPU training runs on one 
 ACC_GLOBAL = ("objective", "ess_fraction", "max_weight_x_n")  # same value on every rank
 ACC_LOCAL = ("loss", "mse", "l0", "aux")  # sums over this rank's tokens (aux: this rank's share)
 ACC = ACC_GLOBAL + ACC_LOCAL
-
-
-@dataclass
-class FitConfig:
-    architecture: str = "topk"
-    d_sae: int = 0
-    k: int | None = 32
-    l1: float = 0.0
-    tilt: float = 0.0
-    lr: float = 1e-3
-    batch_size: int = 4096
-    train_tokens: int = 0
-    seed: int = 0
-    warmup_steps: int = 1000
-    decay_fraction: float = 0.2
-    l1_warmup_fraction: float = 0.05
-    b_dec_init: str = "median"  # median, mean, zero, parent
-    normalize: bool = True
-    dead_tokens: int = 10_000_000
-    aux_k: int = 0
-    aux_coefficient: float = 1 / 32
-    val_tokens: int = 8192
-    val_every: int = 1000
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    window_rows: int = 32768
-    autocast: bool = False
-    device: str = "cpu"
-
-    @property
-    def steps(self) -> int:
-        return max(1, math.ceil(self.train_tokens / self.batch_size))
-
-    def check(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise BadInput(msg)
-
-        need(self.architecture in ("relu", "topk"), f"--architecture {self.architecture}: expected relu or topk")
-        need(self.d_sae >= 1, f"--d-sae {self.d_sae}: must be at least 1")
-        if self.architecture == "topk":
-            need(self.k is not None and 1 <= self.k <= self.d_sae,
-                 f"--k {self.k}: must be between 1 and --d-sae ({self.d_sae})")
-        need(self.l1 >= 0 and math.isfinite(self.l1), f"--l1 {self.l1}: must be >= 0")
-        need(math.isfinite(self.tilt), f"--tilt {self.tilt}: must be a finite number")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr}: must be > 0")
-        need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1")
-        need(self.train_tokens >= 1, f"--train-tokens {self.train_tokens}: must be at least 1")
-        need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
-        need(0 <= self.decay_fraction <= 1, f"--decay-fraction {self.decay_fraction}: must be in [0, 1]")
-        need(0 <= self.l1_warmup_fraction <= 1, f"--l1-warmup-fraction {self.l1_warmup_fraction}: must be in [0, 1]")
-        need(self.b_dec_init in ("median", "mean", "zero", "parent"),
-             f"--b-dec-init {self.b_dec_init}: expected median, mean, zero (or parent with --init)")
-        need(self.dead_tokens >= 1, f"--dead-tokens {self.dead_tokens}: must be at least 1")
-        need(self.aux_k >= 0, f"--aux-k {self.aux_k}: must be >= 0")
-        need(self.aux_coefficient >= 0, f"--aux-coefficient {self.aux_coefficient}: must be >= 0")
-        need(self.val_tokens >= 0, f"--val-tokens {self.val_tokens}: must be >= 0")
-        for name in ("val_every", "log_every", "checkpoint_every"):
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        need(self.window_rows >= 1, f"--shuffle-rows {self.window_rows}: must be at least 1")
 
 
 class Adam:
@@ -609,12 +550,17 @@ class Parent:
         return {"path": os.path.abspath(self.path), "sha256": self.sha256, "format": self.format}
 
 
-def fit(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = None, resolved: dict,
-        config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
-        stop: StopFlag | None = None) -> dict:
-    """Train into the SAE directory `out` (atomic; resumable from the partial folder beside it)."""
+def train_sae(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = None, resolved: dict,
+              config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
+              stop: StopFlag | None = None) -> str | None:
+    """Train into the SAE directory `out` (atomic; resumable from the partial folder beside it) with a
+    resolved `cfg` (FitConfig.resolve).  Returns `out`, or None on the ranks other than 0 of a torchrun
+    job.  `resolved` and `config_digest` identify the configuration of a checkpoint to resume;
+    `extra_cfg` goes into cfg.json."""
     from ..data.activations import open_stores
 
+    if not cfg.is_resolved:
+        raise ValueError("train_sae needs a resolved FitConfig (FitConfig.resolve)")
     cfg.check()
     stores = open_stores(paths)
     try:
@@ -627,14 +573,14 @@ def fit(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = N
 def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extra_cfg, force, quiet, stop):
     d_in = stores[0].d_model
     if parent is not None and parent.sae.d_in != d_in:
-        raise BadInput(f"--init {parent.path}: d_in {parent.sae.d_in} differs from the activations' d_model "
-                       f"{d_in} ({stores[0].path})")
+        raise ConfigError("init", parent.path, f"d_in {parent.sae.d_in} differs from the activations' d_model "
+                          f"{d_in} ({stores[0].path})")
     dp = data_parallel(cfg.device)
     if cfg.batch_size < dp.world:
-        raise BadInput(f"--batch-size {cfg.batch_size}: smaller than the number of ranks ({dp.world})")
+        raise ConfigError("batch_size", cfg.batch_size, f"smaller than the number of ranks ({dp.world})")
     check_target(out, force)
     folder = partial_path(out)
-    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, window_rows=cfg.window_rows, val_rows=cfg.val_tokens)
+    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, window_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens)
     created = False
     try:
         # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to
@@ -714,7 +660,7 @@ def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extr
         dp.barrier()
     log.info("wrote %s: %d steps, %d tokens%s", out, trainer.step, trainer.step * cfg.batch_size,
              f", val fvu {trainer.last_val['val_fvu']:.4f}" if "val_fvu" in trainer.last_val else "")
-    return sae_artifact(out)
+    return out
 
 
 def _resume_or_clear(folder: str, digest: str, force: bool) -> bool:
@@ -738,21 +684,6 @@ def _read_state(folder: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def sae_artifact(path: str) -> dict:
-    from .autoencoder import read_config
-
-    cfg = read_config(path)
-    training = cfg.get("training") or {}
-    return artifact_record("sae", path, architecture=cfg.get("architecture"), d_in=cfg.get("d_in"),
-                           d_sae=cfg.get("d_sae"), k=cfg.get("k"), tilt=cfg.get("tilt"), model=cfg.get("model"),
-                           hook=cfg.get("hook"), parent=cfg.get("parent"), tokens=training.get("tokens"),
-                           val_fvu=training.get("val_fvu"))
-
-
-def config_dict(cfg: FitConfig) -> dict:
-    return asdict(cfg)
 
 
 def parent_sha256(path: str) -> str:

@@ -55,10 +55,12 @@ def train_rate(store: str, d_sae: int, tilt: float, batch: int, steps: int) -> f
     """Steady-state tokens/s of the training loop (data stream included), after one warm-up step."""
     from ssae_common.data.activations import ActivationStore
     from ssae_common.data.batches import ActivationStream
-    from ssae_common.sae.train import FitConfig, Trainer, init_sae
+    from ssae_common.sae.config import FitConfig
+    from ssae_common.sae.train import Trainer, init_sae
 
     cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, tilt=tilt, lr=1e-4, batch_size=batch,
-                    train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1)
+                    train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
+                    dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
     st = ActivationStore(store)
     stream = ActivationStream([st], batch, 0, window_rows=32768, val_rows=0)
     sae = init_sae(cfg, D_IN, stream.sample(4096), None)
