@@ -54,7 +54,7 @@ def seed_everything(seed: int) -> None:
 class RunContext:
     """What every stage run shares besides its own config: device, seed, overwrite and verbosity.
 
-    From Python: `RunContext(device="cpu", seed=1)`; the tools build one from --device, --seed, --force
+    From Python: `RunContext(device_spec="cpu", seed=1)`; the tools build one from --device, --seed, --force
     and --quiet.  `tool` names the caller in provenance ("ssae-fit", or "python" for library use)."""
 
     tool: str = "python"
