@@ -12,6 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
+from ssae_common.core.config import ConfigError
+from ssae_common.core.runtime import RunContext
+from ssae_common.data import HarvestConfig
 from ssae_common.data.activations import ActivationStore
 from ssae_common.data.models import load_model
 from ssae_tools.harvest import main as harvest
@@ -171,7 +174,7 @@ def test_existing_output_needs_force_and_unwritable_folder(tmp_path, tiny_model,
 
 def test_no_input_on_a_terminal_is_a_usage_error(monkeypatch, tiny_model):
     monkeypatch.setattr("ssae_common.core.records.stdin_is_terminal", lambda: True)
-    monkeypatch.setattr("ssae_tools.harvest.stdin_is_terminal", lambda: True)
+    monkeypatch.setattr("ssae_common.data.stage.stdin_is_terminal", lambda: True)
     r = run(["--model", tiny_model, "--layer", "0"])
     assert r.exit_code == 2 and "no input" in r.stderr
 
@@ -270,3 +273,49 @@ def test_two_writers_of_one_output_are_refused(tmp_path, tiny_model, docs):
     assert r.exit_code == 2 and "a.h5: another process is writing this output" in r.stderr
     assert run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)]).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "docs.jsonl"]
+
+
+def test_harvest_from_python_without_click(tmp_path, tiny_model, docs):
+    from ssae_common.data import harvest as harvest_stage
+
+    config = HarvestConfig(model=tiny_model, layer=1, context_size=16)
+    out = str(tmp_path / "acts.h5")
+    record = harvest_stage(config, [docs], out=out, context=RunContext(device_spec="cpu"))
+    assert record["schema"] == "ssae.artifact/1" and record["kind"] == "activations" and record["path"] == out
+    assert record["hook"] == "blocks.1.hook_resid_post" and record["d_model"] == 16
+    with ActivationStore(out) as s:
+        assert s.n_tokens == record["n_tokens"] > 0 and s.n_docs == record["n_docs"] == 30
+        assert s.attrs["created_by"]["tool"] == "python"
+        assert s.attrs["config"]["shard"] == "0/1"
+    # the default output is named by the inputs and configuration, and reused
+    first = harvest_stage(config, [docs], context=RunContext(device_spec="cpu"))
+    assert first["path"].startswith(os.environ["SSAE_WORKDIR"])
+    assert harvest_stage(config, [docs], context=RunContext(device_spec="cpu")) == first
+
+
+def test_config_errors_name_the_field_in_python_and_the_flag_on_the_command_line(tmp_path, tiny_model, docs):
+    with pytest.raises(ConfigError, match=r"^context_size 1: must be at least 2$"):
+        HarvestConfig(context_size=1).check()
+    with pytest.raises(ConfigError, match=r"^layer 1: give a hook or a layer, not both$"):
+        HarvestConfig(hook="blocks.0.hook_resid_post", layer=1).resolve()
+    with pytest.raises(ConfigError, match=r"^shard '3/2': need 0 <= i < n$"):
+        HarvestConfig(shard="3/2").check()
+    for args, message in [(["--context-size", "1"], "--context-size 1: must be at least 2"),
+                          (["--hook", "blocks.0.hook_resid_post", "--layer", "1"],
+                           "--layer 1: give a hook or a layer, not both"),
+                          (["--shard", "1/x"], "--shard 1/x: expected i/n, e.g. 0/4")]:
+        r = run([docs, "--model", tiny_model, *args, "-o", str(tmp_path / "a.h5")])
+        assert r.exit_code == 2 and r.stderr.strip() == f"ssae-harvest: error: {message}", r.stderr
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_resolve_names_the_hook_and_the_shard(monkeypatch):
+    assert HarvestConfig().resolve().hook == "blocks.6.hook_resid_post"
+    resolved = HarvestConfig(layer=2, shard="01/3").resolve()
+    assert (resolved.hook, resolved.layer, resolved.shard, resolved.shard_index) == (
+        "blocks.2.hook_resid_post", None, "1/3", (1, 3))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    assert HarvestConfig().resolve().shard == "2/4"
+    assert HarvestConfig().shard_index == (0, 1)  # only resolve() reads the SLURM variables

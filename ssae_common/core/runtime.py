@@ -5,11 +5,13 @@ import os
 import random
 from dataclasses import dataclass
 
+from .config import ConfigError
 from .errors import BadInput
 
 
 def parse_shard(value: str | None) -> tuple[int, int]:
-    """`i/n` (0-based), defaulting from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT."""
+    """`i/n` (0-based), defaulting from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT.  Errors name the
+    config field `shard`."""
     if not value:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
@@ -19,9 +21,9 @@ def parse_shard(value: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in value.split("/"))
     except ValueError:
-        raise BadInput(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
+        raise ConfigError("shard", value, "expected i/n, e.g. 0/4") from None
     if n < 1 or not 0 <= i < n:
-        raise BadInput(f"--shard {value!r}: need 0 <= i < n")
+        raise ConfigError("shard", value, "need 0 <= i < n")
     return i, n
 
 

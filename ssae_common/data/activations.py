@@ -18,10 +18,11 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from .config import DTYPES
 from ..core.errors import BadInput
+from ..core.records import artifact_record
 
 SCHEMA = "ssae.activations/1"
-DTYPES = ("float16", "float32", "bfloat16")
 STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -241,6 +242,13 @@ class ActivationStore:
         self.close()
 
 
+def activation_artifact(path: str) -> dict:
+    """The `ssae.artifact/1` record of an activation file, its summary read from the file."""
+    with ActivationStore(path) as s:
+        return artifact_record("activations", path, n_tokens=s.n_tokens, n_docs=s.n_docs, model=s.model,
+                               hook=s.hook, d_model=s.d_model, dtype=s.dtype)
+
+
 def open_stores(paths: list[str]) -> list[ActivationStore]:
     """Several activation files that act as one dataset: same model, hook and width."""
     stores = [ActivationStore(p) for p in paths]
@@ -325,8 +333,8 @@ def store_fingerprint(path: str) -> str:
     configuration and provenance, and the bytes at both ends.  Not a full sha256 (that would read the
     whole file)."""
     h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with ActivationStore(path) as s:
+    with ActivationStore(path) as s:  # first, so a missing or foreign file is a clear BadInput
+        size = os.path.getsize(path)
         a = s.attrs
         h.update(json.dumps([size, s.n_tokens, a.get("config"), a.get("created_by")], sort_keys=True,
                             default=str).encode())

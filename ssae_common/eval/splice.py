@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..data.harvest import HarvestConfig, _batches, _Counter, iter_windows
+from ..data.harvester import HarvestConfig, _batches, _Counter, iter_windows
 from ..core.progress import Progress
 
 log = logging.getLogger("ssae")

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import BIN, run_peak_rss  # noqa: E402
 
-from ssae_common.data.harvest import HarvestConfig, _batches, _Counter, harvest, iter_windows  # noqa: E402
+from ssae_common.data.config import HarvestConfig  # noqa: E402
+from ssae_common.data.harvester import _batches, _Counter, harvest_activations, iter_windows  # noqa: E402
 from ssae_common.data.models import load_model  # noqa: E402
 from ssae_common.core.records import iter_docs  # noqa: E402
 from helpers_docs import write_docs  # noqa: E402
@@ -67,8 +68,8 @@ def main():
         bare_s.append(bare_forward(model, batches, args.layer))
         out = os.path.join(tmp, f"acts{r}.h5")
         start = time.perf_counter()
-        harvest(model, iter_docs([docs_path]), out, cfg, {"model": "smollm2", "hook": hook, "config": {}},
-                quiet=True)
+        harvest_activations(model, iter_docs([docs_path]), out, cfg,
+                            {"model": "smollm2", "hook": hook, "config": {}}, quiet=True)
         harvest_s.append(time.perf_counter() - start)
         os.remove(out)
     bare, hv = min(bare_s), min(harvest_s)

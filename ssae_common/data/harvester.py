@@ -4,6 +4,9 @@ Each document is tokenised without special tokens and cut into windows of `conte
 each prefixed by BOS (when the tokenizer has one), so every window starts like a fresh sequence.
 Windows are right-padded into batches; the model is causal, so padding never changes real positions.
 The forward pass stops after the hooked layer.
+
+This is the harvest loop on a loaded model; `data.stage.harvest` is the whole stage (options, default
+output and reuse, provenance, model loading).
 """
 from __future__ import annotations
 
@@ -15,37 +18,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .activations import ActivationStore, ActivationWriter
+from .activations import ActivationStore, ActivationWriter, activation_artifact
+from .config import HarvestConfig
 from ..core.errors import BadInput
 from ..core.outputs import check_target, exclusive, partial_path
 from ..core.progress import Progress
-from ..core.records import Source, artifact_record
+from ..core.records import Source
 from ..core.signals import StopFlag
 
 log = logging.getLogger("ssae")
-
-
-@dataclass
-class HarvestConfig:
-    hook: str
-    context_size: int = 128
-    batch_size: int = 16
-    max_tokens: int | None = None
-    dtype: str = "float16"
-    drop_bos: bool = True
-    min_tokens: int = 1
-    shard: tuple[int, int] = (0, 1)
-    store_text: bool = True
-
-    def check(self) -> None:
-        if self.context_size < 2:
-            raise BadInput(f"--context-size {self.context_size}: must be at least 2")
-        if self.batch_size < 1:
-            raise BadInput(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise BadInput(f"--max-tokens {self.max_tokens}: must be positive")
-        if self.min_tokens < 1:
-            raise BadInput(f"--min-tokens {self.min_tokens}: must be at least 1")
 
 
 @dataclass
@@ -62,7 +43,7 @@ class _Counter:
 
 def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
                  counter: _Counter) -> Iterator[Window]:
-    shard_i, shard_n = cfg.shard
+    shard_i, shard_n = cfg.shard_index
     span = cfg.context_size - (1 if model.bos_token_id is not None else 0)
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
@@ -162,11 +143,11 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     return {"n_short": counter.short}
 
 
-def harvest(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
-            force: bool = False, quiet: bool = False) -> dict:
+def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
+                        force: bool = False, quiet: bool = False) -> dict:
     """Harvest into `out` atomically: a `.partial` file beside it, resumed when the same configuration
     finds one (--force only discards one of another configuration), renamed into place when complete.
-    Returns the artifact record."""
+    `cfg` is resolved (HarvestConfig.resolve: the hook named, the shard set).  Returns the artifact record."""
     cfg.check()
     check_target(out, force)
     with exclusive(out):
@@ -224,8 +205,3 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     log.info("wrote %s: %d tokens from %d documents", out, n_tokens, n_docs)
     return activation_artifact(out)
 
-
-def activation_artifact(path: str) -> dict:
-    with ActivationStore(path) as s:
-        return artifact_record("activations", path, n_tokens=s.n_tokens, n_docs=s.n_docs, model=s.model,
-                               hook=s.hook, d_model=s.d_model, dtype=s.dtype)

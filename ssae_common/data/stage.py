@@ -1,0 +1,77 @@
+"""The ssae-harvest stage from Python: documents -> an activation file, and shard files -> one file.
+
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.data import HarvestConfig, harvest
+    record = harvest(HarvestConfig(layer=3), ["docs.jsonl"], out="acts.h5", context=RunContext(device="cpu"))
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .activations import activation_artifact, merge_shards, store_fingerprint
+from .config import HarvestConfig
+from .harvester import harvest_activations
+from .models import load_model, model_identity
+from ..core.errors import BadInput
+from ..core.outputs import atomic_file, existing_output, workdir
+from ..core.provenance import config_hash, created_by, input_fingerprint
+from ..core.records import iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
+from ..core.runtime import RunContext
+
+log = logging.getLogger("ssae")
+
+
+def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
+            context: RunContext | None = None) -> dict:
+    """Run `docs` (paths, hf:NAME[:SPLIT], or "-" / nothing for stdin) through the config's model and
+    store the activations at its hook in `out` (default: under $SSAE_WORKDIR, named by a hash of the
+    inputs and resolved configuration, and reused when already there).  Returns the artifact record."""
+    context = context or RunContext()
+    config = config.resolve()
+    inputs = list(docs) or ["-"]
+    spooled = None
+    if "-" in inputs:
+        if stdin_is_terminal():
+            raise BadInput("no input: give document paths or pipe documents on stdin")
+        if out is None:  # the default output is named by the inputs' hash: stdin needs a file to hash
+            spooled = spool_stdin(os.path.join(workdir(), "tmp"))
+            inputs = [spooled if p == "-" else p for p in inputs]
+    try:
+        resolved = context.resolved(
+            model=model_identity(config.model), hook=config.hook, context_size=config.context_size,
+            batch_size=config.batch_size, max_tokens=config.max_tokens, dtype=config.dtype,
+            drop_bos=config.drop_bos, min_tokens=config.min_tokens, text_field=config.text_field,
+            store_text=config.store_text, shard=config.shard,
+            inputs=[{"path": p, "sha256": input_fingerprint(p)} for p in inputs if p != "-"])
+        if out is None:
+            out, reuse = existing_output("activations", config_hash(resolved), ".h5", force=context.force)
+            if reuse:
+                return activation_artifact(out)
+        lm = load_model(config.model, device=context.device)
+        lm.check_hook(config.hook)
+        attrs = {"model": lm.name, "hook": config.hook, "context_size": config.context_size, "dtype": config.dtype,
+                 "bos_dropped": bool(config.drop_bos and lm.bos_token_id is not None), "config": resolved,
+                 "created_by": created_by(context.program), "store_text": config.store_text,
+                 "shard": config.shard, "seed": context.seed}
+        return harvest_activations(lm, iter_docs(inputs, config.text_field), out, config, attrs,
+                                   force=context.force, quiet=context.quiet)
+    finally:
+        if spooled:
+            os.remove(spooled)
+
+
+def merge(shards: list[str], *, out: str | None = None, context: RunContext | None = None) -> dict:
+    """Merge the outputs of a sharded harvest (paths, or artifact records on stdin for "-" / nothing) into
+    input order: what one unsharded run stores.  Returns the artifact record."""
+    context = context or RunContext()
+    paths = resolve_artifacts(shards, "activations")
+    if out is None:
+        resolved = context.resolved(merge=[{"path": p, "fingerprint": store_fingerprint(p)} for p in paths])
+        out, reuse = existing_output("activations", config_hash(resolved), ".h5", force=context.force)
+        if reuse:
+            return activation_artifact(out)
+    with atomic_file(out, force=context.force, suffix=".h5") as tmp:
+        n_tokens, n_docs = merge_shards(paths, tmp, {"created_by": created_by(context.program)})
+    log.info("merged %d shards into %s: %d tokens, %d documents", len(paths), out, n_tokens, n_docs)
+    return activation_artifact(out)
