@@ -223,7 +223,7 @@ def test_interrupted_docs_eval_resumes_to_the_same_result(setup, tmp_path):
 @pytest.mark.integration
 def test_bundled_model_identity_splice(shared_data, tmp_path):
     """On SmolLM2 at the default hook, an exact SAE leaves the CE untouched and zero ablation hurts."""
-    from ssae_common.data.models import DEFAULT_HOOK
+    from ssae_common.data.config import DEFAULT_HOOK
 
     ident = save_sae(tmp_path / "ident", identity(576), "smollm2", DEFAULT_HOOK)
     out = tmp_path / "ev"
@@ -255,7 +255,7 @@ def test_python_api_writes_metrics_and_returns_the_record(setup, tmp_path):
 def test_config_errors_name_the_field_in_python_and_the_flag_on_the_command_line(setup, tmp_path):
     from ssae_common.core.config import ConfigError
     from ssae_common.core.runtime import RunContext
-    from ssae_common.data.models import DEFAULT_MODEL
+    from ssae_common.data.config import DEFAULT_MODEL
     from ssae_common.eval import EvalConfig, evaluate
 
     with pytest.raises(ConfigError) as e:

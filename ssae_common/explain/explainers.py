@@ -253,7 +253,7 @@ class LocalLM:
 
 def make_backend(kind: str, *, model: str | None, url: str | None, api_key: str | None, device: str,
                  timeout: float, option_prefix: str = "--explainer"):
-    from ..data.models import DEFAULT_MODEL
+    from ..data.config import DEFAULT_MODEL
 
     if kind == "local":
         return LocalLM(model or DEFAULT_MODEL, device)

@@ -26,7 +26,8 @@ from ..core.outputs import atomic_file, check_target
 from ..core.provenance import config_hash, created_by
 from ..core.records import iter_docs, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
-from ..data.models import DEFAULT_MODEL, load_tokenizer, model_identity
+from ..data.config import DEFAULT_MODEL
+from ..data.models import load_tokenizer, model_identity
 from . import engines as R
 from .config import RetrieveConfig
 

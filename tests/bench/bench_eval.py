@@ -49,7 +49,8 @@ def docs_file(tmp: str) -> str:
 def throughput(args, tmp: str) -> None:
     import torch
 
-    from ssae_common.data.models import DEFAULT_HOOK, load_model, model_identity
+    from ssae_common.data.config import DEFAULT_HOOK
+    from ssae_common.data.models import load_model, model_identity
     from ssae_common.core.records import iter_docs
     from ssae_common.sae.autoencoder import SAE
     from ssae_common.eval.splice import DocsEvalConfig, next_token_ce, window_batches
