@@ -255,6 +255,9 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
               and default != () and default is not False}
     if spec.envvar:
         kwargs["envvar"] = list(spec.envvar)
+    if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+        kwargs["required"] = True  # a field without a default must be given
+        del kwargs["default"]  # click 8.3 takes an explicit default=None as a given value
     decls = [flag] + ([spec.short] if spec.short else [])
     if base is bool:
         off = "--" + (spec.negative or "no-" + flag[2:])
