@@ -15,12 +15,19 @@ import torch
 from click.testing import CliRunner
 
 from helpers import parse_records, sample_docs, write_jsonl
-from ssae_common.explain import explainers
-from ssae_common.data.activations import ActivationStore, ActivationWriter
-from ssae_common.explain.contexts import ContextConfig, LatentReader, extract_contexts, parse_latents
+from ssae_common.core.config import ConfigError
 from ssae_common.core.errors import BadInput
-from ssae_common.explain.explainers import (EXPLAIN_SYSTEM, SCORE_SYSTEM, auc, detection_metrics, parse_explanation,
-                                    parse_selection, read_done)
+from ssae_common.core.parse import parse_latent_ranges
+from ssae_common.core.runtime import RunContext
+from ssae_common.core.stats import roc_auc
+from ssae_common.data.activations import ActivationStore, ActivationWriter
+from ssae_common.explain import ExplainConfig, explainers
+from ssae_common.explain.config import ContextConfig
+from ssae_common.explain.contexts import LatentReader, extract_contexts
+from ssae_common.explain.explainers import (EXPLAIN_SYSTEM, SCORE_SYSTEM, detection_metrics, parse_explanation,
+                                            parse_selection, score_latent)
+from ssae_common.explain.stage import explain as explain_stage
+from ssae_common.explain.stage import read_done
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.explain import main as explain
 from ssae_tools.harvest import main as harvest
@@ -176,9 +183,9 @@ def openai_args(setup, url, out, *extra):
 
 def test_contexts_exact_on_hand_built_store(tmp_path, tokenizer, tiny_model):
     path, ids = build_store(str(tmp_path / "a.h5"), tokenizer, tiny_model, hand_acts)
-    cfg = ContextConfig(n_explain=3, n_score=2, window_left=2, window_right=1, seed=0)
+    cfg = ContextConfig(n_explain=3, n_score=2, window_left=2, window_right=1)
     with ActivationStore(path) as store:
-        out = extract_contexts(store, identity_sae(), [0, 1, 2, 3], cfg, tokenizer)
+        out = extract_contexts(store, identity_sae(), [0, 1, 2, 3], cfg, tokenizer, seed=0)
     c0, c1, c2, c3 = out
     n = len(ids)
     assert [c["latent"] for c in out] == [0, 1, 2, 3]
@@ -220,10 +227,10 @@ def test_windows_hold_out_quantiles_and_are_deterministic(tmp_path, tokenizer, t
         return a
 
     path, _ = build_store(str(tmp_path / "a.h5"), tokenizer, tiny_model, acts)
-    cfg = ContextConfig(n_explain=2, n_score=2, window_left=1, window_right=1, seed=5, chunk_rows=7)
+    cfg = ContextConfig(n_explain=2, n_score=2, window_left=1, window_right=1, chunk_rows=7)
     with ActivationStore(path) as store:
-        first = extract_contexts(store, identity_sae(), [0], cfg, tokenizer)[0]
-        again = extract_contexts(store, identity_sae(), [0], cfg, tokenizer)[0]
+        first = extract_contexts(store, identity_sae(), [0], cfg, tokenizer, seed=5)[0]
+        again = extract_contexts(store, identity_sae(), [0], cfg, tokenizer, seed=5)[0]
     assert first == again
     explain_rows = {w["row"] for w in first["explain"]}
     assert explain_rows == {24, 20}  # the two largest (values 25 and 21), non-overlapping
@@ -249,12 +256,19 @@ def test_latent_reader_matches_encode(architecture):
 
 
 def test_parse_latents():
-    assert parse_latents("0-3,7, 5", 10) == [0, 1, 2, 3, 5, 7]
-    assert parse_latents(None, 3) == [0, 1, 2]
+    """--latents is read by the shared parser: where explain's own copy differed, the shared rules hold."""
+    assert parse_latent_ranges("0-3,7, 5", 10) == [0, 1, 2, 3, 5, 7]
+    assert parse_latent_ranges(None, 3) == [0, 1, 2]
     with pytest.raises(BadInput, match="latent 10 is out of range"):
-        parse_latents("8-10", 10)
+        parse_latent_ranges("8-10", 10)
     with pytest.raises(BadInput, match="'x' is not a latent index"):
-        parse_latents("1,x", 10)
+        parse_latent_ranges("1,x", 10)
+    assert parse_latent_ranges("1,,2", 10) == [1, 2]  # explain's copy refused the empty part
+    with pytest.raises(ConfigError, match="no latents given") as e:  # explain's copy explained nothing
+        parse_latent_ranges(",", 10)
+    assert e.value.field_name == "latents"
+    with pytest.raises(ConfigError, match="not a latent index"):
+        parse_latent_ranges("5-3", 10)
 
 
 # ------------------------------------------------------------------------------ parsing and scoring
@@ -270,8 +284,32 @@ def test_detection_metrics_arithmetic():
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
     m = detection_metrics([False, False], [True, False])  # nothing truly active: undefined
     assert m["recall"] is None and m["f1"] is None and m["accuracy"] == 0.5
-    assert auc([True, True, False], [2.0, 0.5, 1.0]) == 0.5
-    assert auc([True, False], [1.0, 1.0]) == 0.5 and auc([True], [1.0]) is None
+    assert roc_auc([2.0, 0.5, 1.0], [True, True, False]) == 0.5
+    assert roc_auc([1.0, 1.0], [True, False]) == 0.5 and roc_auc([1.0], [True]) is None
+
+
+class ScriptedLM(explainers.LocalLM):
+    """A local scorer without a model: its Yes/No log-odds are given per text."""
+
+    def __init__(self, logodds):
+        self.name, self.logodds = "local:scripted", logodds
+
+    def yes_logodds(self, messages):
+        text = messages[-1]["content"].split("Text: ", 1)[1]
+        return self.logodds[text.split()[0]]
+
+
+def test_local_scores_rank_by_auc_and_one_class_has_none():
+    def window(word, active):
+        return {"tokens": [word, " x"], "acts": [1.0 if active else 0.0, 0.0], "active": active}
+
+    held_out = [window("a", True), window("b", True), window("c", False), window("d", False)]
+    scorer = ScriptedLM({"a": 2.0, "b": -1.0, "c": 0.5, "d": -3.0})
+    got = score_latent(scorer, "letters", held_out, retries=0, seed=0)
+    assert got["predictions"] == [True, False, True, False] and got["f1"] == 0.5
+    assert got["auc"] == 0.75  # a beats c and d, b beats d only
+    got = score_latent(scorer, "letters", held_out[:2], retries=0, seed=0)
+    assert got["auc"] is None  # one class: no AUC (as the scorer always reported)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -436,23 +474,32 @@ def test_local_greedy_decoding_matches_transformers(tiny_model):
     assert lm.generate(ids, 6, temperature=1.0, seed=3) == lm.generate(ids, 6, temperature=1.0, seed=3)
 
 
-def test_local_backend_with_tiny_model(setup, tmp_path):
+def test_local_backend_with_tiny_model(setup, tmp_path, monkeypatch):
+    """The tiny random model never answers in the format: its replies are recorded as malformed, and nothing
+    is scored.  With the reply scripted, the same model scores detection from its Yes/No odds."""
     args = [setup["sae"], "--activations", setup["acts"], "--explainer", "local", "--explainer-model", setup["model"],
             "--latents", "0,3", "--n-explain", "4", "--n-score", "2", "--max-new-tokens", "6", "--retries", "0"]
-    r = run([*args, "-o", tmp_path / "a"])
-    assert r.exit_code == 0, r.stderr
-    records = [json.loads(line) for line in open(tmp_path / "a" / "explanations.jsonl")]
-    assert [rec["latent"] for rec in records] == [0, 3]
+
+    def explained(folder):
+        r = run([*args, "-o", tmp_path / folder])
+        assert r.exit_code == 0, r.stderr
+        records = [json.loads(line) for line in open(tmp_path / folder / "explanations.jsonl")]
+        assert [rec["latent"] for rec in records] == [0, 3]
+        assert all(rec["explainer"] == f"local:{os.path.abspath(setup['model'])}" for rec in records)
+        return records
+
+    records = explained("a")
     for rec in records:
-        assert rec["explainer"] == f"local:{os.path.abspath(setup['model'])}"
-        assert rec["status"] in ("ok", "malformed")
-        if rec["status"] == "ok":
-            assert isinstance(rec["explanation"], str) and 0 <= rec["diversity"] <= 100
-            assert rec["score_status"] == "ok" and len(rec["predictions"]) == rec["n_scored"]
-            assert rec["auc"] is None or 0 <= rec["auc"] <= 1
-    r = run([*args, "-o", tmp_path / "b"])
-    again = [json.loads(line) for line in open(tmp_path / "b" / "explanations.jsonl")]
-    assert again == records  # greedy and seeded: reproducible
+        assert rec["status"] == "malformed" and rec["raw_reply"].startswith("Explanation:")
+        assert rec["explanation"] is None and rec["score_status"] == "no_explanation" and rec["f1"] is None
+    assert explained("b") == records  # greedy and seeded: reproducible
+
+    monkeypatch.setattr(explainers.LocalLM, "fill_fields", lambda self, *reply_args: GOOD)
+    for rec in explained("c"):
+        assert rec["status"] == "ok" and rec["explanation"] == "the word in at a place" and rec["diversity"] == 42
+        assert rec["scorer"] == rec["explainer"] and rec["score_status"] == "ok"
+        assert len(rec["predictions"]) == rec["n_scored"] and 0 <= rec["f1"] <= 1
+        assert 0 <= rec["auc"] <= 1  # log-odds rank held-out windows of both classes
 
 
 def test_none_writes_marked_token_statistics(setup, tmp_path):
@@ -469,13 +516,64 @@ def test_none_writes_marked_token_statistics(setup, tmp_path):
     assert r.exit_code == 2 and "exists (use --force to overwrite)" in r.stderr
 
 
+# ------------------------------------------------------------------------------------------ python
+
+def test_explain_from_python(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAE_WORKDIR", str(tmp_path / "work"))
+    config = ExplainConfig(activations=setup["acts"], explainer="none", latents="0-3")
+    context = RunContext(device_spec="cpu", quiet=True)
+    record = explain_stage(config, setup["sae"], out=str(tmp_path / "ex"), context=context)
+    assert record["schema"] == "ssae.artifact/1" and record["kind"] == "explanations"
+    assert record["path"] == str(tmp_path / "ex") and record["n_latents"] == 4
+    assert record["n_explained"] == 0 and record["mean_f1"] is None
+    records = [json.loads(line) for line in open(record["explanations"])]
+    assert [rec["latent"] for rec in records] == [0, 1, 2, 3]
+    assert all(rec["status"] == "statistics" for rec in records)
+    assert record["browser"] == str(tmp_path / "ex" / "index.html") and os.path.exists(record["browser"])
+    run_info = json.loads((tmp_path / "ex" / "run.json").read_text())
+    assert run_info["created_by"]["tool"] == "python" and run_info["config"]["n_latents"] == 4
+    assert set(run_info["config"]["activations"]) == {"path", "fingerprint"}  # not a sha256 of the whole file
+    # no out: a folder under $SSAE_WORKDIR named by the hash, reused (not rewritten) by the same call
+    first = explain_stage(config, setup["sae"], context=context)
+    assert first["path"].startswith(str(tmp_path / "work" / "explanations")) and first["n_latents"] == 4
+    written = os.path.getmtime(first["explanations"])
+    assert explain_stage(config, setup["sae"], context=context) == first
+    assert os.path.getmtime(first["explanations"]) == written
+
+
+def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup, tmp_path, monkeypatch):
+    for var in ("OPENAI_BASE_URL", "SSAE_EXPLAINER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    context = RunContext(device_spec="cpu")
+    config = ExplainConfig(activations=setup["acts"], explainer="openai", explainer_model="m")
+    with pytest.raises(ConfigError, match="needs explainer_url") as e:
+        explain_stage(config, setup["sae"], out=str(tmp_path / "ex"), context=context)
+    assert e.value.field_name == "explainer"
+    with pytest.raises(ConfigError) as e:
+        ExplainConfig(activations=setup["acts"], batch_latents=0).check()
+    assert str(e.value) == "batch_latents 0: must be at least 1"
+    with pytest.raises(ConfigError) as e:
+        ExplainConfig(activations=setup["acts"]).resolve(store_model=None)
+    assert e.value.field_name == "tokenizer_model"
+    base = [setup["sae"], "--activations", setup["acts"], "--explainer", "none", "-o", tmp_path / "ex"]
+    r = run([*base, "--batch-latents", "0"])
+    assert r.exit_code == 2 and "error: --batch-latents 0: must be at least 1" in r.stderr
+    r = run([*base, "--n-score", "-1"])
+    assert r.exit_code == 2 and "error: --n-score -1: must be at least 0" in r.stderr
+    r = run([*base, "--latents", "5-3"])
+    assert r.exit_code == 2 and "error: --latents 5-3: '5-3' is not a latent index" in r.stderr
+    r = run(base[:1] + base[3:])
+    assert r.exit_code == 2 and "Missing option '--activations'" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def test_latent_out_of_range(setup, tmp_path):
     r = run([setup["sae"], "--activations", setup["acts"], "--explainer", "none", "--latents", "0-6",
              "-o", tmp_path / "ex"])
     assert r.exit_code == 2
-    assert "error: --latents '0-6': latent 6 is out of range (the SAE has 6 latents, 0-5)" in r.stderr
+    assert "error: --latents 0-6: latent 6 is out of range (the SAE has 6 latents, 0-5)" in r.stderr
     assert os.listdir(tmp_path) == []
 
 
@@ -499,7 +597,7 @@ def test_width_mismatch_and_missing_options(setup, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "activations have width 16, the SAE" in r.stderr and "expects d_in 4" in r.stderr
     r = run([setup["sae"], "--activations", setup["acts"], "--explainer", "openai", "--explainer-model", "m",
              "-o", tmp_path / "ex"])
-    assert r.exit_code == 2 and "--explainer openai needs --explainer-url" in r.stderr
+    assert r.exit_code == 2 and "--explainer openai: needs explainer_url" in r.stderr
     r = run([setup["sae"], "--activations", tmp_path / "nope.h5", "--explainer", "none"])
     assert r.exit_code == 2 and "no such activation file" in r.stderr
 

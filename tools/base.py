@@ -255,8 +255,10 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
               and default != () and default is not False}
     if spec.envvar:
         kwargs["envvar"] = list(spec.envvar)
-    if spec.required:
+    if spec.required or (fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING):
         kwargs["required"] = True
+        if kwargs.get("default") is None:
+            del kwargs["default"]  # click 8.3 takes an explicit default=None as a given value
     decls = [flag] + ([spec.short] if spec.short else [])
     if base is bool:
         off = "--" + (spec.negative or "no-" + flag[2:])

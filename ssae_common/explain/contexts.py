@@ -15,62 +15,13 @@ against the stored token ids), falling back to decoding the ids.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..core.errors import BadInput
+from .config import ContextConfig
 
 log = logging.getLogger("ssae")
-
-
-@dataclass
-class ContextConfig:
-    n_explain: int = 10        # top-activating windows shown to the explainer
-    n_score: int = 5           # held-out activating windows; as many non-activating ones
-    window_left: int = 12      # tokens before the marked token
-    window_right: int = 4      # tokens after it
-    reservoir: int = 256       # activating positions sampled per latent (quantiles, top tokens, histogram)
-    hist_bins: int = 20
-    n_top_tokens: int = 10
-    chunk_rows: int | None = None
-    seed: int = 0
-
-    def check(self) -> None:
-        for name in ("n_explain", "reservoir", "hist_bins"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("n_score", "window_left", "window_right"):
-            if getattr(self, name) < 0:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
-
-    @property
-    def span(self) -> int:
-        return self.window_left + self.window_right + 1
-
-
-def parse_latents(spec: str | None, d_sae: int) -> list[int]:
-    """`0-99,512` -> sorted unique latent indices; None or `all` -> every latent."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return list(range(d_sae))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                chosen = range(a, b + 1)
-            else:
-                chosen = [int(part)]
-        except ValueError:
-            raise BadInput(f"--latents {spec!r}: {part!r} is not a latent index or range like 0-99") from None
-        for i in chosen:
-            if not 0 <= i < d_sae:
-                raise BadInput(f"--latents {spec!r}: latent {i} is out of range (the SAE has {d_sae} latents, 0-{d_sae - 1})")
-        out.update(chosen)
-    return sorted(out)
 
 
 class LatentReader:
@@ -207,9 +158,10 @@ class TokenText:
         return ids, pieces
 
 
-def extract_contexts(store, sae, latents: list[int], cfg: ContextConfig, tokenizer, *, device: str = "cpu",
-                     stop=None, progress=None) -> list[dict]:
-    """Contexts of each latent in `latents` (see the module docstring). `stop` is a signals.StopFlag."""
+def extract_contexts(store, sae, latents: list[int], cfg: ContextConfig, tokenizer, *, seed: int = 0,
+                     device: str = "cpu", stop=None, progress=None) -> list[dict]:
+    """Contexts of each latent in `latents` (see the module docstring); `seed` draws the reservoir samples
+    and the non-activating windows.  `stop` is a signals.StopFlag."""
     cfg.check()
     if sae.d_in != store.d_model:
         raise BadInput(f"{store.path}: activations have width {store.d_model}, the SAE expects d_in {sae.d_in}")
@@ -254,7 +206,7 @@ def extract_contexts(store, sae, latents: list[int], cfg: ContextConfig, tokeniz
         top.add(key, {"row": rows_, "doc": docs_.astype(np.int32)})
 
         # reservoir: the activating entries with the largest seeded random keys are a uniform sample
-        rng = np.random.default_rng([cfg.seed, start])
+        rng = np.random.default_rng([seed, start])
         keys = rng.random(len(lat), dtype=np.float32)
         key, (rows_, docs_, vals_, toks_) = _best_per_latent(
             lat, keys, cfg.reservoir, L, [(start + pos, -1), (di[pos], -1), (vals, 0.0), (tids[pos], -1)])
@@ -268,7 +220,7 @@ def extract_contexts(store, sae, latents: list[int], cfg: ContextConfig, tokeniz
 
     windows, plans = _choose_windows(cfg, latents, top, res, doc_start, doc_stop, n_active, act_sum)
     _fill_activating(store, reader, windows)
-    _random_windows(store, reader, cfg, latents, plans, doc_start, doc_stop)
+    _random_windows(store, reader, cfg, seed, plans, doc_start, doc_stop)
     _fill_text(store, TokenText(tokenizer), [w for p in plans for w in p["explain"] + p["score"]], doc_start)
     if stop is not None:
         stop.check()
@@ -359,12 +311,13 @@ def _fill_activating(store, reader: LatentReader, windows: list[dict], block: in
         offset += n
 
 
-def _random_windows(store, reader: LatentReader, cfg: ContextConfig, latents, plans, doc_start, doc_stop) -> None:
+def _random_windows(store, reader: LatentReader, cfg: ContextConfig, seed: int, plans, doc_start,
+                    doc_stop) -> None:
     """Held-out non-activating windows: from a seeded pool of random rows, those whose whole window is zero
     for the latent."""
     if cfg.n_score == 0:
         return
-    rng = np.random.default_rng([cfg.seed, 1])
+    rng = np.random.default_rng([seed, 1])
     pool_size = int(min(store.n_tokens, max(16 * cfg.n_score, 128)))
     centre = np.sort(rng.choice(store.n_tokens, size=pool_size, replace=False))
     docs = store.f["doc_index"][centre].astype(np.int64)
@@ -378,7 +331,7 @@ def _random_windows(store, reader: LatentReader, cfg: ContextConfig, latents, pl
     window_max = np.stack([values[w].max(0) for w in window_idx])  # [pool, L]
     for p in plans:
         j = p["col"]
-        order = np.random.default_rng([cfg.seed, 2, p["latent"]]).permutation(pool_size)
+        order = np.random.default_rng([seed, 2, p["latent"]]).permutation(pool_size)
         got = []
         for i in order:
             if window_max[i, j] == 0:

@@ -140,7 +140,8 @@ def _extract(store_path, sae_path, latents, tokenizer, queue):
     from transformers import AutoTokenizer
 
     from ssae_common.data.activations import ActivationStore
-    from ssae_common.explain.contexts import ContextConfig, extract_contexts
+    from ssae_common.explain.config import ContextConfig
+    from ssae_common.explain.contexts import extract_contexts
     from ssae_common.sae.autoencoder import SAE
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
