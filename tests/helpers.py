@@ -118,3 +118,47 @@ def synthetic_bios(per_cell: int = 40, seed: int = 0) -> list[dict]:
                 records.append({"id": f"{profession}-{gender}-{i}", "text": " ".join(words),
                                 "profession": profession, "gender": gender})
     return records
+
+
+def invoke(command, args, input=None, code=None, catch_exceptions=False):
+    """Run a click command in-process (CliRunner); with `code`, assert the exit status."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(command, [str(a) for a in args], input=input, catch_exceptions=catch_exceptions)
+    if code is not None:
+        assert result.exit_code == code, (result.exit_code, result.stderr, result.stdout)
+    return result
+
+
+def identity_sae(d: int, signed: bool = True):
+    """An SAE whose latents are the coordinates of x.  signed: d_sae = 2d with encoders [I, -I] and
+    decoders [I; -I], so relu(x) - relu(-x) = x reconstructs exactly; else d_sae = d, latent i = relu(x_i)."""
+    import torch
+
+    from ssae_common.sae.autoencoder import SAE
+
+    eye = torch.eye(d)
+    sae = SAE(d, 2 * d if signed else d)
+    sae.W_enc.data = torch.cat([eye, -eye], 1) if signed else eye.clone()
+    sae.W_dec.data = torch.cat([eye, -eye], 0) if signed else eye.clone()
+    return sae
+
+
+def random_sae(d_in: int, d_sae: int, seed: int = 0, architecture: str = "relu", k=None, act_scale: float = 1.0,
+               dec_scale: float = 1.0, enc_bias: float | None = None, dec_bias: bool = True):
+    """A seeded random SAE with unit-scale pre-activations.  enc_bias: a constant encoder bias (None: random
+    around -0.2); dec_bias False leaves the decoder bias at zero."""
+    import math
+
+    import torch
+
+    from ssae_common.sae.autoencoder import SAE
+
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(d_in, d_sae, architecture, k, act_scale)
+    sae.W_enc.data = torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in)
+    sae.W_dec.data = torch.randn(d_sae, d_in, generator=g) * dec_scale / math.sqrt(d_sae)
+    sae.b_enc.data = (torch.randn(d_sae, generator=g) * 0.1 - 0.2) if enc_bias is None else torch.full((d_sae,), enc_bias)
+    if dec_bias:
+        sae.b_dec.data = torch.randn(d_in, generator=g) * 0.1
+    return sae

@@ -6,11 +6,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from helpers import parse_records, sample_docs, write_jsonl
+from helpers import identity_sae, invoke, parse_records, random_sae, sample_docs, write_jsonl
 from ssae_common.data.models import model_identity
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.eval import main as eval_main
@@ -29,23 +28,6 @@ def save_sae(folder, sae, model, hook=HOOK, **extra):
     return str(folder)
 
 
-def identity(d=D):
-    sae = SAE(d, 2 * d)
-    eye = torch.eye(d)
-    sae.W_enc.data = torch.cat([eye, -eye], 1)
-    sae.W_dec.data = torch.cat([eye, -eye], 0)
-    return sae
-
-
-def random_sae(d_sae=48, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    sae = SAE(D, d_sae)
-    sae.W_enc.data = torch.randn(D, d_sae, generator=g) / math.sqrt(D)
-    sae.W_dec.data = torch.randn(d_sae, D, generator=g) * scale / math.sqrt(d_sae)
-    sae.b_enc.data = -0.01 * torch.ones(d_sae)  # the tiny model's activations have norms ~0.1
-    return sae
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -56,19 +38,17 @@ def setup(tiny_model, tmp_path_factory):
                                           "--context-size", "32", "-o", acts, "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
     saes = {
-        "ident": save_sae(root / "ident", identity(), model),
+        "ident": save_sae(root / "ident", identity_sae(D), model),
         "zero": save_sae(root / "zero", SAE(D, 2 * D), model),  # W_dec = 0, b_dec = 0: reconstruction is 0
-        "rand": save_sae(root / "rand", random_sae(48, 0), model),
-        "rand2": save_sae(root / "rand2", random_sae(48, 1, 0.5), model,
+        "rand": save_sae(root / "rand", random_sae(D, 48, 0, enc_bias=-0.01, dec_bias=False), model),
+        "rand2": save_sae(root / "rand2", random_sae(D, 48, 1, dec_scale=0.5, enc_bias=-0.01, dec_bias=False), model,
                           parent={"path": str(root / "rand"), "sha256": None}),
     }
     return {"root": root, "model": tiny_model, "docs": docs, "acts": acts, "saes": saes}
 
 
 def run(args, code=0):
-    r = CliRunner().invoke(eval_main, [*args, "--device", "cpu"])
-    assert r.exit_code == code, (r.exit_code, r.stderr, r.stdout)
-    return r
+    return invoke(eval_main, [*args, "--device", "cpu"], code=code)
 
 
 def test_docs_mode_known_answers_baseline_plots_report(setup, tmp_path):
@@ -152,7 +132,7 @@ def test_default_output_is_reused(setup):
 @pytest.mark.parametrize("field,value", [("model", "some-other-model"), ("hook", "blocks.1.hook_resid_post")])
 def test_mismatched_sae_is_refused(setup, tmp_path, field, value):
     cfg = {"model": model_identity(setup["model"]), "hook": HOOK, field: value}
-    bad = save_sae(tmp_path / "bad", identity(), cfg["model"], cfg["hook"])
+    bad = save_sae(tmp_path / "bad", identity_sae(D), cfg["model"], cfg["hook"])
     out = tmp_path / "ev"
     for args in ([bad, "--activations", setup["acts"]],
                  [bad, "--docs", setup["docs"], "--model", setup["model"], "--hook", HOOK],
@@ -225,7 +205,7 @@ def test_bundled_model_identity_splice(shared_data, tmp_path):
     """On SmolLM2 at the default hook, an exact SAE leaves the CE untouched and zero ablation hurts."""
     from ssae_common.data.config import DEFAULT_HOOK
 
-    ident = save_sae(tmp_path / "ident", identity(576), "smollm2", DEFAULT_HOOK)
+    ident = save_sae(tmp_path / "ident", identity_sae(576), "smollm2", DEFAULT_HOOK)
     out = tmp_path / "ev"
     run([ident, "--docs", os.path.join(shared_data, "physics", "astro_ph_test.jsonl.gz"), "--max-tokens", "64",
          "--batch-size", "1", "--cosine-pairs", "1000", "-o", str(out)])

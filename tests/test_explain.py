@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import parse_records, sample_docs, write_jsonl
+from helpers import identity_sae, invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.errors import BadInput
 from ssae_common.core.parse import parse_latent_ranges
@@ -37,7 +37,7 @@ GOOD = "Explanation: the word in at a place\nDiversity: 42\nJustification: the c
 
 
 def run(args, **kw):
-    return CliRunner().invoke(explain, [str(a) for a in args], catch_exceptions=False, **kw)
+    return invoke(explain, args, **kw)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -69,13 +69,6 @@ def build_store(path, tok, model, acts_fn, store_text=True):
     w.checkpoint(len(DOCS), len(DOCS), 0)
     w.finish()
     return path, ids
-
-
-def identity_sae(d=4):
-    sae = SAE(d, d)
-    sae.W_enc.data = torch.eye(d)
-    sae.W_dec.data = torch.eye(d)
-    return sae
 
 
 def hand_acts(n):
@@ -185,7 +178,7 @@ def test_contexts_exact_on_hand_built_store(tmp_path, tokenizer, tiny_model):
     path, ids = build_store(str(tmp_path / "a.h5"), tokenizer, tiny_model, hand_acts)
     cfg = ContextConfig(n_explain=3, n_score=2, window_left=2, window_right=1)
     with ActivationStore(path) as store:
-        out = extract_contexts(store, identity_sae(), [0, 1, 2, 3], cfg, tokenizer, seed=0)
+        out = extract_contexts(store, identity_sae(4, signed=False), [0, 1, 2, 3], cfg, tokenizer, seed=0)
     c0, c1, c2, c3 = out
     n = len(ids)
     assert [c["latent"] for c in out] == [0, 1, 2, 3]
@@ -229,8 +222,8 @@ def test_windows_hold_out_quantiles_and_are_deterministic(tmp_path, tokenizer, t
     path, _ = build_store(str(tmp_path / "a.h5"), tokenizer, tiny_model, acts)
     cfg = ContextConfig(n_explain=2, n_score=2, window_left=1, window_right=1, chunk_rows=7)
     with ActivationStore(path) as store:
-        first = extract_contexts(store, identity_sae(), [0], cfg, tokenizer, seed=5)[0]
-        again = extract_contexts(store, identity_sae(), [0], cfg, tokenizer, seed=5)[0]
+        first = extract_contexts(store, identity_sae(4, signed=False), [0], cfg, tokenizer, seed=5)[0]
+        again = extract_contexts(store, identity_sae(4, signed=False), [0], cfg, tokenizer, seed=5)[0]
     assert first == again
     explain_rows = {w["row"] for w in first["explain"]}
     assert explain_rows == {24, 20}  # the two largest (values 25 and 21), non-overlapping
@@ -581,7 +574,7 @@ def test_store_without_text(setup, tmp_path, tokenizer):
     path, _ = build_store(str(tmp_path / "a.h5"), tokenizer, setup["model"], hand_acts, store_text=False)
     folder = tmp_path / "sae"
     folder.mkdir()
-    identity_sae().save(str(folder))
+    identity_sae(4, signed=False).save(str(folder))
     r = run([folder, "--activations", path, "--explainer", "none", "-o", tmp_path / "ex"])
     assert r.exit_code == 2
     assert f"{path}: no document text stored (harvested with --no-store-text)" in r.stderr
@@ -592,7 +585,7 @@ def test_width_mismatch_and_missing_options(setup, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     folder = tmp_path / "sae"
     folder.mkdir()
-    identity_sae().save(str(folder))
+    identity_sae(4, signed=False).save(str(folder))
     r = run([folder, "--activations", setup["acts"], "--explainer", "none", "-o", tmp_path / "ex"])
     assert r.exit_code == 2 and "activations have width 16, the SAE" in r.stderr and "expects d_in 4" in r.stderr
     r = run([setup["sae"], "--activations", setup["acts"], "--explainer", "openai", "--explainer-model", "m",

@@ -5,9 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import make_store, parse_records, sparse_data
+from helpers import invoke, make_store, parse_records, sparse_data
 from ssae_common.data.batches import ActivationStream
 from ssae_common.data.activations import ActivationStore
 from ssae_common.core.config import ConfigError
@@ -25,7 +24,7 @@ def store(tmp_path):
 
 
 def run(args, input=None):
-    return CliRunner().invoke(fit_main, args, input=input, catch_exceptions=False)
+    return invoke(fit_main, args, input=input)
 
 
 FAST = ["--batch-size", "256", "--train-tokens", "12800", "--log-every", "10", "--val-every", "25",

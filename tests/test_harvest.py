@@ -9,9 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import parse_records, sample_docs, write_jsonl
+from helpers import invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.data import HarvestConfig
@@ -23,7 +22,7 @@ BIN = os.path.join(os.path.dirname(sys.executable), "ssae-harvest")
 
 
 def run(args, input=None):
-    return CliRunner().invoke(harvest, args, input=input, catch_exceptions=False)
+    return invoke(harvest, args, input=input)
 
 
 @pytest.fixture

@@ -8,26 +8,8 @@ import torch
 
 from ssae_common.eval.metrics import (EvalState, LMScores, MetricConfig, SaeMetrics, aligned_decoder_cosine,
                                  decoder_cosine, log_ratio_counts)
+from helpers import identity_sae, random_sae
 from ssae_common.sae.autoencoder import SAE
-
-
-def identity_sae(d: int) -> SAE:
-    """d_sae = 2 d with encoders [I, -I] and decoders [I; -I]: relu(x) - relu(-x) = x exactly."""
-    sae = SAE(d, 2 * d)
-    eye = torch.eye(d)
-    sae.W_enc.data = torch.cat([eye, -eye], 1)
-    sae.W_dec.data = torch.cat([eye, -eye], 0)
-    return sae
-
-
-def random_sae(d: int, d_sae: int, seed: int = 0, architecture="relu", k=None) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = SAE(d, d_sae, architecture, k)
-    sae.W_enc.data = torch.randn(d, d_sae, generator=g) / math.sqrt(d)
-    sae.W_dec.data = torch.randn(d_sae, d, generator=g) / math.sqrt(d_sae)
-    sae.b_enc.data = torch.randn(d_sae, generator=g) * 0.1 - 0.2
-    sae.b_dec.data = torch.randn(d, generator=g) * 0.1
-    return sae
 
 
 def feed(acc: SaeMetrics, sae: SAE, x: np.ndarray, tokens: np.ndarray, batch: int) -> None:

@@ -7,9 +7,8 @@ import os
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from helpers import parse_records, sample_docs, write_jsonl
+from helpers import invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.retrieval import RetrieveConfig, retrieve
@@ -37,7 +36,7 @@ TOPICS = [
 
 
 def run(*args, input=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+    return invoke(main, args, input=input, catch_exceptions=True)
 
 
 @pytest.fixture

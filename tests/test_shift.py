@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import parse_records, synthetic_bios, write_jsonl
+from helpers import invoke, parse_records, synthetic_bios, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.shift import ShiftConfig, shift
@@ -67,7 +66,7 @@ def setup(tiny_model, tmp_path_factory):
 
 
 def run(args):
-    return CliRunner().invoke(main, args, catch_exceptions=False)
+    return invoke(main, args)
 
 
 def by_method(report):

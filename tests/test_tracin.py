@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import parse_records, sample_docs, write_jsonl
+from helpers import parse_records, random_sae, sample_docs, write_jsonl
 from ssae_common.retrieval import tracin as T
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.retrieve import main
@@ -16,11 +16,9 @@ from ssae_tools.retrieve import main
 HOOK = "blocks.0.hook_resid_post"
 
 
-def random_sae(d_in=6, d_sae=12, architecture="relu", k=None, act_scale=1.0, l1=0.0, seed=0, **cfg):
-    torch.manual_seed(seed)
-    sae = SAE(d_in, d_sae, architecture, k, act_scale)
-    for p in sae.parameters():
-        p.data.normal_(0, 0.5)
+def tracin_sae(d_in=6, d_sae=12, architecture="relu", k=None, act_scale=1.0, l1=0.0, seed=0, **cfg):
+    """A random SAE with the L1 coefficient TracIn's loss gradient uses."""
+    sae = random_sae(d_in, d_sae, seed, architecture, k, act_scale)
     sae.cfg = {"l1_coefficient": l1, **cfg}
     return sae
 
@@ -28,7 +26,7 @@ def random_sae(d_in=6, d_sae=12, architecture="relu", k=None, act_scale=1.0, l1=
 @pytest.mark.parametrize("architecture,k,act_scale,l1", [("relu", None, 1.0, 0.0), ("relu", None, 1.7, 0.3),
                                                           ("topk", 3, 0.8, 0.05)])
 def test_factorised_equals_autograd(architecture, k, act_scale, l1):
-    sae = random_sae(architecture=architecture, k=k, act_scale=act_scale, l1=l1)
+    sae = tracin_sae(architecture=architecture, k=k, act_scale=act_scale, l1=l1)
     gen = torch.Generator().manual_seed(1)
     seeds = [torch.randn(n, 6, generator=gen) for n in (3, 5, 1, 0)]
     cands = [torch.randn(n, 6, generator=gen) for n in (4, 2, 7, 0, 1)]
@@ -39,7 +37,7 @@ def test_factorised_equals_autograd(architecture, k, act_scale, l1):
 
 
 def test_gradient_norms_equal_autograd():
-    sae = random_sae(architecture="topk", k=4, act_scale=1.3, l1=0.2)
+    sae = tracin_sae(architecture="topk", k=4, act_scale=1.3, l1=0.2)
     docs = [torch.randn(n, 6) for n in (5, 1, 0)]
     got = T.gradient_norms(sae, docs)
     for x, norm in zip(docs[:2], got):
@@ -52,7 +50,7 @@ def test_gradient_norms_equal_autograd():
 
 
 def test_seed_gradient_is_the_mean_gradient():
-    sae = random_sae(l1=0.1)
+    sae = tracin_sae(l1=0.1)
     seeds = [torch.randn(n, 6) for n in (2, 9)]
     grad = T.seed_gradient(sae, seeds)
     explicit = []
@@ -67,21 +65,21 @@ def test_seed_gradient_is_the_mean_gradient():
 
 
 def test_checkpoints_sum():
-    a, b = random_sae(seed=1), random_sae(seed=2)
+    a, b = tracin_sae(seed=1), tracin_sae(seed=2)
     seeds = [torch.randn(4, 6)]
     cands = [torch.randn(3, 6), torch.randn(5, 6)]
     both = T.tracin_rerank_scores([a, b], seeds, cands)
     np.testing.assert_allclose(both, T.tracin_scores_autograd(a, seeds, cands) + T.tracin_scores_autograd(b, seeds, cands),
                                rtol=1e-4)
     with pytest.raises(Exception, match="disagree"):
-        T.check_saes([random_sae(d_in=6), random_sae(d_in=8)], ["x", "y"])
+        T.check_saes([tracin_sae(d_in=6), tracin_sae(d_in=8)], ["x", "y"])
 
 
 @pytest.fixture
 def sae_dir(tiny_model, tmp_path):
     folder = tmp_path / "gsae"
     folder.mkdir()
-    sae = random_sae(d_in=16, d_sae=32, l1=0.01, seed=3)
+    sae = tracin_sae(d_in=16, d_sae=32, l1=0.01, seed=3)
     sae.cfg.update(model=os.path.abspath(tiny_model), hook=HOOK)
     sae.save(str(folder))
     return str(folder)
