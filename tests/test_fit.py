@@ -157,8 +157,8 @@ def test_stream_is_deterministic_covers_each_row_once_and_holds_out_validation(t
     a = make_store(tmp_path / "a.h5", acts[:5000])
     b = make_store(tmp_path / "b.h5", acts[5000:])
     stores = [ActivationStore(a), ActivationStore(b)]
-    s1 = ActivationStream(stores, 300, seed=7, window_rows=4500, val_rows=800)
-    s2 = ActivationStream(stores, 300, seed=7, window_rows=4500, val_rows=800)
+    s1 = ActivationStream(stores, 300, seed=7, shuffle_rows=4500, val_rows=800)
+    s2 = ActivationStream(stores, 300, seed=7, shuffle_rows=4500, val_rows=800)
     val = s1.validation()[:, 0]
     assert len(val) == 800 and s1.n_train == n - 800
     epoch = np.concatenate([s1.batch(i)[:, 0] for i in range(s1.n_train // 300)])
@@ -169,7 +169,7 @@ def test_stream_is_deterministic_covers_each_row_once_and_holds_out_validation(t
     assert set(wrapped) | set(epoch) == set(range(n)) - set(val)  # the second epoch continues seamlessly
     for step in (0, 5, 17, 40, 3):  # random access == sequential, and across epochs
         np.testing.assert_array_equal(s1.batch(step), s2.batch(step))
-    assert not np.array_equal(s1.batch(0), ActivationStream(stores, 300, seed=8, window_rows=4500).batch(0))
+    assert not np.array_equal(s1.batch(0), ActivationStream(stores, 300, seed=8, shuffle_rows=4500).batch(0))
     shuffled = s1.batch(0)[:, 0]
     assert len(set(shuffled // 2048)) > 1  # rows of several blocks are mixed
     s1.close(), s2.close()

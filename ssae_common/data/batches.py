@@ -3,7 +3,7 @@
 The files are cut into blocks (aligned with the HDF5 chunks, at most `MAX_BLOCK_ROWS` rows).  A seeded
 set of blocks is held out for validation; the rest is the training set, which several files share as
 one dataset.  Every epoch visits the training blocks in a seeded order, grouped into windows of about
-`window_rows` rows; each window is read, its rows shuffled (seeded by epoch and window), and the
+`shuffle_rows` rows; each window is read, its rows shuffled (seeded by epoch and window), and the
 windows laid end to end form the epoch's row stream.  Epochs follow each other without a gap.
 
 Batch `s` is rows [s * B, (s + 1) * B) of that endless stream, a pure function of the seed and `s`:
@@ -50,7 +50,7 @@ def _check_finite(store: ActivationStore, block: Block, rows: np.ndarray) -> Non
 
 
 class ActivationStream:
-    def __init__(self, stores: list[ActivationStore], batch_size: int, seed: int, *, window_rows: int = 32768,
+    def __init__(self, stores: list[ActivationStore], batch_size: int, seed: int, *, shuffle_rows: int = 32768,
                  val_rows: int = 8192, val_fraction_max: float = 0.1):
         if batch_size < 1:
             raise BadInput(f"--batch-size {batch_size}: must be at least 1")
@@ -83,7 +83,7 @@ class ActivationStream:
         self.train_blocks = sorted([b for i, b in enumerate(blocks) if i not in held] + [b for _, b in rest],
                                    key=lambda b: (b.store, b.start))
         self.n_train = sum(b.rows for b in self.train_blocks)
-        self.window_rows = max(window_rows, batch_size)
+        self.shuffle_rows = max(shuffle_rows, batch_size)
         self._epochs: dict[int, tuple[list[list[int]], np.ndarray]] = {}
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssae-read")
@@ -98,7 +98,7 @@ class ActivationStream:
             for i in order:
                 current.append(int(i))
                 rows += self.train_blocks[i].rows
-                if rows >= self.window_rows:
+                if rows >= self.shuffle_rows:
                     windows.append(current)
                     current, rows = [], 0
             if current:

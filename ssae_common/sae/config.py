@@ -41,7 +41,7 @@ class FitConfig:
     k: int | None = option(None, derived=f"{DEFAULT_K}, or the parent's",
                            help="Active latents per token for topk.")
     l1: float | None = option(None, derived="5/d_in, or the parent's",
-                              help="L1 coefficient for relu (on the per-token loss, see README).")
+                              help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t; 0 is ERM (the mean loss).")
     init: str | None = option(
         None, help="Parent SAE to finetune (ours, SAELens, sparsify or dictionary_learning files).")

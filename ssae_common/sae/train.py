@@ -580,7 +580,7 @@ def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extr
         raise ConfigError("batch_size", cfg.batch_size, f"smaller than the number of ranks ({dp.world})")
     check_target(out, force)
     folder = partial_path(out)
-    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, window_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens)
+    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, shuffle_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens)
     created = False
     try:
         # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to

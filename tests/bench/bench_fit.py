@@ -62,7 +62,7 @@ def train_rate(store: str, d_sae: int, tilt: float, batch: int, steps: int) -> f
                     train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
                     dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
     st = ActivationStore(store)
-    stream = ActivationStream([st], batch, 0, window_rows=32768, val_rows=0)
+    stream = ActivationStream([st], batch, 0, shuffle_rows=32768, val_rows=0)
     sae = init_sae(cfg, D_IN, stream.sample(4096), None)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(cfg, sae, stream, folder, np.empty((0, D_IN), np.float32))
