@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .autoencoder import SAE
 
 ARCHITECTURES = ("relu", "topk")
-FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning")  # of --init (sae.imports)
+FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning", "gemma_scope")  # of --init (sae.imports)
 B_DEC_INITS = ("median", "mean", "zero", "parent")
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
@@ -132,3 +132,18 @@ class FitConfig:
                          else max(self.batch_size, min(DEAD_TOKENS_CAP, train_tokens // 5))))
         resolved.check()
         return resolved
+
+
+# --- ssae-export (sae.export) ---------------------------------------------------------------------
+EXPORT_FORMATS = ("saelens", "sparsify", "ssae")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    to: str = option("saelens", choices=EXPORT_FORMATS,
+                     help="Format to write: a SAELens or sparsify folder (act_scale folded in), or ours.")
+    model: str | None = option(None, help="Model name to record (default: the one the SAE's files record).")
+    hook: str | None = option(None, help="Hook name to record (default: the one the SAE's files record).")
+
+    def check(self) -> None:
+        check_bounds(self)
