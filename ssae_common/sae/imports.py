@@ -140,10 +140,13 @@ def _saelens(path: str) -> SAE:
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
         threshold = threshold * norms if threshold is not None else None
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    # SAELens penalises the summed squared error, ssae its mean over d_in: its coefficients / d_in are ours
+    d_in = W_enc.shape[0] if W_enc.dim() == 2 else 1
+    per_dim = {f"{n}_coefficient": float(cfg[f"{n}_coefficient"]) / d_in for n in ("l1", "l0")
+               if isinstance(cfg.get(f"{n}_coefficient"), (int, float))}
     return _build(path, W_enc, b_enc, W_dec, b_dec, architecture, k,
                   {"model": meta.get("model_name") or cfg.get("model_name"),
-                   "hook": meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"),
-                   "l1_coefficient": cfg.get("l1_coefficient"), "l0_coefficient": cfg.get("l0_coefficient")},
+                   "hook": meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"), **per_dim},
                   threshold)
 
 
