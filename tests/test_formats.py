@@ -1,0 +1,323 @@
+"""The field's SAE formats both ways: every tool reads SAELens, sparsify, dictionary_learning and Gemma Scope
+files; ssae-export writes SAELens and sparsify folders that those libraries' own loaders read (checked
+with the real libraries in the peers environment, `make -C shell peers`, else against the documented
+layout); JumpReLU and BatchTopK SAEs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import invoke, make_store, random_sae, sparse_data
+from ssae_common.sae.autoencoder import SAE
+from ssae_common.sae.imports import import_sae, load_any
+from ssae_tools.eval import main as eval_main
+from ssae_tools.export import main as export_main
+from ssae_tools.fit import main as fit_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.environ.get("SSAE_PEERS_PYTHON") or os.path.join(ROOT, ".peers-venv", "bin", "python")
+HOOK = "blocks.0.hook_resid_post"
+FAST = ["--batch-size", "256", "--train-tokens", "20000", "--warmup-steps", "10", "--val-tokens", "1000", "-q"]
+
+
+def _sae(architecture: str, act_scale: float = 2.5, seed: int = 0) -> SAE:
+    k = 4 if architecture in ("topk", "batchtopk") else None
+    sae = random_sae(16, 24, seed, architecture, k=k, act_scale=act_scale)
+    if architecture == "jumprelu":
+        sae.threshold.data = torch.rand(24, generator=torch.Generator().manual_seed(seed)) * 0.3
+    elif architecture == "batchtopk":
+        sae.threshold.data.fill_(0.1)
+    sae.cfg = {"model": "synthetic-lm", "hook": HOOK}
+    return sae
+
+
+def _x(n: int = 256, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, 16)) * 0.8 + 0.3).astype(np.float32)
+
+
+def _recon(sae: SAE, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return sae(torch.from_numpy(x))[0].numpy()
+
+
+def _saved(sae: SAE, folder) -> str:
+    os.makedirs(folder)
+    sae.save(str(folder))
+    return str(folder)
+
+
+# --- the real libraries (peers environment) -----------------------------------------------------------
+PEER_SCRIPT = """
+import sys, numpy as np, torch
+fmt, folder, x_path, out_npy, resave = sys.argv[1:]
+x = torch.from_numpy(np.load(x_path))
+with torch.no_grad():
+    if fmt == "saelens":
+        from sae_lens import SAE
+        sae = SAE.load_from_disk(folder)
+        y = sae.decode(sae.encode(x))
+        sae.save_model(resave)
+    else:
+        from sparsify import SparseCoder
+        coder = SparseCoder.load_from_disk(folder)
+        y = coder(x).sae_out
+        coder.save_to_disk(resave)
+np.save(out_npy, y.float().numpy())
+"""
+
+
+def _peer(fmt: str, folder: str, x: np.ndarray, tmp_path) -> tuple[np.ndarray, str]:
+    """The library's reconstruction of x from `folder` with its own loader, and the folder it saved back."""
+    if not os.path.exists(PEERS):
+        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers installs sae-lens and eai-sparsify)")
+    script, x_path, out = tmp_path / "peer.py", tmp_path / "x.npy", tmp_path / "y.npy"
+    script.write_text(PEER_SCRIPT)
+    np.save(x_path, x)
+    resave = str(tmp_path / f"resaved-{fmt}")
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""}  # eager decoder: no GPU here
+    done = subprocess.run([PEERS, str(script), fmt, folder, str(x_path), str(out), resave], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"the peers environment lacks a library: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out), resave
+
+
+@pytest.mark.parametrize("architecture,to", [("relu", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"),
+                                             ("batchtopk", "saelens"), ("topk", "sparsify")])
+def test_round_trip_through_the_real_library(tmp_path, architecture, to):
+    """ssae -> (ssae-export) -> the library's loader -> the library's save -> ssae: the same reconstruction."""
+    sae = _sae(architecture)
+    src = _saved(sae, tmp_path / "ours")
+    out = tmp_path / f"as-{to}"
+    invoke(export_main, [src, "--to", to, "-o", out], code=0)
+    x = _x()
+    reference = _recon(sae, x)
+    theirs, resaved = _peer(to, str(out), x, tmp_path)
+    assert np.abs(theirs - reference).max() < 1e-4
+    back = load_any(resaved)
+    assert back.architecture == ("jumprelu" if architecture == "batchtopk" else architecture)
+    assert np.abs(_recon(back, x) - reference).max() < 1e-4
+    if to == "saelens":  # SAELens keeps the metadata through its own save
+        assert (back.model, back.hook) == ("synthetic-lm", HOOK)
+
+
+# --- the exported files, without the libraries --------------------------------------------------------
+def _numpy_saelens(folder, x):
+    """SAELens 6's inference forward for what ssae-export writes (apply_b_dec_to_input, no normalisation)."""
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "topk":
+        f = np.zeros_like(pre)
+        idx = np.argsort(-pre, axis=1)[:, :cfg["k"]]
+        np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+    elif cfg["architecture"] == "jumprelu":
+        f = np.maximum(pre, 0) * (pre > w["threshold"])
+    else:
+        f = np.maximum(pre, 0)
+    return f @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu", "batchtopk"])
+def test_saelens_export_follows_the_documented_layout(tmp_path, architecture):
+    sae = _sae(architecture)
+    out = tmp_path / "sl"
+    record = json.loads(invoke(export_main, [_saved(sae, tmp_path / "ours"), "-o", out], code=0).stdout)
+    assert record["kind"] == "sae" and record["format"] == "saelens"
+    cfg = json.load(open(out / "cfg.json"))
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(architecture, architecture)
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.") and cfg["metadata"]["hook_name"] == HOOK
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["apply_b_dec_to_input"]) == (16, 24, "float32", True)
+    x = _x()
+    assert np.abs(_numpy_saelens(out, x) - _recon(sae, x)).max() < 1e-4  # act_scale 2.5 folded in
+
+
+def test_sparsify_export_follows_the_documented_layout_and_refuses_non_topk(tmp_path):
+    from safetensors.numpy import load_file
+
+    sae = _sae("topk")
+    out = tmp_path / "layers.0"
+    invoke(export_main, [_saved(sae, tmp_path / "ours"), "--to", "sparsify", "-o", out], code=0)
+    cfg = json.load(open(out / "cfg.json"))
+    assert (cfg["activation"], cfg["k"], cfg["num_latents"], cfg["d_in"]) == ("topk", 4, 24, 16)
+    w = load_file(str(out / "sae.safetensors"))
+    assert sorted(w) == ["W_dec", "b_dec", "encoder.bias", "encoder.weight"] and w["encoder.weight"].shape == (24, 16)
+    x = _x()
+    pre = np.maximum((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"], 0)
+    idx = np.argsort(-pre, axis=1)[:, :4]
+    ref = np.einsum("nk,nkd->nd", np.take_along_axis(pre, idx, 1), w["W_dec"][idx]) + w["b_dec"]
+    assert np.abs(ref - _recon(sae, x)).max() < 1e-4
+
+    r = invoke(export_main, [_saved(_sae("relu"), tmp_path / "relu"), "--to", "sparsify", "-o", tmp_path / "no"], code=2)
+    assert "--to" in r.stderr and "TopK" in r.stderr and not os.path.exists(tmp_path / "no")
+
+
+# --- foreign folders in every tool ----------------------------------------------------------------------
+def _saelens_folder(folder, w: dict, cfg: dict) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder)
+    save_file(w, os.path.join(folder, "sae_weights.safetensors"))
+    json.dump(cfg, open(os.path.join(folder, "cfg.json"), "w"))
+    return str(folder)
+
+
+def _weights(seed=0, d_in=16, d_sae=24):
+    rng = np.random.default_rng(seed)
+    return {"W_enc": (rng.standard_normal((d_in, d_sae)) / 4).astype(np.float32),
+            "b_enc": (rng.standard_normal(d_sae) * 0.1 - 0.1).astype(np.float32),
+            "W_dec": (rng.standard_normal((d_sae, d_in)) * 0.7).astype(np.float32),
+            "b_dec": (rng.standard_normal(d_in) * 0.1).astype(np.float32)}
+
+
+def test_saelens6_metadata_rescale_and_normalisation(tmp_path):
+    w, x = _weights(), _x()
+    base = {"d_in": 16, "d_sae": 24, "dtype": "float32", "apply_b_dec_to_input": True,
+            "normalize_activations": "expected_average_only_in", "reshape_activations": "none",
+            "metadata": {"sae_lens_version": "6.54.12", "model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"}}
+    folder = _saelens_folder(tmp_path / "topk", w, {**base, "architecture": "topk", "k": 5,
+                                                    "rescale_acts_by_decoder_norm": True})
+    sae = load_any(folder)
+    assert (sae.model, sae.hook, sae.architecture, sae.k) == ("gpt2", "blocks.3.hook_resid_post", "topk", 5)
+    # SAELens TopKSAE with rescale_acts_by_decoder_norm: top-k of pre * ||W_dec_j||, decoded with f / ||W_dec_j||
+    norms = np.linalg.norm(w["W_dec"], axis=1)
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    idx = np.argsort(-pre, axis=1)[:, :5]
+    f = np.zeros_like(pre)
+    np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+    assert np.abs(_recon(sae, x) - ((f / norms) @ w["W_dec"] + w["b_dec"])).max() < 1e-4
+    # the decoder norms are not the same: ignoring the flag would change both the selection and the output
+    assert np.abs(norms - 1).max() > 0.3
+
+    per_token = _saelens_folder(tmp_path / "cnr", w, {**base, "architecture": "standard",
+                                                      "normalize_activations": "constant_norm_rescale"})
+    with pytest.raises(Exception, match="constant_norm_rescale"):
+        load_any(per_token)
+
+
+def test_eval_on_saelens_and_sparsify_folders_equals_the_imported_copy(tmp_path):
+    """ssae-eval reads the foreign folders directly, with the metrics of their `ssae-export --to ssae` copies."""
+    from safetensors.numpy import save_file
+
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=1500, d=16))
+    w = _weights(3)
+    saelens = _saelens_folder(tmp_path / "saelens", w, {
+        "architecture": "jumprelu", "d_in": 16, "d_sae": 24, "dtype": "float32", "apply_b_dec_to_input": False,
+        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "model_name": "synthetic-lm",
+                                                      "hook_name": HOOK}})
+    save_file({**w, "threshold": np.full(24, 0.05, np.float32)}, os.path.join(saelens, "sae_weights.safetensors"))
+    sparsify = tmp_path / "layers.0"
+    sparsify.mkdir()
+    save_file({"encoder.weight": np.ascontiguousarray(w["W_enc"].T), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}, str(sparsify / "sae.safetensors"))
+    json.dump({"activation": "topk", "expansion_factor": 1, "normalize_decoder": True, "num_latents": 24, "k": 4,
+               "d_in": 16}, open(sparsify / "cfg.json", "w"))
+
+    for name, folder in (("saelens", saelens), ("sparsify", str(sparsify))):
+        copy = tmp_path / f"{name}-copy"
+        invoke(export_main, [folder, "--to", "ssae", "-o", copy], code=0)
+        results = []
+        for sae in (folder, copy):
+            out = tmp_path / f"eval-{name}-{os.path.basename(str(sae))}"
+            invoke(eval_main, [sae, "--activations", store, "-o", out, "-q"], code=0)
+            results.append(json.load(open(out / "metrics.json"))["saes"][0])
+        ours, theirs = results[1], results[0]
+        assert theirs["architecture"] == ("jumprelu" if name == "saelens" else "topk")
+        for key in ("mse", "fvu", "cosine", "l0", "dead_fraction", "entropy", "max_activation"):
+            mine, other = (v["mean"] if isinstance(v, dict) else v for v in (ours[key], theirs[key]))
+            assert other == pytest.approx(mine, rel=1e-5, abs=1e-7), (name, key)
+        assert theirs["l0"] > 0
+
+
+def test_eval_names_a_folder_it_cannot_read(tmp_path):
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=200, d=16))
+    (tmp_path / "empty").mkdir()
+    r = invoke(eval_main, [tmp_path / "empty", "--activations", store, "-o", tmp_path / "out"], code=2)
+    assert "empty" in r.stderr and "no SAE files" in r.stderr and not os.path.exists(tmp_path / "out")
+
+
+# --- JumpReLU, Gemma Scope and BatchTopK ----------------------------------------------------------------
+def _gemma_scope(folder, seed=5, d_in=16, d_sae=32) -> tuple[str, dict]:
+    rng = np.random.default_rng(seed)
+    p = {"W_enc": (rng.standard_normal((d_in, d_sae)) / 4).astype(np.float32),
+         "W_dec": (rng.standard_normal((d_sae, d_in)) / 4).astype(np.float32),
+         "b_enc": (rng.standard_normal(d_sae) * 0.1).astype(np.float32),
+         "b_dec": (rng.standard_normal(d_in) * 0.5 + 3.0).astype(np.float32),
+         "threshold": (rng.random(d_sae) * 0.5 + 0.05).astype(np.float32)}
+    os.makedirs(folder)
+    np.savez(os.path.join(folder, "params.npz"), **p)
+    return str(folder), p
+
+
+def test_gemma_scope_params_import_finetune_and_evaluate(tmp_path):
+    data = sparse_data(n=3000, d=16)
+    store = make_store(tmp_path / "acts.h5", data)
+    folder, p = _gemma_scope(tmp_path / "width_32" / "average_l0_5")
+    sae, fmt = import_sae(folder)
+    assert fmt == "gemma_scope" and sae.architecture == "jumprelu"
+    # Gemma Scope's reference forward: JumpReLU on x @ W_enc + b_enc (no b_dec subtracted)
+    pre = data[:200] @ p["W_enc"] + p["b_enc"]
+    ref = (np.maximum(pre, 0) * (pre > p["threshold"])) @ p["W_dec"] + p["b_dec"]
+    assert np.abs(_recon(sae, data[:200]) - ref).max() < 1e-4
+
+    out = tmp_path / "ssae"
+    tilt = ["--tilt-ess", "0.5"] if "--tilt-ess" in invoke(fit_main, ["--help"]).output else ["--tilt", "50"]
+    invoke(fit_main, [store, "--init", folder, *tilt, "--lr", "1e-3", "-o", out, *FAST], code=0)
+    cfg = json.load(open(out / "cfg.json"))
+    assert cfg["architecture"] == "jumprelu" and cfg["parent"]["format"] == "gemma_scope"
+    assert cfg["d_sae"] == 32 and cfg["l0_coefficient"] == pytest.approx(1 / 16)
+    tuned = SAE.load(str(out))
+    assert not torch.equal(tuned.threshold, sae.threshold)
+
+    metrics = tmp_path / "eval"
+    invoke(eval_main, [out, folder, "--activations", store, "--baseline", folder, "-o", metrics, "-q"], code=0)
+    saes = {s["name"]: s for s in json.load(open(metrics / "metrics.json"))["saes"]}
+    assert len(saes) == 2 and all(s["architecture"] == "jumprelu" and s["l0"] > 0 for s in saes.values())
+    assert saes["ssae"]["fvu"] < saes["average_l0_5"]["fvu"], saes  # finetuned on these activations
+
+
+def test_jumprelu_from_scratch_l0_penalty_sets_sparsity(tmp_path):
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=4000, d=16))
+    l0s = {}
+    for l0 in ("0.001", "1.0"):
+        out = tmp_path / f"j{l0}"
+        invoke(fit_main, [store, "--architecture", "jumprelu", "--d-sae", "48", "--l0", l0, "-o", out, *FAST], code=0)
+        cfg = json.load(open(out / "cfg.json"))
+        assert cfg["architecture"] == "jumprelu" and cfg["l0_coefficient"] == float(l0)
+        l0s[l0] = cfg["training"]["val_l0"]
+        assert float(SAE.load(str(out)).threshold.min()) >= 0
+    assert l0s["1.0"] < 0.7 * l0s["0.001"], l0s
+    r = invoke(fit_main, [store, "--architecture", "topk", "--l0", "0.1", "-o", tmp_path / "bad"], code=2)
+    assert "--l0" in r.stderr
+
+
+def test_batchtopk_kept_with_its_threshold(tmp_path):
+    w = _weights(7)
+    folder = tmp_path / "dl_batchtopk"
+    folder.mkdir()
+    torch.save({"encoder.weight": torch.tensor(w["W_enc"].T), "encoder.bias": torch.tensor(w["b_enc"]),
+                "decoder.weight": torch.tensor(w["W_dec"].T), "b_dec": torch.tensor(w["b_dec"]),
+                "k": torch.tensor(6), "threshold": torch.tensor(0.2)}, folder / "ae.pt")
+    json.dump({"trainer": {"dict_class": "BatchTopKSAE", "k": 6}}, open(folder / "config.json", "w"))
+    sae, fmt = import_sae(str(folder))
+    assert (fmt, sae.architecture, sae.k) == ("dictionary_learning", "batchtopk", 6)
+    x = _x()
+    # dictionary_learning BatchTopKSAE.encode(use_threshold=True): relu(pre) * (relu(pre) > threshold)
+    post = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
+    assert np.abs(_recon(sae, x) - ((post * (post > 0.2)) @ w["W_dec"] + w["b_dec"])).max() < 1e-4
+
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=4000, d=16))
+    out = tmp_path / "btk"
+    invoke(fit_main, [store, "--architecture", "batchtopk", "--k", "4", "--d-sae", "32", "-o", out, *FAST], code=0)
+    trained = SAE.load(str(out))
+    threshold = trained.threshold
+    assert trained.architecture == "batchtopk" and float(threshold.min()) > 0 and torch.all(threshold == threshold[0])
+    val_l0 = json.load(open(out / "cfg.json"))["training"]["val_l0"]
+    assert 1 < val_l0 < 12  # the threshold, not a per-token k, sets inference sparsity: near k on average
