@@ -106,6 +106,61 @@ def test_round_trip_through_the_real_library(tmp_path, architecture, to):
         assert (back.model, back.hook) == ("synthetic-lm", HOOK)
 
 
+DL_SCRIPT = """
+import json, os, sys, types
+import numpy as np, torch
+sys.modules.setdefault("nnsight", types.SimpleNamespace(LanguageModel=object))  # used by its activation buffer only
+from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
+from dictionary_learning.trainers.top_k import AutoEncoderTopK
+root, x_path = sys.argv[1:]
+x = torch.from_numpy(np.load(x_path))
+torch.manual_seed(0)
+models = {"AutoEncoder": AutoEncoder(16, 24), "AutoEncoderTopK": AutoEncoderTopK(16, 24, 4),
+          "BatchTopKSAE": BatchTopKSAE(16, 24, 4), "MatryoshkaBatchTopKSAE": MatryoshkaBatchTopKSAE(16, 24, 4, [8, 16]),
+          "JumpReluAutoEncoder": JumpReluAutoEncoder(16, 24)}
+for name, ae in models.items():
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # away from the initialisation: biases and thresholds non-zero
+        if name == "JumpReluAutoEncoder":
+            ae.threshold.copy_(torch.rand(24) * 0.3)
+        elif hasattr(ae, "threshold"):
+            ae.threshold.fill_(0.1)
+        y = ae.decode(ae.encode(x))  # the library's inference path
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    torch.save(ae.state_dict(), os.path.join(folder, "ae.pt"))
+    trainer = {"dict_class": name, "lm_name": "m", "submodule_name": "blocks.0.hook_resid_post"}
+    if hasattr(ae, "k"):
+        trainer["k"] = int(ae.k)
+    json.dump({"trainer": trainer}, open(os.path.join(folder, "config.json"), "w"))
+    np.save(os.path.join(folder, "y.npy"), y.float().numpy())
+"""
+
+
+def test_dictionary_learning_models_import_exactly(tmp_path):
+    """Each dictionary_learning class, built and run by the library itself, imports with its reconstruction."""
+    if not os.path.exists(PEERS):
+        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers)")
+    script, x_path = tmp_path / "dl.py", tmp_path / "x.npy"
+    script.write_text(DL_SCRIPT)
+    x = _x()
+    np.save(x_path, x)
+    done = subprocess.run([PEERS, str(script), str(tmp_path), str(x_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=600)
+    if done.returncode != 0 and "No module named 'dictionary_learning'" in done.stderr:
+        pytest.skip("the peers environment lacks dictionary_learning")
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
+                "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu"}
+    for name, architecture in expected.items():
+        sae, fmt = import_sae(str(tmp_path / name))
+        assert (fmt, sae.architecture, sae.hook) == ("dictionary_learning", architecture, HOOK), name
+        assert np.abs(_recon(sae, x) - np.load(tmp_path / name / "y.npy")).max() < 1e-4, name
+
+
 # --- the exported files, without the libraries --------------------------------------------------------
 def _numpy_saelens(folder, x):
     """SAELens 6's inference forward for what ssae-export writes (apply_b_dec_to_input, no normalisation)."""

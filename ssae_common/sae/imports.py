@@ -15,8 +15,9 @@ Formats (detected from the files, or named with `fmt`); docs/formats.md has the 
   [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec); TopK with cfg k.
 - `dictionary_learning`: ae.pt (a torch state dict) with config.json beside it; AutoEncoder
   (encoder.weight, encoder.bias, decoder.weight [d_in, d_sae], bias) is ReLU, AutoEncoderTopK (b_dec, k)
-  TopK, BatchTopKSAE (b_dec, k, threshold) BatchTopK with its inference threshold, JumpReluAutoEncoder
-  (W_enc, b_enc, W_dec, b_dec, threshold) JumpReLU.
+  TopK, BatchTopKSAE (b_dec, k, threshold) and MatryoshkaBatchTopKSAE (W_enc, b_enc, W_dec, b_dec, k,
+  threshold) BatchTopK with their inference threshold, JumpReluAutoEncoder (W_enc, b_enc, W_dec, b_dec,
+  threshold; it encodes x, not x - b_dec) JumpReLU.
 - `gemma_scope`: Gemma Scope's params.npz (W_enc, W_dec, b_enc, b_dec, threshold; JumpReLU on
   x @ W_enc + b_enc, so b_dec @ W_enc is folded into b_enc), or a folder holding one.
 All imports are exact (the same reconstruction as the source library).
@@ -182,10 +183,16 @@ def _dictionary_learning(path: str) -> SAE:
     trainer = read_json_object(cfg_path).get("trainer", {}) if os.path.exists(cfg_path) else {}
     dict_class = str(trainer.get("dict_class") or "")
     names = {"model": trainer.get("lm_name"), "hook": trainer.get("submodule_name")}
-    if "W_enc" in state:  # JumpReluAutoEncoder: relu(pre) * (pre > threshold), pre = (x - b_dec) @ W_enc + b_enc
-        return _build(path, _need(state, "W_enc", weights), _need(state, "b_enc", weights),
-                      _need(state, "W_dec", weights), _need(state, "b_dec", weights), "jumprelu", None, names,
-                      _need(state, "threshold", weights))
+    if "W_enc" in state:
+        W_enc, b_enc, W_dec, b_dec, threshold = (_need(state, n, weights)
+                                                 for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"))
+        if "k" in state or "BatchTopK" in dict_class:  # MatryoshkaBatchTopKSAE: encodes x - b_dec
+            k = trainer.get("k", int(state["k"]) if "k" in state else None)
+            if k is None:
+                raise BadInput(f"{weights}: a BatchTopK dictionary without k")
+            return _build(path, W_enc, b_enc, W_dec, b_dec, "batchtopk", k, names, threshold)
+        # JumpReluAutoEncoder: ReLU(pre * (pre > threshold)) with pre = x @ W_enc + b_enc (no b_dec subtracted)
+        return _build(path, W_enc, b_enc + b_dec @ W_enc, W_dec, b_dec, "jumprelu", None, names, threshold)
     enc = _need(state, "encoder.weight", weights)
     W_dec = _need(state, "decoder.weight", weights).T.contiguous()
     threshold = None
