@@ -376,3 +376,37 @@ def test_batchtopk_kept_with_its_threshold(tmp_path):
     assert trained.architecture == "batchtopk" and float(threshold.min()) > 0 and torch.all(threshold == threshold[0])
     val_l0 = json.load(open(out / "cfg.json"))["training"]["val_l0"]
     assert 1 < val_l0 < 12  # the threshold, not a per-token k, sets inference sparsity: near k on average
+
+
+def test_explain_reads_a_saelens_folder_as_its_ssae_original(tmp_path, tiny_model):
+    from helpers import sample_docs, write_jsonl
+    from ssae_tools.explain import main as explain_main
+    from ssae_tools.harvest import main as harvest_main
+
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(20, 30, seed=4))
+    store = tmp_path / "acts.h5"
+    invoke(harvest_main, [docs, "--model", tiny_model, "--hook", HOOK, "--dtype", "float32", "-o", store, "-q"], code=0)
+    from ssae_common.data.activations import ActivationStore
+
+    sae = random_sae(16, 8, seed=2, architecture="jumprelu", act_scale=1.5, enc_bias=0.0)
+    with ActivationStore(str(store)) as s:
+        pre = sae.pre_acts(torch.from_numpy(s.rows(0, s.n_tokens))).detach()
+    sae.threshold.data = torch.quantile(pre, 0.8, dim=0).clamp_min(1e-3)  # each latent fires on ~20% of tokens
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    sae.save(str(ours), model=tiny_model, hook=HOOK)
+    theirs = tmp_path / "theirs"
+    invoke(export_main, [ours, "--to", "saelens", "-o", theirs], code=0)
+    results = []
+    for folder in (ours, theirs):
+        out = tmp_path / f"ex-{folder.name}"
+        invoke(explain_main, [folder, "--activations", store, "--explainer", "none", "--latents", "0-7", "-o", out,
+                              "-q"], code=0)
+        results.append([json.loads(line) for line in open(out / "explanations.jsonl")])
+    for mine, other in zip(*results):
+        assert (mine["latent"], mine["status"], mine["n_active"]) == (other["latent"], other["status"], other["n_active"])
+        assert [t["id"] for t in mine["top_tokens"]] == [t["id"] for t in other["top_tokens"]]
+        # the exported latents read in the activations' units: ours divided by act_scale
+        if mine["max_activation"]:
+            assert other["max_activation"] == pytest.approx(mine["max_activation"] / 1.5, rel=1e-3)  # 4 digits kept
+    assert any(r["n_active"] for r in results[0])
