@@ -161,6 +161,65 @@ def test_dictionary_learning_models_import_exactly(tmp_path):
         assert np.abs(_recon(sae, x) - np.load(tmp_path / name / "y.npy")).max() < 1e-4, name
 
 
+BUILD_SCRIPT = """
+import os, sys
+import numpy as np, torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from sparsify import SparseCoder, SparseCoderConfig
+root, x_path = sys.argv[1:]
+x = torch.from_numpy(np.load(x_path))
+def meta():
+    return SAEMetadata(model_name="synthetic-lm", hook_name="blocks.0.hook_resid_post")
+torch.manual_seed(0)
+saes = {
+    "standard_no_b_dec_in": StandardSAE(StandardSAEConfig(d_in=16, d_sae=24, apply_b_dec_to_input=False, metadata=meta())),
+    "topk_rescaled": TopKSAE(TopKSAEConfig(d_in=16, d_sae=24, k=4, rescale_acts_by_decoder_norm=True, metadata=meta())),
+    "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=24, apply_b_dec_to_input=False, metadata=meta())),
+}
+for name, sae in saes.items():
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        sae.W_dec.mul_(torch.rand(24, 1) * 2 + 0.2)  # decoder rows far from unit norm
+        if name == "jumprelu":
+            sae.threshold.copy_(torch.rand(24) * 0.3)
+        y = sae.decode(sae.encode(x))
+    sae.save_model(os.path.join(root, name))
+    np.save(os.path.join(root, name, "y.npy"), y.float().numpy())
+coder = SparseCoder(16, SparseCoderConfig(k=4, num_latents=24))
+with torch.no_grad():
+    for p in coder.parameters():
+        p.copy_(torch.randn_like(p) * 0.3)
+    y = coder(x).sae_out
+coder.save_to_disk(os.path.join(root, "sparsify"))
+np.save(os.path.join(root, "sparsify", "y.npy"), y.float().numpy())
+"""
+
+
+def test_saes_saved_by_saelens_and_sparsify_import_exactly(tmp_path):
+    """SAEs made and saved by the libraries themselves (SAELens apply_b_dec_to_input false,
+    rescale_acts_by_decoder_norm, jumprelu; sparsify TopK) import with the libraries' reconstruction."""
+    if not os.path.exists(PEERS):
+        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers)")
+    script, x_path = tmp_path / "build.py", tmp_path / "x.npy"
+    script.write_text(BUILD_SCRIPT)
+    x = _x()
+    np.save(x_path, x)
+    done = subprocess.run([PEERS, str(script), str(tmp_path), str(x_path)], capture_output=True, text=True,
+                          env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""}, timeout=600)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"the peers environment lacks a library: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, architecture in (("standard_no_b_dec_in", "relu"), ("topk_rescaled", "topk"), ("jumprelu", "jumprelu"),
+                               ("sparsify", "topk")):
+        sae = load_any(str(tmp_path / name))
+        assert sae.architecture == architecture, name
+        if name != "sparsify":
+            assert (sae.model, sae.hook) == ("synthetic-lm", HOOK), name
+        assert np.abs(_recon(sae, x) - np.load(tmp_path / name / "y.npy")).max() < 1e-4, name
+
+
 # --- the exported files, without the libraries --------------------------------------------------------
 def _numpy_saelens(folder, x):
     """SAELens 6's inference forward for what ssae-export writes (apply_b_dec_to_input, no normalisation)."""
