@@ -5,7 +5,6 @@ layout); JumpReLU and BatchTopK SAEs."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
