@@ -1,6 +1,7 @@
 """The round-trip figures of docs/formats.md: an SAE (d_in 64, d_sae 512, act_scale 0.37) written by
 ssae-export, loaded and saved again by SAELens or sparsify with their own functions (in the peers venv),
 and imported back; max abs differences of the reconstructions of 4096 rows.  `make -C shell roundtrips`."""
+import json
 import os
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def main() -> None:
         out, y, resaved = f"{root}/{arch}-{to}", f"{root}/y-{arch}-{to}.npy", f"{root}/re-{arch}-{to}"
         os.makedirs(out)
         write(sae, out, to)
-        subprocess.run([PEERS, f"{root}/peer.py", to, out, f"{root}/x.npy", y, resaved], check=True,
+        with open(f"{root}/job.json", "w") as f:
+            json.dump([[to, out, y, resaved]], f)
+        subprocess.run([PEERS, f"{root}/peer.py", f"{root}/job.json", f"{root}/x.npy"], check=True,
                        capture_output=True, env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""})
         with torch.no_grad():
             back = load_any(resaved)(torch.from_numpy(x))[0].numpy()

@@ -51,52 +51,70 @@ def _saved(sae: SAE, folder) -> str:
 
 # --- the real libraries (peers environment) -----------------------------------------------------------
 PEER_SCRIPT = """
-import sys, numpy as np, torch
-fmt, folder, x_path, out_npy, resave = sys.argv[1:]
+import json, sys
+import numpy as np, torch
+jobs, x_path = json.load(open(sys.argv[1])), sys.argv[2]
 x = torch.from_numpy(np.load(x_path))
-with torch.no_grad():
-    if fmt == "saelens":
-        from sae_lens import SAE
-        sae = SAE.load_from_disk(folder)
-        y = sae.decode(sae.encode(x))
-        sae.save_model(resave)
-    else:
-        from sparsify import SparseCoder
-        coder = SparseCoder.load_from_disk(folder)
-        y = coder(x).sae_out
-        coder.save_to_disk(resave)
-np.save(out_npy, y.float().numpy())
+for fmt, folder, out_npy, resave in jobs:
+    with torch.no_grad():
+        if fmt == "saelens":
+            from sae_lens import SAE
+            sae = SAE.load_from_disk(folder)
+            y = sae.decode(sae.encode(x))
+            sae.save_model(resave)
+        else:
+            from sparsify import SparseCoder
+            coder = SparseCoder.load_from_disk(folder)
+            y = coder(x).sae_out
+            coder.save_to_disk(resave)
+    np.save(out_npy, y.float().numpy())
 """
+ROUND_TRIPS = [("relu", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"), ("batchtopk", "saelens"),
+               ("topk", "sparsify")]
 
 
-def _peer(fmt: str, folder: str, x: np.ndarray, tmp_path) -> tuple[np.ndarray, str]:
-    """The library's reconstruction of x from `folder` with its own loader, and the folder it saved back."""
+def _peer_run(script: str, args: list, tmp) -> None:
+    """Run `script` under the peers venv's python; skip when the venv or one of its libraries is missing."""
     if not os.path.exists(PEERS):
-        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers installs sae-lens and eai-sparsify)")
-    script, x_path, out = tmp_path / "peer.py", tmp_path / "x.npy", tmp_path / "y.npy"
-    script.write_text(PEER_SCRIPT)
-    np.save(x_path, x)
-    resave = str(tmp_path / f"resaved-{fmt}")
-    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""}  # eager decoder: no GPU here
-    done = subprocess.run([PEERS, str(script), fmt, folder, str(x_path), str(out), resave], capture_output=True,
-                          text=True, env=env, timeout=600)
+        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers installs sae-lens, eai-sparsify and "
+                    "dictionary-learning)")
+    path = os.path.join(str(tmp), "peer_script.py")
+    with open(path, "w") as f:
+        f.write(script)
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""}  # eager sparse decoder: no GPU here
+    done = subprocess.run([PEERS, path, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
         pytest.skip(f"the peers environment lacks a library: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    return np.load(out), resave
 
 
-@pytest.mark.parametrize("architecture,to", [("relu", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"),
-                                             ("batchtopk", "saelens"), ("topk", "sparsify")])
-def test_round_trip_through_the_real_library(tmp_path, architecture, to):
-    """ssae -> (ssae-export) -> the library's loader -> the library's save -> ssae: the same reconstruction."""
-    sae = _sae(architecture)
-    src = _saved(sae, tmp_path / "ours")
-    out = tmp_path / f"as-{to}"
-    invoke(export_main, [src, "--to", to, "-o", out], code=0)
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory):
+    """Each ROUND_TRIPS SAE written by ssae-export, then loaded, run and saved again by the library (one
+    subprocess for all): {(architecture, to): (sae, x, the library's reconstruction, the folder it saved)}."""
+    tmp = tmp_path_factory.mktemp("round-trips")
     x = _x()
+    np.save(tmp / "x.npy", x)
+    saes, jobs = {}, []
+    for architecture, to in ROUND_TRIPS:
+        sae = _sae(architecture)
+        src = tmp / f"{architecture}-ours"
+        if not src.exists():
+            _saved(sae, src)
+        out = tmp / f"{architecture}-as-{to}"
+        invoke(export_main, [src, "--to", to, "-o", out], code=0)
+        saes[architecture, to] = sae
+        jobs.append([to, str(out), str(tmp / f"{architecture}-{to}.npy"), str(tmp / f"{architecture}-{to}-resaved")])
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    _peer_run(PEER_SCRIPT, [tmp / "jobs.json", tmp / "x.npy"], tmp)
+    return {key: (saes[key], x, np.load(job[2]), job[3]) for key, job in zip(ROUND_TRIPS, jobs)}
+
+
+@pytest.mark.parametrize("architecture,to", ROUND_TRIPS)
+def test_round_trip_through_the_real_library(round_trips, architecture, to):
+    """ssae -> (ssae-export) -> the library's loader -> the library's save -> ssae: the same reconstruction."""
+    sae, x, theirs, resaved = round_trips[architecture, to]
     reference = _recon(sae, x)
-    theirs, resaved = _peer(to, str(out), x, tmp_path)
     assert np.abs(theirs - reference).max() < 1e-4
     back = load_any(resaved)
     assert back.architecture == ("jumprelu" if architecture == "batchtopk" else architecture)
@@ -141,17 +159,9 @@ for name, ae in models.items():
 
 def test_dictionary_learning_models_import_exactly(tmp_path):
     """Each dictionary_learning class, built and run by the library itself, imports with its reconstruction."""
-    if not os.path.exists(PEERS):
-        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers)")
-    script, x_path = tmp_path / "dl.py", tmp_path / "x.npy"
-    script.write_text(DL_SCRIPT)
     x = _x()
-    np.save(x_path, x)
-    done = subprocess.run([PEERS, str(script), str(tmp_path), str(x_path)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""}, timeout=600)
-    if done.returncode != 0 and "No module named 'dictionary_learning'" in done.stderr:
-        pytest.skip("the peers environment lacks dictionary_learning")
-    assert done.returncode == 0, done.stderr[-3000:]
+    np.save(tmp_path / "x.npy", x)
+    _peer_run(DL_SCRIPT, [tmp_path, tmp_path / "x.npy"], tmp_path)
     expected = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
                 "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu"}
     for name, architecture in expected.items():
@@ -199,17 +209,9 @@ np.save(os.path.join(root, "sparsify", "y.npy"), y.float().numpy())
 def test_saes_saved_by_saelens_and_sparsify_import_exactly(tmp_path):
     """SAEs made and saved by the libraries themselves (SAELens apply_b_dec_to_input false,
     rescale_acts_by_decoder_norm, jumprelu; sparsify TopK) import with the libraries' reconstruction."""
-    if not os.path.exists(PEERS):
-        pytest.skip(f"no peers environment at {PEERS} (make -C shell peers)")
-    script, x_path = tmp_path / "build.py", tmp_path / "x.npy"
-    script.write_text(BUILD_SCRIPT)
     x = _x()
-    np.save(x_path, x)
-    done = subprocess.run([PEERS, str(script), str(tmp_path), str(x_path)], capture_output=True, text=True,
-                          env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": ""}, timeout=600)
-    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
-        pytest.skip(f"the peers environment lacks a library: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    np.save(tmp_path / "x.npy", x)
+    _peer_run(BUILD_SCRIPT, [tmp_path, tmp_path / "x.npy"], tmp_path)
     for name, architecture in (("standard_no_b_dec_in", "relu"), ("topk_rescaled", "topk"), ("jumprelu", "jumprelu"),
                                ("sparsify", "topk")):
         sae = load_any(str(tmp_path / name))
