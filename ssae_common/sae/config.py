@@ -45,7 +45,7 @@ class FitConfig:
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t; 0 is ERM (the mean loss).")
     init: str | None = option(
-        None, help="Parent SAE to finetune (ours, SAELens, sparsify or dictionary_learning files).")
+        None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
     init_format: str = option("auto", choices=FORMATS)
     lr: float | None = option(None, above=0, derived="2e-4 / sqrt(d_sae / 2^14)", help="Adam learning rate.")
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
