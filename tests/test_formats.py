@@ -5,6 +5,7 @@ layout); JumpReLU and BatchTopK SAEs."""
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -411,6 +412,8 @@ def test_jumprelu_from_scratch_l0_penalty_sets_sparsity(tmp_path):
     assert l0s["1.0"] < 0.7 * l0s["0.001"], l0s
     r = invoke(fit_main, [store, "--architecture", "topk", "--l0", "0.1", "-o", tmp_path / "bad"], code=2)
     assert "--l0" in r.stderr
+    r = invoke(fit_main, [store, "--architecture", "relu", "--bandwidth", "0.1", "-o", tmp_path / "bad"], code=2)
+    assert "--bandwidth" in r.stderr and not os.path.exists(tmp_path / "bad")
 
 
 def test_batchtopk_kept_with_its_threshold(tmp_path):
@@ -470,3 +473,32 @@ def test_explain_reads_a_saelens_folder_as_its_ssae_original(tmp_path, tiny_mode
         if mine["max_activation"]:
             assert other["max_activation"] == pytest.approx(mine["max_activation"] / 1.5, rel=1e-3)  # 4 digits kept
     assert any(r["n_active"] for r in results[0])
+
+
+@pytest.mark.integration
+def test_jumprelu_and_batchtopk_under_torchrun(tmp_path):
+    """JumpReLU data-parallel (2 CPU ranks, TERM over the global batch) gives one process's weights; BatchTopK
+    (selection per rank, so not the same run) keeps one threshold on every rank."""
+    from safetensors.torch import load_file
+
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=3000))
+    common = ["--d-sae", "32", "--lr", "2e-3", "--batch-size", "130", "--train-tokens", str(130 * 30),
+              "--warmup-steps", "5", "--val-tokens", "300", "--shuffle-rows", "700", "--seed", "3", "--device", "cpu",
+              "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for name, arch in (("jumprelu", ["--architecture", "jumprelu", "--tilt", "50"]),
+                       ("batchtopk", ["--architecture", "batchtopk", "--k", "3"])):
+        outs[name] = tmp_path / f"{name}-ddp"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                               "-m", "ssae_tools.fit", store, *arch, *common, "-o", outs[name]], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "jumprelu-single"
+    invoke(fit_main, [store, "--architecture", "jumprelu", "--tilt", "50", *common, "-o", single], code=0)
+    a, b = load_file(str(single / "sae.safetensors")), load_file(str(outs["jumprelu"] / "sae.safetensors"))
+    for name in a:
+        assert float((a[name] - b[name]).abs().max()) < 2e-5, name
+    threshold = load_file(str(outs["batchtopk"] / "sae.safetensors"))["threshold"]
+    assert float(threshold.min()) > 0 and torch.all(threshold == threshold[0])
+    assert json.load(open(outs["batchtopk"] / "cfg.json"))["training"]["ranks"] == 2

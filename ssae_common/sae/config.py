@@ -30,6 +30,7 @@ B_DEC_INITS = ("median", "mean", "zero", "parent")
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
+DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class FitConfig:
     # jumprelu (sae.train: the straight-through estimator, as SAELens 6)
     l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
                               help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")
-    bandwidth: float = option(0.05, above=0, help="jumprelu: width of the straight-through estimator's kernel.")
+    bandwidth: float = option(DEFAULT_BANDWIDTH, above=0, help="jumprelu: width of the straight-through estimator's kernel.")
     val_tokens: int = option(8192, min=0, help="Held-out rows for validation (0: none).")
     val_every: int = option(1000, min=1, help="Steps between validation records.")
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
@@ -105,6 +106,8 @@ class FitConfig:
                                              f"with {'--l0' if self.architecture == 'jumprelu' else '--k'})")
         if self.architecture not in (None, "jumprelu") and self.l0:
             raise ConfigError("l0", self.l0, "only for --architecture jumprelu")
+        if self.architecture not in (None, "jumprelu") and self.bandwidth != DEFAULT_BANDWIDTH:
+            raise ConfigError("bandwidth", self.bandwidth, "only for --architecture jumprelu")
         if self.b_dec_init == "parent" and not self.init:
             raise ConfigError("b_dec_init", self.b_dec_init, "needs --init")
 
