@@ -326,7 +326,7 @@ def test_eval_on_saelens_and_sparsify_folders_equals_the_imported_copy(tmp_path)
     w = _weights(3)
     saelens = _saelens_folder(tmp_path / "saelens", w, {
         "architecture": "jumprelu", "d_in": 16, "d_sae": 24, "dtype": "float32", "apply_b_dec_to_input": False,
-        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "model_name": "synthetic-lm",
+        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "model_name": "synthetic-alias",
                                                       "hook_name": HOOK}})
     save_file({**w, "threshold": np.full(24, 0.05, np.float32)}, os.path.join(saelens, "sae_weights.safetensors"))
     sparsify = tmp_path / "layers.0"
@@ -338,11 +338,13 @@ def test_eval_on_saelens_and_sparsify_folders_equals_the_imported_copy(tmp_path)
 
     for name, folder in (("saelens", saelens), ("sparsify", str(sparsify))):
         copy = tmp_path / f"{name}-copy"
-        invoke(export_main, [folder, "--to", "ssae", "-o", copy], code=0)
+        invoke(export_main, [folder, "--to", "ssae", "--model", "synthetic-lm", "-o", copy], code=0)
         results = []
         for sae in (folder, copy):
             out = tmp_path / f"eval-{name}-{os.path.basename(str(sae))}"
-            invoke(eval_main, [sae, "--activations", store, "-o", out, "-q"], code=0)
+            r = invoke(eval_main, [sae, "--activations", store, "-o", out], code=0)
+            if sae == saelens:  # another library's model name: said, not refused (the hook matches)
+                assert "names model 'synthetic-alias'" in r.stderr
             results.append(json.load(open(out / "metrics.json"))["saes"][0])
         ours, theirs = results[1], results[0]
         assert theirs["architecture"] == ("jumprelu" if name == "saelens" else "topk")

@@ -119,6 +119,11 @@ def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str) -> 
     if not sae_model or not sae_hook:
         log.warning("%s records no model or hook: cannot check it matches %s", path, where)
         return
+    if sae_hook == hook and sae_model != model and cfg.get("format") not in (None, "ssae"):
+        # another library's model name (SAELens uses TransformerLens aliases such as gpt2-small) need not be
+        # the name this package resolves: the hook matches, so say it and go on
+        log.warning("%s (%s) names model %r; evaluating on %r", path, cfg["format"], sae_model, model)
+        return
     if sae_model != model or sae_hook != hook:
         raise BadInput(f"{path}: SAE was trained on model {sae_model!r} at hook {sae_hook!r}, "
                        f"but {where} is model {model!r} at hook {hook!r}")
