@@ -18,7 +18,7 @@ from click.testing import CliRunner
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 # Each tool is the click command `main` of ssae_tools.<tool>, documented in docs/<tool>.md.
-TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift", "tables")
+TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift", "tables", "export")
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 WIDTH = 100
 

@@ -148,7 +148,8 @@ def test_bad_inputs(setup, tmp_path):
     nocfg = tmp_path / "nocfg"
     nocfg.mkdir()
     r = run([str(nocfg), "--activations", setup["acts"], "-o", str(out)], code=2)
-    assert r.stderr.strip() == f"ssae-eval: error: {nocfg}: not an SAE directory (no cfg.json)"
+    assert r.stderr.strip() == (f"ssae-eval: error: {nocfg}: no SAE files found (expected the ssae, SAELens, "
+                                "sparsify, dictionary_learning or Gemma Scope layout)")
     empty = write_jsonl(str(tmp_path / "empty.jsonl"), [{"id": "e", "text": ""}])
     r = run([setup["saes"]["ident"], "--docs", empty, "--model", setup["model"], "-o", str(out)], code=2)
     assert r.stderr.strip().endswith(f"{empty}: empty evaluation set (no tokens to evaluate)")

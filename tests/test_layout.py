@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "ssae_common")
-TOOLS = ("retrieve", "harvest", "fit", "eval", "shift", "explain")
+TOOLS = ("retrieve", "harvest", "fit", "eval", "shift", "explain", "export")
 STAGES = ("data", "sae", "retrieval", "eval", "explain", "shift")
 
 

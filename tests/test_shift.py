@@ -243,7 +243,7 @@ def test_bad_options_exit_2(setup, tmp_path):
     result = run(base + ["--slice", "1/2", "--ablate", "0,1,2,3,4,5,6,7,8,9"])
     assert result.exit_code == 2 and "is not in the --slice 1/2" in result.stderr
     result = run(base[:-2] + ["--sae", str(tmp_path), "-o", str(tmp_path / "s.json")])
-    assert result.exit_code == 2 and "not an SAE directory" in result.stderr
+    assert result.exit_code == 2 and "no SAE files found" in result.stderr
     assert not (tmp_path / "s.json").exists()
 
 

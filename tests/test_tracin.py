@@ -126,7 +126,7 @@ def test_cli_tracin_bad_inputs(tiny_model, sae_dir, tmp_path):
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(10, 10))
     seeds = write_jsonl(str(tmp_path / "s.jsonl"), [{"id": "s", "text": "star galaxy"}])
     res = CliRunner().invoke(main, [seeds, "--corpus", corpus, "--rerank", "tracin", "--sae", str(tmp_path / "none")])
-    assert res.exit_code == 2 and "no such SAE directory" in res.stderr
+    assert res.exit_code == 2 and "no such SAE folder" in res.stderr
     res = CliRunner().invoke(main, [seeds, "--corpus", corpus, "--rerank", "tracin", "--sae", sae_dir,
                                     "--hook", "blocks.9.hook_resid_post"])
     assert res.exit_code == 2 and "not a hook point" in res.stderr

@@ -142,7 +142,16 @@ def _iter_hf(spec: str) -> Iterator[tuple[dict, Source]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
+        if os.path.isfile(os.path.join(name, "state.json")):
+            # one Dataset written by save_to_disk, which load_dataset refuses: its Arrow files, memory-mapped
+            # and read row by row
+            if split != "train":
+                raise BadInput(f"{spec}: a Dataset saved with save_to_disk has no splits (leave out :{split})")
+            ds = datasets.load_from_disk(name).to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+    except BadInput:
+        raise
     except Exception as e:  # network, missing dataset or split
         raise BadInput(f"{spec}: cannot open Hugging Face dataset ({type(e).__name__}: {e})") from None
     for row, obj in enumerate(ds, 1):

@@ -61,11 +61,11 @@ def metrics_artifact(out: str) -> dict:
 def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: RunContext,
               spooled: str | None = None) -> dict:
     from ..data.models import model_identity
-    from ..sae.autoencoder import read_config
+    from ..sae.imports import sae_config
 
     if config.baseline is not None and not any(_same(p, config.baseline) for p in paths):
         paths = [*paths, config.baseline]
-    cfgs = [read_config(p) for p in paths]  # BadInput when a folder lacks cfg.json
+    cfgs = [sae_config(p) for p in paths]  # any supported format; BadInput naming the path otherwise
     names = unique_names(paths)
     baseline = None
     if config.baseline is not None:
@@ -117,7 +117,12 @@ def _same(a: str, b: str) -> bool:
 def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str) -> None:
     sae_model, sae_hook = cfg.get("model"), cfg.get("hook")
     if not sae_model or not sae_hook:
-        log.warning("%s/cfg.json records no model or hook: cannot check it matches %s", path, where)
+        log.warning("%s records no model or hook: cannot check it matches %s", path, where)
+        return
+    if sae_hook == hook and sae_model != model and cfg.get("format") not in (None, "ssae"):
+        # another library's model name (SAELens uses TransformerLens aliases such as gpt2-small) need not be
+        # the name this package resolves: the hook matches, so say it and go on
+        log.warning("%s (%s) names model %r; evaluating on %r", path, cfg["format"], sae_model, model)
         return
     if sae_model != model or sae_hook != hook:
         raise BadInput(f"{path}: SAE was trained on model {sae_model!r} at hook {sae_hook!r}, "
@@ -143,13 +148,13 @@ def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, k
     """Run every SAE over the evaluation set (resuming from OUT's partial state) -> (EvalState, [(name, SAE)])."""
     from ..core.records import iter_docs
     from ..core.signals import StopFlag
-    from ..sae.autoencoder import SAE
+    from ..sae.imports import load_any
     from .metrics import EvalState, MetricConfig, evaluate_store
 
     device = context.device
     loaded = []
     for n, p in zip(names, paths):
-        sae = SAE.load(p, device)
+        sae = load_any(p, device)
         sae.eval()
         loaded.append((n, sae))
     lm = None

@@ -43,13 +43,13 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
     from ..core.signals import StopFlag
     from ..data.activations import ActivationStore, store_fingerprint
     from ..data.models import load_tokenizer
-    from ..sae.autoencoder import SAE
+    from ..sae.imports import load_any
     from .browser import write_browser
     from .contexts import extract_contexts
 
     config.check()
     (store_path,) = resolve_artifacts([config.activations], "activations")
-    model = SAE.load(sae, "cpu")
+    model = load_any(sae, "cpu")
     store = ActivationStore(store_path)
     try:
         _check_inputs(store, model, sae)

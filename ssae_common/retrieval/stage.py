@@ -165,10 +165,10 @@ def _first_stage(config: RetrieveConfig, context: RunContext, store, params, que
 
 def _load_saes(config: RetrieveConfig, context: RunContext):
     """The TracIn checkpoints, and the language model and hook (defaulting to the SAEs' own)."""
-    from ..sae.autoencoder import SAE
+    from ..sae.imports import load_any
     from .tracin import check_saes
 
-    saes = [SAE.load(p, device=context.device) for p in config.sae]
+    saes = [load_any(p, context.device, field="sae") for p in config.sae]
     sae_model, sae_hook = check_saes(saes, list(config.sae))
     hook = config.hook or sae_hook
     if not hook:

@@ -1,9 +1,13 @@
 """Sparse autoencoders in the `ssae.sae/1` directory format (DESIGN.md).
 
-    f     = act(((x * act_scale) - b_dec) @ W_enc + b_enc)
+    pre   = ((x * act_scale) - b_dec) @ W_enc + b_enc
+    f     = act(pre)
     x_hat = (f @ W_dec + b_dec) / act_scale
 
-`act` is ReLU, or for `topk` the k largest pre-activations (after ReLU) of each row.
+`act` is ReLU; for `topk` the k largest pre-activations (after ReLU) of each row; for `jumprelu` and
+`batchtopk`, ReLU(pre) where pre > threshold (a tensor [d_sae]), else 0.  A BatchTopK SAE keeps the k
+largest of the whole batch while it trains and uses its threshold at inference, as dictionary_learning
+and SAELens do.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from torch import nn
 from ..core.errors import BadInput
 
 SCHEMA = "ssae.sae/1"
-ARCHITECTURES = ("relu", "topk")
+ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
+THRESHOLDED = ("jumprelu", "batchtopk")  # architectures with a `threshold` tensor
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 
@@ -27,14 +32,18 @@ class SAE(nn.Module):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise BadInput(f"--architecture {architecture}: expected one of {', '.join(ARCHITECTURES)}")
-        if architecture == "topk" and (k is None or not 0 < k <= d_sae):
-            raise BadInput(f"--k {k}: must be between 1 and --d-sae ({d_sae}) for a topk SAE")
+        if architecture in ("topk", "batchtopk") and (k is None or not 0 < k <= d_sae):
+            raise BadInput(f"--k {k}: must be between 1 and --d-sae ({d_sae}) for a {architecture} SAE")
         self.d_in, self.d_sae, self.architecture, self.k = d_in, d_sae, architecture, k
         self.act_scale = float(act_scale)
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if architecture == "jumprelu":  # trained (straight-through estimator, train.py)
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
+        elif architecture == "batchtopk":  # a running estimate, not a gradient parameter
+            self.register_buffer("threshold", torch.zeros(d_sae))
         self.cfg: dict = {}
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +51,8 @@ class SAE(nn.Module):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         f = torch.relu(pre)
+        if self.architecture in THRESHOLDED:
+            return f * (pre > self.threshold)
         if self.architecture == "topk":
             values, index = f.topk(self.k, dim=-1)
             f = torch.zeros_like(f).scatter(-1, index, values)
@@ -82,7 +93,7 @@ class SAE(nn.Module):
         """Write sae.safetensors and cfg.json into an existing folder (use outputs.atomic_dir)."""
         from safetensors.torch import save_file
 
-        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.named_parameters()}
+        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
         save_file(tensors, os.path.join(folder, WEIGHTS))
         with open(os.path.join(folder, CONFIG), "w") as f:
             json.dump(self.config(**extra), f, indent=2)
@@ -101,7 +112,7 @@ class SAE(nn.Module):
                       float(cfg.get("act_scale", 1.0)))
         except KeyError as e:
             raise BadInput(f"{folder}/{CONFIG}: missing field {e.args[0]!r}") from None
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in tensor_names(sae.architecture):
             if name not in tensors:
                 raise BadInput(f"{weights}: missing tensor {name}")
             expected = tuple(getattr(sae, name).shape)
@@ -110,6 +121,10 @@ class SAE(nn.Module):
             getattr(sae, name).data.copy_(tensors[name].float())
         sae.cfg = cfg
         return sae.to(device)
+
+
+def tensor_names(architecture: str) -> tuple[str, ...]:
+    return ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if architecture in THRESHOLDED else ())
 
 
 def read_config(folder: str) -> dict:
@@ -131,7 +146,3 @@ def read_json_object(path: str) -> dict:
     if not isinstance(data, dict):
         raise BadInput(f"{path}: expected a JSON object")
     return data
-
-
-def load_sae(folder: str, device: str = "cpu") -> SAE:
-    return SAE.load(folder, device)

@@ -7,6 +7,7 @@ Defaults that depend on the data or on the parent SAE (--init) are None here and
 `FitConfig.resolve(d_in, n_rows, parent)`:
 
     architecture, d_sae, k, l1   the parent's with --init; else topk, expansion x d_in, 32, 5 / d_in
+    l0 (jumprelu)                the parent's with --init; else 1 / d_in
     lr                           2e-4 / sqrt(d_sae / 2^14)
     train_tokens                 the inputs' row count
     dead_tokens                  max(batch_size, min(10M, train_tokens / 5))
@@ -23,28 +24,29 @@ from ..core.config import ConfigError, check_bounds, option, replace
 if TYPE_CHECKING:
     from .autoencoder import SAE
 
-ARCHITECTURES = ("relu", "topk")
-FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning")  # of --init (sae.imports)
+ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
+FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning", "gemma_scope")  # of --init (sae.imports)
 B_DEC_INITS = ("median", "mean", "zero", "parent")
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
+DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
 
 
 @dataclass(frozen=True)
 class FitConfig:
     architecture: str | None = option(None, choices=ARCHITECTURES, derived="topk, or the parent's with --init",
-                                      help="relu (L1 penalty) or topk.")
+                                      help="relu (L1 penalty), topk, jumprelu (L0 penalty) or batchtopk.")
     d_sae: int | None = option(None, min=1, derived="--expansion x d_in", help="Number of latents.")
     expansion: float | None = option(None, above=0, derived=str(DEFAULT_EXPANSION),
                                      help="d_sae as a multiple of d_in.")
     k: int | None = option(None, derived=f"{DEFAULT_K}, or the parent's",
-                           help="Active latents per token for topk.")
+                           help="Active latents per token for topk (the mean, for batchtopk).")
     l1: float | None = option(None, derived="5/d_in, or the parent's",
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t; 0 is ERM (the mean loss).")
     init: str | None = option(
-        None, help="Parent SAE to finetune (ours, SAELens, sparsify or dictionary_learning files).")
+        None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
     init_format: str = option("auto", choices=FORMATS)
     lr: float | None = option(None, above=0, derived="2e-4 / sqrt(d_sae / 2^14)", help="Adam learning rate.")
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
@@ -61,6 +63,10 @@ class FitConfig:
                                      help="A latent unfired for this many tokens is dead.")
     aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (topk; 0 off).")
     aux_coefficient: float = option(1 / 32, min=0)
+    # jumprelu (sae.train: the straight-through estimator, as SAELens 6)
+    l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
+                              help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")
+    bandwidth: float = option(DEFAULT_BANDWIDTH, above=0, help="jumprelu: width of the straight-through estimator's kernel.")
     val_tokens: int = option(8192, min=0, help="Held-out rows for validation (0: none).")
     val_every: int = option(1000, min=1, help="Steps between validation records.")
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
@@ -92,10 +98,16 @@ class FitConfig:
                 raise ConfigError(name, value, "must be a finite number")
         if self.l1 is not None and self.l1 < 0:
             raise ConfigError("l1", self.l1, "must be >= 0")
-        if self.architecture == "topk" and self.d_sae is not None and not (self.k is not None and 1 <= self.k <= self.d_sae):
+        if self.architecture in ("topk", "batchtopk") and self.d_sae is not None and not (
+                self.k is not None and 1 <= self.k <= self.d_sae):
             raise ConfigError("k", self.k, f"must be between 1 and --d-sae ({self.d_sae})")
-        if self.architecture == "topk" and self.l1:
-            raise ConfigError("l1", self.l1, "only for --architecture relu (topk sets sparsity with --k)")
+        if self.architecture not in (None, "relu") and self.l1:
+            raise ConfigError("l1", self.l1, f"only for --architecture relu ({self.architecture} sets sparsity "
+                                             f"with {'--l0' if self.architecture == 'jumprelu' else '--k'})")
+        if self.architecture not in (None, "jumprelu") and self.l0:
+            raise ConfigError("l0", self.l0, "only for --architecture jumprelu")
+        if self.architecture not in (None, "jumprelu") and self.bandwidth != DEFAULT_BANDWIDTH:
+            raise ConfigError("bandwidth", self.bandwidth, "only for --architecture jumprelu")
         if self.b_dec_init == "parent" and not self.init:
             raise ConfigError("b_dec_init", self.b_dec_init, "needs --init")
 
@@ -103,7 +115,7 @@ class FitConfig:
         """This config with every derived default filled in, for activations of width `d_in` with
         `n_rows` rows and the parent SAE read from `init` (None without one); checked."""
         self.check()
-        architecture, d_sae, k, l1 = self.architecture, self.d_sae, self.k, self.l1
+        architecture, d_sae, k, l1, l0 = self.architecture, self.d_sae, self.k, self.l1, self.l0
         if parent is not None:
             if architecture and architecture != parent.architecture:
                 raise ConfigError("architecture", architecture, f"the parent {self.init} is {parent.architecture}")
@@ -113,18 +125,25 @@ class FitConfig:
             k = parent.k if k is None else k
             if l1 is None and parent.cfg.get("l1_coefficient"):
                 l1 = float(parent.cfg["l1_coefficient"])
+            if l0 is None and parent.cfg.get("l0_coefficient"):
+                l0 = float(parent.cfg["l0_coefficient"])
         architecture = architecture or "topk"
         if d_sae is None:
             d_sae = int(round((self.expansion or DEFAULT_EXPANSION) * d_in))
-        if architecture == "topk":
+        if architecture in ("topk", "batchtopk"):
             k = DEFAULT_K if k is None else k
             l1 = l1 or 0.0  # a non-zero one is refused by check()
+        elif architecture == "jumprelu":
+            k, l1 = None, l1 or 0.0
+            l0 = 1.0 / d_in if l0 is None else l0
         else:
             k = None  # relu: sparsity comes from the L1 penalty; a --k is ignored
             l1 = 5.0 / d_in if l1 is None else l1
         train_tokens = n_rows if self.train_tokens is None else self.train_tokens
+        if architecture != "jumprelu":
+            l0 = l0 or 0.0  # a non-zero one is refused by check()
         resolved = replace(
-            self, architecture=architecture, d_sae=d_sae, expansion=d_sae / d_in, k=k, l1=l1,
+            self, architecture=architecture, d_sae=d_sae, expansion=d_sae / d_in, k=k, l1=l1, l0=l0,
             lr=self.lr if self.lr is not None else 2e-4 / math.sqrt(max(d_sae, 1) / 2**14),
             train_tokens=train_tokens,
             b_dec_init=self.b_dec_init or ("parent" if parent is not None else "median"),
@@ -132,3 +151,18 @@ class FitConfig:
                          else max(self.batch_size, min(DEAD_TOKENS_CAP, train_tokens // 5))))
         resolved.check()
         return resolved
+
+
+# --- ssae-export (sae.export) ---------------------------------------------------------------------
+EXPORT_FORMATS = ("saelens", "sparsify", "ssae")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    to: str = option("saelens", choices=EXPORT_FORMATS,
+                     help="Format to write: a SAELens or sparsify folder (act_scale folded in), or ours.")
+    model: str | None = option(None, help="Model name to record (default: the one the SAE's files record).")
+    hook: str | None = option(None, help="Hook name to record (default: the one the SAE's files record).")
+
+    def check(self) -> None:
+        check_bounds(self)

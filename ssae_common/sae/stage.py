@@ -57,6 +57,7 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
         if reuse:
             return sae_artifact(out) if main_rank() else None
     extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "l1_coefficient": cfg.l1,
+             **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
              "parent": parent.record() if parent else None, "seed": context.seed, "inputs": inputs,
              "config": resolved, "created_by": created_by(context.program)}
     written = train_sae(activations, cfg, out, parent=parent, resolved=resolved, config_digest=digest,

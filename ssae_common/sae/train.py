@@ -3,9 +3,17 @@
 Per-token loss, in normalised units (inputs multiplied by act_scale so that E||x||^2 = d_in):
 
     l_i = ||x_hat_i - x_i||^2 / d_in  +  lambda * sum_j f_ij * ||W_dec_j||     (the L1 term: relu only)
+                                      +  lambda_0 * #{j : pre_ij > threshold_j}    (the L0 term: jumprelu only)
 
 and the objective of each batch is TERM(l, t) (term.py; t = 0 is the mean), plus, for TopK with
 AuxK, aux_coefficient * the normalised AuxK loss of dead latents.
+
+JumpReLU (Rajamanoharan et al. 2024, trained as SAELens 6 does): the threshold gets its gradient from a
+straight-through estimator with a rectangle kernel of width `bandwidth` (from the reconstruction through
+JumpReLU and from the L0 term through the step function; the pre-activations get none from the step),
+starts at 0.01 and is kept >= 0.  BatchTopK keeps the k x batch largest activations of the whole batch
+(each rank's slice under torchrun) and tracks its inference threshold as a running average (rate 0.01)
+of the smallest activation kept, as SAELens does.
 
 Adam; linear learning-rate warm-up, constant, linear decay to 0 over the last `decay_fraction`; L1
 coefficient warm-up; decoder rows kept at unit norm (gradient component along each row removed
@@ -138,6 +146,12 @@ class DataParallel:
         parts[self.rank] = local
         return torch.cat(parts)
 
+    def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            import torch.distributed as tdist
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.MIN)
+        return tensor
+
     def any(self, flag: bool) -> bool:
         if not self.active:
             return flag
@@ -241,6 +255,8 @@ def unit_norm_decoder(sae: SAE) -> float:
     sae.W_dec.div_(norms[:, None])
     sae.W_enc.mul_(norms[None, :])
     sae.b_enc.mul_(norms)
+    if sae.architecture in ("jumprelu", "batchtopk"):
+        sae.threshold.mul_(norms)  # the pre-activations scale with the norms
     return change
 
 
@@ -252,7 +268,7 @@ def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) 
         change = unit_norm_decoder(sae)
         if change > 1e-3:
             log.warning("--init: parent decoder rows were not unit norm (up to %.3g off); renormalised%s", change,
-                        "" if sae.architecture == "relu" else " (TopK selection may change slightly)")
+                        "" if sae.architecture in ("relu", "jumprelu") else " (TopK selection may change slightly)")
     else:
         sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k, act_scale_of(sample) if cfg.normalize else 1.0)
         with torch.no_grad():
@@ -260,6 +276,8 @@ def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) 
             sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
             sae.W_enc.copy_(sae.W_dec.T)
             sae.b_enc.zero_()
+            if cfg.architecture == "jumprelu":
+                sae.threshold.fill_(JUMPRELU_INIT_THRESHOLD)
     x = torch.from_numpy(sample) * sae.act_scale
     with torch.no_grad():
         if cfg.b_dec_init == "median":
@@ -272,12 +290,62 @@ def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) 
 
 
 # --- the model step -------------------------------------------------------------------------------
-def encode_train(sae: SAE, x: torch.Tensor):
+JUMPRELU_INIT_THRESHOLD = 0.01  # SAELens 6 (normalised units)
+BATCHTOPK_THRESHOLD_RATE = 0.01  # SAELens 6's topk_threshold_lr
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * 1[pre > threshold]; d/dpre = the step, d/dthreshold = -(threshold / bw) K((pre - threshold) / bw)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_threshold = -(threshold / bw) * _rectangle((pre - threshold) / bw) * grad
+        return (pre > threshold) * grad, g_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """1[pre > threshold]; d/dpre = 0, d/dthreshold = -(1 / bw) K((pre - threshold) / bw)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_threshold = -(1.0 / bw) * _rectangle((pre - threshold) / bw) * grad
+        return torch.zeros_like(pre), g_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: bool = False):
     """(f, pre-activations, top-k indices, top-k values) for normalised inputs; index/values are None
     for relu.  (x - b_dec) @ W_enc is computed as x @ W_enc - b_dec @ W_enc so that b_dec's gradient
     does not cost a batch x d_in x d_sae matmul; for TopK, ReLU is applied to the k selected values only
     (same output as top-k of ReLU(pre): rows with fewer than k positive entries just add zeros)."""
     pre = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
+    if sae.architecture == "jumprelu":
+        return _JumpReLU.apply(pre, sae.threshold.to(pre.dtype), bandwidth), pre, None, None
+    if sae.architecture == "batchtopk":
+        if inference:  # the threshold, as at inference
+            return torch.relu(pre) * (pre > sae.threshold), pre, None, None
+        flat = torch.relu(pre).reshape(-1)
+        values, index = flat.topk(min(sae.k * pre.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(-1, index, values).view_as(pre), pre, None, None
     if sae.architecture == "topk":
         values, index = pre.topk(sae.k, dim=-1, sorted=False)
         values = torch.relu(values)
@@ -285,15 +353,18 @@ def encode_train(sae: SAE, x: torch.Tensor):
     return torch.relu(pre), pre, None, None
 
 
-def token_losses(sae: SAE, x: torch.Tensor, l1: float):
+def token_losses(sae: SAE, x: torch.Tensor, l1: float, l0: float = 0.0, bandwidth: float = 0.05,
+                 inference: bool = False):
     """Per-token loss and mse, the residual, and encode_train's outputs."""
-    f, pre, index, values = encode_train(sae, x)
+    f, pre, index, values = encode_train(sae, x, bandwidth, inference)
     x_hat = f @ sae.W_dec + sae.b_dec
     err = x_hat.float() - x.float()
     mse = err.pow(2).mean(-1)
     loss = mse
     if l1 > 0:
         loss = mse + l1 * (f.float() * sae.W_dec.norm(dim=1)).sum(-1)
+    if l0 > 0 and sae.architecture == "jumprelu":
+        loss = loss + l0 * _Step.apply(pre, sae.threshold.to(pre.dtype), bandwidth).float().sum(-1)
     return loss, mse, err, (f, pre, index, values)
 
 
@@ -334,7 +405,7 @@ def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> di
     losses, mses, l0s = [], [], []
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
     for s in range(0, len(x), batch):
-        loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1)
+        loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1, cfg.l0 or 0.0, cfg.bandwidth, inference=True)
         l0, fired_now = active(sae, enc)
         losses.append(loss)
         mses.append(mse)
@@ -424,11 +495,12 @@ class Trainer:
         is read back to the host here, except dead.any() when AuxK is on."""
         cfg, sae, dp = self.cfg, self.sae, self.dp
         lr, l1 = lr_at(cfg, self.step), (l1_at(cfg, self.step) if sae.architecture == "relu" else 0.0)
-        use_aux = sae.architecture == "topk" and cfg.aux_k > 0
+        use_aux = sae.architecture in ("topk", "batchtopk") and cfg.aux_k > 0
+        l0 = (cfg.l0 or 0.0) if sae.architecture == "jumprelu" else 0.0
         dead = self.since_fired >= cfg.dead_tokens
         autocast = cfg.autocast and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, mse, err, enc = token_losses(sae, x, l1)
+            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth)
             losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
             objective = tilted_loss(losses, cfg.tilt)
             aux = (auxk_loss(sae, err, enc[1], dead, cfg.aux_k, dp, cfg.batch_size)
@@ -450,6 +522,14 @@ class Trainer:
             g.sub_((g * W).sum(1, keepdim=True) * W)  # rows are unit norm
         self.opt.step(lr)
         sae.normalize_decoder()
+        if sae.architecture == "jumprelu":
+            sae.threshold.data.clamp_(min=0.0)  # below 0 the gate would pass negative pre-activations
+        elif sae.architecture == "batchtopk":
+            with torch.no_grad():
+                f = enc[0].detach().float()
+                smallest = dp.all_min(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().reshape(1))[0]
+                moved = sae.threshold.lerp(smallest.expand_as(sae.threshold), BATCHTOPK_THRESHOLD_RATE)
+                sae.threshold.copy_(torch.where(torch.isfinite(smallest), moved, sae.threshold))
         with torch.no_grad():
             self.since_fired += cfg.batch_size
             self.since_fired.masked_fill_(fired > 0, 0)
@@ -482,7 +562,7 @@ class Trainer:
                "lr": lr_at(cfg, self.step - 1), "l1": l1_at(cfg, self.step - 1) if cfg.architecture == "relu" else 0.0,
                "tilt": cfg.tilt, "tilt_ess_fraction": a["ess_fraction"] / n,
                "tilt_max_weight_x_n": a["max_weight_x_n"] / n}
-        if cfg.architecture == "topk" and cfg.aux_k:
+        if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k:
             rec["aux_loss"] = a["aux"] / n
         if with_val and self.val is not None:
             self.last_val = evaluate(self.sae, self.val, cfg)

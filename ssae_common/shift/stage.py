@@ -15,7 +15,7 @@ from ..core.provenance import config_hash, created_by, input_fingerprint
 from ..core.records import artifact_record, resolve_artifacts
 from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
-from ..sae.autoencoder import load_sae, read_config
+from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
 from .method import (SCHEMA, SaeSpec, build_cells, format_table, load_bios, parse_side, read_explanations,
                      run_shift)
@@ -63,7 +63,7 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
     device = context.device
     specs = []
     for n, p in named:
-        sae = load_sae(p, device)
+        sae = load_any(p, device, field="saes")
         latents = None if ablate_by[n] == "auto" else _latents(ablate_by[n], sae.d_sae, n)
         specs.append(SaeSpec(n, p, sae, latents, read_explanations(explain_by[n]) if explain_by[n] else None))
     lm = load_model(model, device=device)
@@ -148,7 +148,7 @@ def _latents(spec: str, d_sae: int, sae_name: str) -> list[int]:
 
 def _hook_and_model(named: list[tuple[str, str]], model: str | None) -> tuple[str, str]:
     """The hook the SAEs share (from cfg.json) and the model to run: `model`, else the one the SAEs name."""
-    configs = {n: read_config(p) for n, p in named}
+    configs = {n: sae_config(p, field="saes") for n, p in named}
     hooks = {c.get("hook") for c in configs.values()}
     if len(hooks) != 1 or None in hooks or "" in hooks:
         detail = ", ".join(f"{n}: {c.get('hook')}" for n, c in configs.items())
