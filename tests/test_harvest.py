@@ -16,6 +16,7 @@ from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.data import HarvestConfig
 from ssae_common.data.activations import ActivationStore, activation_artifact
+from ssae_common.data.composition import composition_table
 from ssae_common.data.harvester import spread_cap
 from ssae_common.data.models import load_model
 from ssae_tools.harvest import main as harvest
@@ -360,6 +361,9 @@ def test_per_document_cap_and_exact_composition(tmp_path, tiny_model):
                                   {"id": "b", "source": "news", "tokens": 10}]
     assert "composition: 50 tokens from 3 documents (each cut at 20 tokens, 2 cut)" in r.stderr
     assert "by source: arxiv 40.0% (1 docs), unknown 40.0% (1 docs), news 20.0% (1 docs)" in r.stderr
+    table = composition_table([str(tmp_path / "capped.h5")]).splitlines()
+    assert table[-1].split() == ["capped", "50", "3", "20", "40.00%", "arxiv", "40.0%,", "unknown", "40.0%,",
+                                 "news", "20.0%"]
 
     whole = run(base + ["--max-tokens-per-doc", "0", "-q", "-o", str(tmp_path / "whole.h5")])
     assert whole.exit_code == 0 and "composition" not in whole.stderr  # -q: no summary

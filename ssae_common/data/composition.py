@@ -109,3 +109,33 @@ def describe(comp: dict, sources: int = 6, docs: int = 3) -> list[str]:
     return [f"composition: {comp['n_tokens']} tokens from {comp['n_docs']} documents ({cap})",
             f"  by source: {by_source}" + (f", and {more} more" if more > 0 else ""),
             f"  largest documents: {largest}"]
+
+
+def composition_table(paths: list[str], sources: int = 4) -> str:
+    """A text table of the composition of activation files (one row each, named by the file's stem):
+    tokens, documents, the per-document cap, the largest document's share and the main sources."""
+    import json
+    import os
+
+    from .activations import ActivationStore
+
+    rows = [f"{'set':<16}{'tokens':>9}{'docs':>7}{'cap':>6}{'max doc':>9}  sources (share of tokens)"]
+    for path in paths:
+        with ActivationStore(path) as store:
+            value = store.f.attrs.get("composition")
+        name = os.path.splitext(os.path.basename(path))[0]
+        if not value:
+            rows.append(f"{name:<16}(no composition recorded)")
+            continue
+        comp = json.loads(value)
+        summary = composition_summary(comp)
+        main = ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(summary["sources"].items())[:sources])
+        rows.append(f"{name:<16}{comp['n_tokens']:>9}{comp['n_docs']:>7}{comp['doc_cap'] or '-':>6}"
+                    f"{100 * summary['max_doc_share']:>8.2f}%  {main}")
+    return "subdomain sets: stored tokens by source, and the largest document's share\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m ssae_common.data.composition FILE.h5...: the table (shell/paper.mk)
+    import sys
+
+    sys.stdout.write(composition_table(sys.argv[1:]))
