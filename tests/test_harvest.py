@@ -388,6 +388,9 @@ def test_spread_cuts_every_document_at_one_length_that_fits_the_budget(tmp_path,
     piped = run(["--model", tiny_model, "--layer", "0", "--context-size", "16", "--max-tokens", "100", "--spread",
                  "-o", str(tmp_path / "piped.h5")], input=open(docs).read())
     assert piped.exit_code == 0 and _rows_per_doc(tmp_path / "piped.h5") == [30, 10, 30, 30]
+    roomy = run([docs, "--model", tiny_model, "--layer", "0", "--context-size", "16", "--max-tokens", "1000",
+                 "--spread", "-o", str(tmp_path / "roomy.h5")])
+    assert "all fit within the budget" in roomy.stderr and _rows_per_doc(tmp_path / "roomy.h5") == [100, 10, 40, 60]
     r = run([docs, "--model", tiny_model, "--spread", "-o", str(tmp_path / "x.h5")])
     assert r.exit_code == 2 and "--spread: needs a token budget to spread" in r.stderr
 

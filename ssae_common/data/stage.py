@@ -79,8 +79,9 @@ def _spread(lm, config: HarvestConfig, inputs: list[str]) -> HarvestConfig:
     bos_rows = lm.bos_token_id is not None and not config.drop_bos
     window = config.context_size - (1 if lm.bos_token_id is not None else 0)
     cap = spread_cap(lengths, config.max_tokens, config.max_tokens_per_doc, window, bos_rows)
+    fits = cap == config.max_tokens_per_doc  # the budget reaches every document without a lower cap
     log.info("spread: %d documents of %d tokens in all; %s", len(lengths), sum(lengths),
-             f"each cut at {cap} tokens" if cap else "all fit whole")
+             "all fit within the budget" if fits else f"each cut at {cap} tokens")
     if cap == 1 and len(lengths) > config.max_tokens:
         log.warning("spread: %d documents, more than --max-tokens %d: the last ones are left out",
                     len(lengths), config.max_tokens)
