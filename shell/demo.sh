@@ -38,7 +38,7 @@ step() {  # step OUTPUT command...: run unless OUTPUT exists
 }
 
 step "$out/physics_docs.jsonl" ssae-retrieve "$seeds" --corpus "$corpus" --method bm25 --top-k 400 \
-    --exclude "$test_docs" -o "$out/physics_docs.jsonl"
+    --exclude "$test_docs" -o "$out/physics_docs.jsonl" > /dev/null
 step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 100000 -o "$out/general.h5"
 step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 40000 -o "$out/physics.h5"
 step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansion 4 --lr 1e-3 \
@@ -59,5 +59,7 @@ for s in m["saes"]:
     print(f"{s['name']:<8}{s['l0']:>7.1f}{s['fvu']:>8.3f}{s['ce_recovered']:>14.3f}{s['ppl_spliced']:>13.2f}"
           f"{rel if rel is None else format(rel, '.3f'):>12}{cov['n_types_represented']:>7}/{cov['n_types']}")
 PY
+# what each harvested set holds (each document contributes at most its first 1024 tokens, the default cap)
+ssae-tables "$out/general.h5" "$out/physics.h5" >&2
 log "done in $((SECONDS - start)) s; report: $out/eval/report.html"
 echo "$out/eval/report.html"

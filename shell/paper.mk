@@ -60,8 +60,10 @@ paper-eval: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json
 paper-sweep: $(P)/eval/pareto/metrics.json
 paper-shift: $(P)/shift/shift.json
 
+# the subdomain sets' composition (by source, largest document) closes the tables
 $(P)/tables.txt: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json $(P)/eval/pareto/metrics.json $(P)/shift/shift.json
 	$(PY) -m ssae_tools.tables $^ > $@
+	$(PY) -m ssae_tools.tables $(foreach r,$(RECIPES) medical,$(P)/acts/$(r).h5) >> $@
 
 $(P)/general.h5:
 	mkdir -p $(@D)
@@ -73,11 +75,11 @@ $(P)/gsae/cfg.json: $(P)/general.h5
 # subdomain documents by each retrieval recipe; the test set never leaks in
 $(P)/docs/bm25.jsonl $(P)/docs/dense.jsonl: $(P)/docs/%.jsonl:
 	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@,$@)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@ > /dev/null,$@)
 
 $(P)/docs/dense_tracin.jsonl: $(P)/gsae/cfg.json
 	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@,$@)
+	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@ > /dev/null,$@)
 
 $(P)/acts/%.h5: $(P)/docs/%.jsonl
 	mkdir -p $(@D)
@@ -113,7 +115,7 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 # SHIFT: a GSAE against an SSAE finetuned on medical text retrieved from the corpus
 $(P)/docs/medical.jsonl:
 	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@,$@)
+	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@ > /dev/null,$@)
 
 $(P)/ssae/medical-t500/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
 	$(call logged,ssae-fit $< --init $(P)/gsae --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import invoke, parse_records, sample_docs, write_jsonl
+from helpers import WORDS, invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.data import HarvestConfig
-from ssae_common.data.activations import ActivationStore
+from ssae_common.data.activations import ActivationStore, activation_artifact
+from ssae_common.data.harvester import spread_cap
 from ssae_common.data.models import load_model
 from ssae_tools.harvest import main as harvest
+from ssae_tools.retrieve import main as retrieve
+from ssae_tools.tables import main as tables
 
 BIN = os.path.join(os.path.dirname(sys.executable), "ssae-harvest")
 
@@ -261,6 +264,8 @@ def test_merged_shards_equal_an_unsharded_run(tmp_path, tiny_model, docs):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with ActivationStore(str(tmp_path / "merged.h5")) as s:
         assert s.doc_text(0) == json.loads(open(docs).readline())["text"]
+    # the merged composition is counted over all shards: what the unsharded run counted
+    assert parse_records(r.stdout)[0]["composition"] == activation_artifact(str(tmp_path / "whole.h5"))["composition"]
 
 
 def test_two_writers_of_one_output_are_refused(tmp_path, tiny_model, docs):
@@ -318,3 +323,129 @@ def test_resolve_names_the_hook_and_the_shard(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
     assert HarvestConfig().resolve().shard == "2/4"
     assert HarvestConfig().shard_index == (0, 1)  # only resolve() reads the SLURM variables
+
+
+# ---------------------------------------------------------------- what goes in: caps, spread, composition
+
+
+def counted_doc(doc_id: str, n_words: int, source: str | None = None, offset: int = 0) -> dict:
+    """A document of exactly `n_words` tokens for the tiny model's word-level tokenizer."""
+    doc = {"id": doc_id, "text": " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n_words))}
+    return {**doc, "source": source} if source else doc
+
+
+def _rows_per_doc(path) -> list[int]:
+    with h5py.File(path) as f:
+        return np.bincount(f["doc_index"][:]).tolist()
+
+
+def test_per_document_cap_and_exact_composition(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), [
+        counted_doc("a", 50, "arxiv"), counted_doc("b", 10, "news", offset=7), counted_doc("c", 30)])
+    base = [docs, "--model", tiny_model, "--layer", "0", "--context-size", "16"]
+    r = run(base + ["--max-tokens-per-doc", "20", "-o", str(tmp_path / "capped.h5")])
+    assert r.exit_code == 0, r.stderr
+    rec = parse_records(r.stdout)[0]
+    assert rec["n_tokens"] == 50 and _rows_per_doc(tmp_path / "capped.h5") == [20, 10, 20]
+    assert rec["composition"] == {"sources": {"arxiv": 0.4, "unknown": 0.4, "news": 0.2}, "max_doc_share": 0.4,
+                                  "n_docs": 3, "doc_cap": 20, "docs_cut": 2}
+    first_doc = load_model(tiny_model).tokenize(json.loads(open(docs).readline())["text"])
+    with h5py.File(tmp_path / "capped.h5") as f:
+        stored = json.loads(f.attrs["composition"])
+        assert f["token_ids"][:20].tolist() == first_doc[:20]  # a document contributes its first tokens
+    assert stored["sources"] == {"arxiv": {"tokens": 20, "docs": 1}, "unknown": {"tokens": 20, "docs": 1},
+                                 "news": {"tokens": 10, "docs": 1}}
+    assert stored["top_docs"] == [{"id": "a", "source": "arxiv", "tokens": 20},
+                                  {"id": "c", "source": "unknown", "tokens": 20},
+                                  {"id": "b", "source": "news", "tokens": 10}]
+    assert "composition: 50 tokens from 3 documents (each cut at 20 tokens, 2 cut)" in r.stderr
+    assert "by source: arxiv 40.0% (1 docs), unknown 40.0% (1 docs), news 20.0% (1 docs)" in r.stderr
+    table = invoke(tables, [tmp_path / "capped.h5"], code=0).stdout.splitlines()  # ssae-tables FILE.h5
+    assert table[-1].split() == ["capped", "50", "3", "20", "40.00%", "arxiv", "40.0%,", "unknown", "40.0%,",
+                                 "news", "20.0%"]
+
+    whole = run(base + ["--max-tokens-per-doc", "0", "-q", "-o", str(tmp_path / "whole.h5")])
+    assert whole.exit_code == 0 and "composition" not in whole.stderr  # -q: no summary
+    comp = parse_records(whole.stdout)[0]["composition"]
+    assert _rows_per_doc(tmp_path / "whole.h5") == [50, 10, 30]
+    assert comp == {"sources": {"arxiv": round(50 / 90, 4), "unknown": round(30 / 90, 4), "news": round(10 / 90, 4)},
+                    "max_doc_share": round(50 / 90, 4), "n_docs": 3, "doc_cap": None, "docs_cut": 0}
+
+
+def test_spread_cuts_every_document_at_one_length_that_fits_the_budget(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), [counted_doc(f"d{i}", n, offset=i)
+                                                       for i, n in enumerate([100, 10, 40, 60])])
+    base = [docs, "--model", tiny_model, "--layer", "0", "--context-size", "16", "--max-tokens", "100"]
+    first_only = run(base + ["-o", str(tmp_path / "first.h5")])
+    assert first_only.exit_code == 0 and _rows_per_doc(tmp_path / "first.h5") == [100]  # rank order: one document
+    spread = run(base + ["--spread", "-o", str(tmp_path / "spread.h5")])
+    assert spread.exit_code == 0, spread.stderr
+    assert _rows_per_doc(tmp_path / "spread.h5") == [30, 10, 30, 30]  # 30 + 10 + 30 + 30 = 100
+    assert parse_records(spread.stdout)[0]["composition"]["doc_cap"] == 30
+    assert "spread: 4 documents of 210 tokens in all; each cut at 30 tokens" in spread.stderr
+    # stdin is spooled to be read twice, also with -o
+    piped = run(["--model", tiny_model, "--layer", "0", "--context-size", "16", "--max-tokens", "100", "--spread",
+                 "-o", str(tmp_path / "piped.h5")], input=open(docs).read())
+    assert piped.exit_code == 0 and _rows_per_doc(tmp_path / "piped.h5") == [30, 10, 30, 30]
+    roomy = run([docs, "--model", tiny_model, "--layer", "0", "--context-size", "16", "--max-tokens", "1000",
+                 "--spread", "-o", str(tmp_path / "roomy.h5")])
+    assert "all fit within the budget" in roomy.stderr and _rows_per_doc(tmp_path / "roomy.h5") == [100, 10, 40, 60]
+    r = run([docs, "--model", tiny_model, "--spread", "-o", str(tmp_path / "x.h5")])
+    assert r.exit_code == 2 and "--spread: needs a token budget to spread" in r.stderr
+
+
+def test_spread_cap_is_the_largest_that_fits():
+    def stored(lengths, c, window, bos):
+        return sum(min(n, c) + (-(-min(n, c) // window) if bos else 0) for n in lengths)
+
+    lengths = [100, 10, 40, 60, 7]
+    for budget in (5, 60, 99, 150, 216):
+        for bos in (False, True):
+            c = spread_cap(lengths, budget, 0, 15, bos)
+            if stored(lengths, 1, 15, bos) <= budget:
+                assert stored(lengths, c, 15, bos) <= budget < stored(lengths, c + 1, 15, bos)
+            else:
+                assert c == 1
+    assert spread_cap(lengths, 10_000, 0, 15, False) == 0  # everything fits: no cap
+    assert spread_cap(lengths, 10_000, 50, 15, False) == 50  # the configured cap stands
+    assert spread_cap(lengths, 100, 50, 15, False) == 27  # 27 + 10 + 27 + 27 + 7 = 98; 28 gives 101
+
+
+def _retrieved(tmp_path):
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(40, 30, seed=5))
+    seeds = write_jsonl(str(tmp_path / "seeds.jsonl"), [{"id": "s", "text": "star galaxy planet orbit"}])
+    r = invoke(retrieve, [seeds, "--corpus", corpus, "--top-k", "12", "-o", tmp_path / "docs.jsonl"])
+    assert r.exit_code == 0, r.stderr
+    return parse_records(r.stdout), [d["id"] for d in parse_records((tmp_path / "docs.jsonl").read_text())]
+
+
+def test_retrieve_record_pipes_into_harvest(tmp_path, tiny_model):
+    [record], ids = _retrieved(tmp_path)
+    assert record["kind"] == "docs" and record["n_docs"] == len(ids) == 12
+    base = ["--model", tiny_model, "--layer", "0", "--context-size", "16"]
+    r = run(base + ["-o", str(tmp_path / "piped.h5")], input=json.dumps(record) + "\n")
+    assert r.exit_code == 0, r.stderr
+    with ActivationStore(str(tmp_path / "piped.h5")) as s:
+        assert [s.doc_id(i) for i in range(s.n_docs)] == ids
+    # a file holding the record works as a path argument; the default output is named by the documents
+    # it points to, so changed documents are harvested again
+    pointer = write_jsonl(str(tmp_path / "pointer.jsonl"), [record])
+    first = parse_records(run([pointer] + base).stdout)[0]
+    assert first["n_docs"] == 12 and first["n_tokens"] == parse_records(r.stdout)[0]["n_tokens"]
+    assert parse_records(run([pointer] + base).stdout)[0]["path"] == first["path"]
+    with open(record["path"], "a") as f:
+        f.write(json.dumps({"id": "new", "text": "the star"}) + "\n")
+    again = parse_records(run([pointer] + base).stdout)[0]
+    assert again["path"] != first["path"] and again["n_docs"] == 13
+
+
+def test_retrieve_to_harvest_in_a_real_shell_pipe(tmp_path, tiny_model):
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(40, 30, seed=5))
+    seeds = write_jsonl(str(tmp_path / "seeds.jsonl"), [{"id": "s", "text": "star galaxy planet orbit"}])
+    retrieve_bin = os.path.join(os.path.dirname(sys.executable), "ssae-retrieve")
+    p = subprocess.run(f"{retrieve_bin} {seeds} --corpus {corpus} --top-k 12 -o {tmp_path / 'docs.jsonl'} -q"
+                       f" | {BIN} --model {tiny_model} --layer 0", shell=True, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr
+    [rec] = parse_records(p.stdout)
+    assert rec["kind"] == "activations" and rec["n_docs"] == 12

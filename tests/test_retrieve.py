@@ -259,8 +259,9 @@ def test_budget_tokens_and_out_file(corpus, seeds, tiny_model, tmp_path):
     out = tmp_path / "got.jsonl"
     res = run(seeds, "--corpus", corpus, "--budget-tokens", 20, "--model", tiny_model, "-o", out)
     assert res.exit_code == 0, res.stderr
-    assert res.stdout == ""
     recs = parse_records(out.read_text())
+    [artifact] = parse_records(res.stdout)  # one record for the file written, so the pipe to ssae-harvest works
+    assert artifact == {"schema": "ssae.artifact/1", "kind": "docs", "path": str(out), "n_docs": len(recs)}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -271,6 +272,18 @@ def test_budget_tokens_and_out_file(corpus, seeds, tiny_model, tmp_path):
     again = run(seeds, "--corpus", corpus, "--top-k", 3, "-o", out)
     assert again.exit_code == 2 and "exists (use --force" in again.stderr
     assert parse_records(out.read_text()) == recs
+
+
+def test_budget_tokens_count_each_document_up_to_the_harvest_cap(corpus, seeds, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    res = run(seeds, "--corpus", corpus, "--budget-tokens", 20, "--max-tokens-per-doc", 3, "--model", tiny_model)
+    assert res.exit_code == 0, res.stderr
+    counts = [min(3, len(tok(r["text"], add_special_tokens=False)["input_ids"])) for r in parse_records(res.stdout)]
+    assert counts == [3] * 7 and sum(counts[:-1]) < 20 <= sum(counts)  # 7 documents of 3 counted tokens
+    uncapped = run(seeds, "--corpus", corpus, "--budget-tokens", 20, "--max-tokens-per-doc", 0, "--model", tiny_model)
+    assert len(parse_records(uncapped.stdout)) < 7  # whole documents fill the budget sooner
 
 
 def test_deterministic_and_seeds_from_stdin(corpus, seeds):

@@ -12,15 +12,15 @@ from ssae_tools.base import config_options, ssae_command
 @ssae_command("retrieve")
 @click.argument("seeds", nargs=-1)
 @config_options(RetrieveConfig)
-@click.option("-o", "--out", default=None, help="Write the records to this file instead of stdout.")
+@click.option("-o", "--out", default=None,
+              help="Write the records to this file, and print its ssae.artifact/1 record (kind docs).")
 def main(common, seeds, config, out):
     """Retrieve documents like SEEDS (paths, or - / stdin; each seed is one query) from --corpus."""
     from ssae_common.retrieval.stage import retrieve
 
     result = retrieve(config, seeds, out=out, context=common)
-    if not out:
-        for rec in result.records:
-            common.emit(rec)
+    for rec in [result.artifact] if out else result.records:
+        common.emit(rec)
 
 
 if __name__ == "__main__":

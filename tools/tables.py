@@ -1,4 +1,4 @@
-"""ssae-tables: the paper's text tables from ssae-eval metrics.json and ssae-shift JSON files."""
+"""ssae-tables: the paper's text tables from ssae-eval metrics.json, ssae-shift JSON and harvested .h5 files."""
 from __future__ import annotations
 
 import click
@@ -14,7 +14,8 @@ from ssae_tools.base import _fail
 @click.argument("files", nargs=-1, required=True)
 @click.version_option(__version__, prog_name="ssae-tables")
 def main(files):
-    """Print the tables of ssae-eval metrics.json and ssae-shift JSON FILES to stdout, one after another."""
+    """Print the tables of ssae-eval metrics.json and ssae-shift JSON FILES, and the composition of
+    activation .h5 FILES, to stdout, one after another."""
     from ssae_common.eval.tables import tables
 
     try:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -19,7 +20,7 @@ from .errors import BadInput
 
 DOC = "ssae.doc/1"
 ARTIFACT = "ssae.artifact/1"
-ARTIFACT_KINDS = ("activations", "sae", "metrics", "explanations", "shift")
+ARTIFACT_KINDS = ("docs", "activations", "sae", "metrics", "explanations", "shift")
 
 
 def doc_record(doc_id: str, text: str, **extra) -> dict:
@@ -177,10 +178,40 @@ def id_of(obj: dict | str, source: Source) -> str:
     return f"{os.path.basename(source.name)}:{source.line}"
 
 
+def _is_docs_artifact(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("schema") == ARTIFACT and obj.get("kind") == "docs"
+
+
+def follow_doc_artifacts(paths: Iterable[str]) -> list[str]:
+    """`paths` with every file of `ssae.artifact/1` records of kind `docs` (what `ssae-retrieve -o`
+    prints) replaced by the documents files it points to; other inputs unchanged (stdin is not peeked:
+    iter_docs follows such records as it reads them)."""
+    out: list[str] = []
+    for path in paths:
+        if path == "-" or path.startswith("hf:") or path.endswith((".parquet", ".txt", ".txt.gz")) \
+                or not os.path.isfile(path):
+            out.append(path)
+            continue
+        with closing(iter_raw(path)) as records:
+            first = next(records, None)
+        if first is None or not _is_docs_artifact(first[0]):
+            out.append(path)
+            continue
+        for obj, source in iter_raw(path):
+            if not _is_docs_artifact(obj):
+                raise BadInput(f"{source}: expected only {ARTIFACT} records of kind 'docs' here, as on line 1")
+            out.append(obj["path"])
+    return out
+
+
 def iter_docs(paths: Iterable[str], text_field: str = "text") -> Iterator[tuple[dict, Source]]:
-    """(`ssae.doc/1` record, source) from any input form; ids made up from file:line if absent."""
+    """(`ssae.doc/1` record, source) from any input form; ids made up from file:line if absent.  An
+    `ssae.artifact/1` record of kind `docs` stands for the documents of the file it points to."""
     for path in paths:
         for obj, source in iter_raw(path):
+            if _is_docs_artifact(obj):
+                yield from iter_docs([obj["path"]], text_field)
+                continue
             if isinstance(obj, dict) and obj.get("schema") == ARTIFACT:
                 raise BadInput(f"{source}: got an artifact record ({obj.get('kind')}), expected documents")
             text = text_of(obj, source, text_field)

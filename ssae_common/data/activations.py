@@ -18,6 +18,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from .composition import composition_summary
 from .config import DTYPES
 from ..core.errors import BadInput
 from ..core.records import artifact_record
@@ -245,8 +246,10 @@ class ActivationStore:
 def activation_artifact(path: str) -> dict:
     """The `ssae.artifact/1` record of an activation file, its summary read from the file."""
     with ActivationStore(path) as s:
+        composition = s.f.attrs.get("composition")  # absent in files written before it was counted
         return artifact_record("activations", path, n_tokens=s.n_tokens, n_docs=s.n_docs, model=s.model,
-                               hook=s.hook, d_model=s.d_model, dtype=s.dtype)
+                               hook=s.hook, d_model=s.d_model, dtype=s.dtype,
+                               **({"composition": composition_summary(json.loads(composition))} if composition else {}))
 
 
 def open_stores(paths: list[str]) -> list[ActivationStore]:

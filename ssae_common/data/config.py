@@ -9,6 +9,10 @@ from ..core.runtime import parse_shard
 DTYPES = ("float16", "float32", "bfloat16")  # how /activations may be stored
 DEFAULT_MODEL = "smollm2"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
+# A document contributes at most its first 1024 tokens: whole for an abstract, a news story or a
+# Wikipedia lead (a few hundred tokens), so ordinary documents are not cut, while one long document (a
+# 35k-character newsletter is ~9k tokens) holds at most ~1% of a 100k-token harvest instead of ~9%.
+DEFAULT_MAX_TOKENS_PER_DOC = 1024
 
 
 def layer_hook(layer: int | str) -> str:
@@ -25,6 +29,15 @@ class HarvestConfig:
     context_size: int = option(128, help="Tokens per window, BOS included.", min=2)
     batch_size: int = option(16, help="Windows per forward pass.", min=1)
     max_tokens: int | None = option(None, help="Stop after this many stored tokens.", min=1)
+    max_tokens_per_doc: int = option(
+        DEFAULT_MAX_TOKENS_PER_DOC, min=0,
+        help="A document contributes at most its first this many tokens (so no long document dominates "
+             "the set); 0: no cap.")
+    spread: bool = option(
+        False,
+        help="With --max-tokens: count every input document's tokens in a first pass and cut all of them "
+             "at one length, the largest that fits the budget, so the budget covers every document "
+             "instead of the first ones (reads the inputs twice; not for hf: streams).")
     dtype: str = option("float16", help="How activations are stored.", choices=DTYPES)
     drop_bos: bool = option(True, help="Store the BOS position or not.", negative="keep-bos")
     min_tokens: int = option(1, help="Documents with fewer tokens are skipped (and counted on stderr).", min=1)
@@ -39,6 +52,8 @@ class HarvestConfig:
             raise ConfigError("layer", self.layer, "give a hook or a layer, not both")
         if self.shard is not None:
             parse_shard(self.shard)
+        if self.spread and self.max_tokens is None:
+            raise ConfigError("spread", None, "needs a token budget to spread (max_tokens)")
 
     def resolve(self) -> HarvestConfig:
         """Checked, with the hook named (from `layer`, else the default) and the shard set (from the SLURM

@@ -5,6 +5,11 @@ each prefixed by BOS (when the tokenizer has one), so every window starts like a
 Windows are right-padded into batches; the model is causal, so padding never changes real positions.
 The forward pass stops after the hooked layer.
 
+A document contributes at most its first `max_tokens_per_doc` tokens (the cut comes before the
+windows).  With `spread`, the stage sets that cap from a first pass over the inputs: the largest c with
+sum_i stored(min(len_i, c)) <= max_tokens, so the budget reaches every document (stored(n) is n, plus
+one BOS row per window when BOS is kept).
+
 This is the harvest loop on a loaded model; `data.stage.harvest` is the whole stage (options, default
 output and reuse, provenance, model loading).
 """
@@ -19,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .activations import ActivationStore, ActivationWriter, activation_artifact
+from .composition import Composition, describe, source_of
 from .config import HarvestConfig
 from ..core.errors import BadInput
 from ..core.outputs import check_target, exclusive, partial_path
@@ -35,6 +41,7 @@ class Window:
     window: int
     doc: dict
     tokens: list[int]
+    cut: bool  # the document was longer than the per-document cap
 
 
 class _Counter:
@@ -52,10 +59,51 @@ def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig,
         if len(tokens) < cfg.min_tokens:
             counter.short += 1
             continue
+        cut = bool(cfg.max_tokens_per_doc) and len(tokens) > cfg.max_tokens_per_doc
+        if cut:
+            tokens = tokens[:cfg.max_tokens_per_doc]
         first = start["next_window"] if input_index == start["next_input_doc"] else 0
         for w, s in enumerate(range(0, len(tokens), span)):
             if w >= first:
-                yield Window(input_index, w, doc, tokens[s:s + span])
+                yield Window(input_index, w, doc, tokens[s:s + span], cut)
+
+
+def document_lengths(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig) -> list[int]:
+    """Tokens of every document this run would harvest (its shard, none shorter than min_tokens)."""
+    shard_i, shard_n = cfg.shard_index
+    lengths = []
+    for input_index, (doc, _source) in enumerate(docs):
+        if input_index % shard_n == shard_i:
+            n = len(model.tokenize(doc["text"]))
+            if n >= cfg.min_tokens:
+                lengths.append(n)
+    return lengths
+
+
+def spread_cap(lengths: list[int], budget: int, cap: int, window: int, bos_rows: bool) -> int:
+    """The largest per-document cap, at most `cap` (0: none), under which all documents of `lengths`
+    store at most `budget` tokens; `cap` when they fit anyway, and 1 when not even one token each fits.
+    `window` tokens of a document go in one window, which stores one BOS row more when `bos_rows`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return cap
+
+    def stored(c: int) -> int:
+        n = np.minimum(lengths, c)
+        windows = -(-n // window)
+        return int(n.sum() + (windows.sum() if bos_rows else 0))
+
+    hi = int(lengths.max()) if not cap else min(cap, int(lengths.max()))
+    if stored(hi) <= budget:
+        return cap
+    lo = 1
+    while lo < hi:  # stored() grows with c: find the largest c with stored(c) <= budget
+        mid = (lo + hi + 1) // 2
+        if stored(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
@@ -87,9 +135,10 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     skip = 1 if (model.bos_token_id is not None and cfg.drop_bos) else 0
     n_docs = writer.n_docs
     last_input = state.get("last_input_doc", -1)  # input index of the newest doc row
+    composition = Composition(state.get("composition"))
     budget = (cfg.max_tokens - writer.n_tokens) if cfg.max_tokens else None
     if budget is not None and budget <= 0:
-        return {"n_short": counter.short}
+        return {"n_short": counter.short, "composition": composition}
 
     io = ThreadPoolExecutor(max_workers=1)
     writing = io.submit(lambda: None)
@@ -115,6 +164,7 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
                     new_inputs.append(w.input_index)
                     last_input = w.input_index
                     n_docs += 1
+                composition.add(n_docs - 1, w.doc["id"], source_of(w.doc), take, w.cut)
                 rows.append(acts[b, skip:skip + take])
                 tok_ids.extend(s[skip:skip + take])
                 doc_rows.extend([n_docs - 1] * take)
@@ -132,7 +182,8 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
                                     np.asarray(tok_ids, dtype=np.int32), np.asarray(doc_rows, dtype=np.int32),
                                     np.asarray(positions, dtype=np.int32),
                                     dict(n_docs=n_docs, next_input_doc=last.input_index, next_window=last.window + 1,
-                                         n_short=counter.short, last_input_doc=last_input))
+                                         n_short=counter.short, last_input_doc=last_input,
+                                         composition=composition.state()))
                 progress.update(len(tok_ids))
             if done:
                 break
@@ -140,7 +191,7 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
                 writing.result()
             stop.check()
         writing.result()
-    return {"n_short": counter.short}
+    return {"n_short": counter.short, "composition": composition}
 
 
 def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
@@ -200,8 +251,11 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
                        + (f" ({summary['n_short']} too short)" if summary["n_short"] else ""))
     if summary["n_short"]:
         log.warning("%d document(s) shorter than %d token(s) were skipped", summary["n_short"], cfg.min_tokens)
-    writer.finish(n_short_docs=summary["n_short"])
+    composition = summary["composition"].finish(cfg.max_tokens_per_doc or None)
+    writer.finish(n_short_docs=summary["n_short"], composition=composition)
     os.replace(tmp, out)
     log.info("wrote %s: %d tokens from %d documents", out, n_tokens, n_docs)
+    for line in describe(composition):
+        log.info("%s", line)
     return activation_artifact(out)
 

@@ -6,17 +6,20 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
-from .activations import activation_artifact, merge_shards, store_fingerprint
+from .activations import ActivationStore, activation_artifact, merge_shards, store_fingerprint
+from .composition import merge_compositions
 from .config import HarvestConfig
-from .harvester import harvest_activations
+from .harvester import document_lengths, harvest_activations, spread_cap
 from .models import load_model, model_identity
+from ..core.config import ConfigError, replace
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, existing_output, workdir
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
+from ..core.records import follow_doc_artifacts, iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
 from ..core.runtime import RunContext
 
 log = logging.getLogger("ssae")
@@ -24,23 +27,30 @@ log = logging.getLogger("ssae")
 
 def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
             context: RunContext | None = None) -> dict:
-    """Run `docs` (paths, hf:NAME[:SPLIT], or "-" / nothing for stdin) through the config's model and
-    store the activations at its hook in `out` (default: under $SSAE_WORKDIR, named by a hash of the
-    inputs and resolved configuration, and reused when already there).  Returns the artifact record."""
+    """Run `docs` (paths, hf:NAME[:SPLIT], or "-" / nothing for stdin; an `ssae.artifact/1` record of
+    kind `docs`, or a file of them, stands for the documents file it points to) through the config's
+    model and store the activations at its hook in `out` (default: under $SSAE_WORKDIR, named by a hash
+    of the inputs and resolved configuration, and reused when already there).  Returns the artifact
+    record."""
     context = context or RunContext()
     config = config.resolve()
     inputs = list(docs) or ["-"]
+    if config.spread and any(p.startswith("hf:") for p in inputs):
+        raise ConfigError("spread", None, "reads the inputs twice: not for hf: streams")
     spooled = None
     if "-" in inputs:
         if stdin_is_terminal():
             raise BadInput("no input: give document paths or pipe documents on stdin")
-        if out is None:  # the default output is named by the inputs' hash: stdin needs a file to hash
+        # the default output is named by the inputs' hash, and spread reads them twice: both need a file
+        if out is None or config.spread:
             spooled = spool_stdin(os.path.join(workdir(), "tmp"))
             inputs = [spooled if p == "-" else p for p in inputs]
     try:
+        inputs = follow_doc_artifacts(inputs)
         resolved = context.resolved(
             model=model_identity(config.model), hook=config.hook, context_size=config.context_size,
-            batch_size=config.batch_size, max_tokens=config.max_tokens, dtype=config.dtype,
+            batch_size=config.batch_size, max_tokens=config.max_tokens,
+            max_tokens_per_doc=config.max_tokens_per_doc, spread=config.spread, dtype=config.dtype,
             drop_bos=config.drop_bos, min_tokens=config.min_tokens, text_field=config.text_field,
             store_text=config.store_text, shard=config.shard,
             inputs=[{"path": p, "sha256": input_fingerprint(p)} for p in inputs if p != "-"])
@@ -50,6 +60,8 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
                 return activation_artifact(out)
         lm = load_model(config.model, device=context.device)
         lm.check_hook(config.hook)
+        if config.spread:
+            config = _spread(lm, config, inputs)
         attrs = {"model": lm.name, "hook": config.hook, "context_size": config.context_size, "dtype": config.dtype,
                  "bos_dropped": bool(config.drop_bos and lm.bos_token_id is not None), "config": resolved,
                  "created_by": created_by(context.program), "store_text": config.store_text,
@@ -59,6 +71,21 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
     finally:
         if spooled:
             os.remove(spooled)
+
+
+def _spread(lm, config: HarvestConfig, inputs: list[str]) -> HarvestConfig:
+    """The config with its per-document cap lowered so that max_tokens reaches every input document."""
+    lengths = document_lengths(lm, iter_docs(inputs, config.text_field), config)
+    bos_rows = lm.bos_token_id is not None and not config.drop_bos
+    window = config.context_size - (1 if lm.bos_token_id is not None else 0)
+    cap = spread_cap(lengths, config.max_tokens, config.max_tokens_per_doc, window, bos_rows)
+    fits = cap == config.max_tokens_per_doc  # the budget reaches every document without a lower cap
+    log.info("spread: %d documents of %d tokens in all; %s", len(lengths), sum(lengths),
+             "all fit within the budget" if fits else f"each cut at {cap} tokens")
+    if cap == 1 and len(lengths) > config.max_tokens:
+        log.warning("spread: %d documents, more than --max-tokens %d: the last ones are left out",
+                    len(lengths), config.max_tokens)
+    return replace(config, max_tokens_per_doc=cap)
 
 
 def merge(shards: list[str], *, out: str | None = None, context: RunContext | None = None) -> dict:
@@ -71,7 +98,18 @@ def merge(shards: list[str], *, out: str | None = None, context: RunContext | No
         out, reuse = existing_output("activations", config_hash(resolved), ".h5", force=context.force)
         if reuse:
             return activation_artifact(out)
+    attrs = {"created_by": created_by(context.program)}
+    compositions = [_composition(p) for p in paths]
+    if all(compositions):
+        attrs["composition"] = merge_compositions(compositions)
     with atomic_file(out, force=context.force, suffix=".h5") as tmp:
-        n_tokens, n_docs = merge_shards(paths, tmp, {"created_by": created_by(context.program)})
+        n_tokens, n_docs = merge_shards(paths, tmp, attrs)
     log.info("merged %d shards into %s: %d tokens, %d documents", len(paths), out, n_tokens, n_docs)
     return activation_artifact(out)
+
+
+def _composition(path: str) -> dict | None:
+    """A shard's composition (None for a file written before compositions were counted)."""
+    with ActivationStore(path) as store:
+        value = store.f.attrs.get("composition")
+    return json.loads(value) if value else None

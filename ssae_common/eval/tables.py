@@ -1,5 +1,6 @@
-"""The text tables of ssae-eval metrics.json and ssae-shift JSON files, one after another (the paper's
-tables); the command `ssae-tables FILE...` prints them."""
+"""The text tables of ssae-eval metrics.json and ssae-shift JSON files, and the composition of harvested
+activation files (.h5), one after another (the paper's tables); the command `ssae-tables FILE...`
+prints them."""
 from __future__ import annotations
 
 import json
@@ -31,5 +32,18 @@ def table_of(path: str) -> str:
 
 
 def tables(paths: list[str]) -> str:
-    """The tables of every file, separated by a blank line."""
-    return "\n\n".join(table_of(p) for p in paths)
+    """The tables of every file, separated by a blank line; consecutive .h5 files share one composition
+    table."""
+    from ..data.composition import composition_table
+
+    parts, h5 = [], []
+    for path in paths + [None]:
+        if path is not None and path.endswith(".h5"):
+            h5.append(path)
+            continue
+        if h5:
+            parts.append(composition_table(h5).rstrip("\n"))
+            h5 = []
+        if path is not None:
+            parts.append(table_of(path))
+    return "\n\n".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option, replace
+from ..data.config import DEFAULT_MAX_TOKENS_PER_DOC
 
 METHODS = ("bm25", "dense", "hybrid")
 ENGINES = ("bm25s", "rank-bm25")
@@ -43,7 +44,11 @@ class RetrieveConfig:
     top_k: int | None = option(None, min=1, derived=f"{DEFAULT_TOP_K} unless --budget-tokens",
                                help="Documents to output.")
     budget_tokens: int | None = option(
-        None, min=1, help="Output documents until this many tokens (of --model's tokenizer).")
+        None, min=1, help="Output documents until this many tokens (of --model's tokenizer, each document "
+                          "counted up to --max-tokens-per-doc, as ssae-harvest stores them).")
+    max_tokens_per_doc: int = option(
+        DEFAULT_MAX_TOKENS_PER_DOC, min=0,
+        help="--budget-tokens counts at most this many tokens of a document (ssae-harvest's cap; 0: none).")
     exclude: tuple[str, ...] = option(
         (), multiple=True,
         help="File of documents never to output (by id or normalised text); repeatable.")

@@ -11,6 +11,7 @@
     from ssae_common.retrieval import RetrieveConfig, retrieve
     result = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"], context=RunContext())
     result.records  # best first
+    result.artifact  # with out=: the `ssae.artifact/1` record (kind docs) of the file written
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Sequence
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target
 from ..core.provenance import config_hash, created_by
-from ..core.records import iter_docs, stdin_is_terminal, write_record
+from ..core.records import artifact_record, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
 from ..data.config import DEFAULT_MODEL
 from ..data.models import load_tokenizer, model_identity
@@ -41,6 +42,7 @@ class Retrieval:
 
     records: list[dict]
     provenance: dict
+    artifact: dict | None = None  # the record of the file written, when there is one
 
 
 def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
@@ -74,8 +76,9 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
     if config.budget_tokens is not None:
         tokenizer = load_tokenizer(lm_spec or DEFAULT_MODEL)
 
-        def count_tokens(text):
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        def count_tokens(text):  # what ssae-harvest stores of the document (its cap cuts the rest)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return min(n, config.max_tokens_per_doc) if config.max_tokens_per_doc else n
 
     # TracIn reranks a pool larger than the output, then cuts it to the output size
     scale = config.rerank_pool if config.rerank == "tracin" else 1.0
@@ -103,7 +106,13 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
         "n_docs": len(records), "created_by": created_by(context.program), **stats})
     if out:
         write_retrieval(result, out, force=context.force)
+        result.artifact = docs_artifact(out)
     return result
+
+
+def docs_artifact(path: str) -> dict:
+    """The `ssae.artifact/1` record (kind docs) of a documents file, its count read from the file."""
+    return artifact_record("docs", path, n_docs=sum(1 for _ in iter_raw(path)))
 
 
 def write_retrieval(result: Retrieval, out: str, *, force: bool = False) -> None:
@@ -140,7 +149,8 @@ def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: li
         method=config.method, engine=config.engine if sparse else None, bm25=params.describe() if sparse else None,
         dense_model=R.dense_identity(config.dense_model) if dense else None,
         dense_max_length=config.dense_max_length if dense else None, combine=config.combine, rrf_k=config.rrf_k,
-        depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens, exclude=list(config.exclude),
+        depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens,
+        max_tokens_per_doc=config.max_tokens_per_doc if config.budget_tokens else None, exclude=list(config.exclude),
         include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
         model=config.model, hook=config.hook, rerank_pool=config.rerank_pool,
         tracin_normalize=config.tracin_normalize, context_size=config.context_size,
