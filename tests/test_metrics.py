@@ -134,6 +134,35 @@ def test_error_by_frequency_rank():
     assert e["max"] == pytest.approx([0.1, 4.0], rel=1e-5)
 
 
+def test_tail_error_of_the_rarest_decile():
+    acc = SaeMetrics(2, 2)
+    # 12 types: type 100 + i occurs 12 - i times... except types 110 and 111 (once each) and 109 (twice);
+    # the rarest decile is ceil(1.2) = 2 types: 110 and 111 (count 1, ids the smallest of the count-1 types)
+    tokens, err = [], []
+    for i in range(12):
+        count = {9: 2, 10: 1, 11: 1}.get(i, 20 - i)
+        tokens += [100 + i] * count
+        err += [0.1 * i] * (count - 1) + [0.1 * i + 2.0]  # one worse token per type: mean = 0.1 i + 2 / count
+    crafted(acc, [[1, 0]] * len(tokens), tokens, err=err)
+    r = acc.result()["tail_error"]
+    type_mse = {i: (0.1 * i + 2.0 / {9: 2, 10: 1, 11: 1}.get(i, 20 - i)) / 2 for i in range(12)}  # / d_in
+    assert (r["n_types"], r["n_types_seen"], r["max_count"], r["n_tokens"]) == (2, 12, 1, 2)
+    assert r["mean"] == pytest.approx((type_mse[10] + type_mse[11]) / 2, rel=1e-5)
+    assert r["max"] == pytest.approx(type_mse[11], rel=1e-5)
+    assert r["all_types_mean"] == pytest.approx(np.mean(list(type_mse.values())), rel=1e-5)
+    assert r["all_types_max"] == pytest.approx(max(type_mse.values()), rel=1e-5)
+    acc.cfg = MetricConfig(tail_fraction=0.25)  # ceil(3) = 3 types: 110, 111, then 109 (count 2)
+    r = acc.result()["tail_error"]
+    assert (r["n_types"], r["max_count"]) == (3, 2)
+    assert r["mean"] == pytest.approx((type_mse[9] + type_mse[10] + type_mse[11]) / 3, rel=1e-5)
+    # ties at the cut are broken by token id: 4 types of count 1, a fraction 0.5 of 4 takes 2
+    ties = SaeMetrics(2, 2, MetricConfig(tail_fraction=0.5))
+    crafted(ties, [[1, 0]] * 4, [7, 3, 9, 5], err=[4.0, 1.0, 8.0, 2.0])
+    r = ties.result()["tail_error"]
+    assert r["n_types"] == 2 and r["mean"] == pytest.approx((1.0 + 2.0) / 2 / 2)  # types 3 and 5
+    assert SaeMetrics(2, 2).result()["tail_error"]["mean"] is None
+
+
 def test_decoder_cosine_all_pairs_and_sampled():
     W = torch.eye(6)
     full = decoder_cosine(W)
@@ -161,6 +190,9 @@ def test_log_ratio_counts():
     r = log_ratio_counts(np.array([0, 3, 9]), np.array([0, 1, 9]))
     assert r["mean"] == pytest.approx(math.log(2) / 3)
     assert r["fraction_more_active"] == 0.0  # ln 2 is not > ln 2
+    assert r["fraction_below_zero"] == 0.0
+    fewer = log_ratio_counts(np.array([0, 0, 1, 9, 2]), np.array([1, 0, 3, 9, 1]))
+    assert fewer["fraction_below_zero"] == pytest.approx(2 / 5)  # latents 0 and 2 fire less than in the baseline
     assert sum(r["histogram"]["counts"]) == 3
 
 

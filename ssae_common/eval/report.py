@@ -20,8 +20,12 @@ COLUMNS = [
     ("ce_recovered", "CE rec.", "{:.4f}"),
     ("ppl_spliced", "ppl spliced", "{:.3f}"),
     ("rel_ppl_vs_baseline", "ppl/base", "{:.4f}"),
+    ("tail_error.mean", "rare MSE", "{:.4g}"),
+    ("tail_error.max", "rare max", "{:.4g}"),
     ("tail_coverage.represented_fraction", "types repr.", "{:.4f}"),
     ("entropy.mean", "entropy", "{:.3f}"),
+    ("max_activation.mean", "max act", "{:.3g}"),
+    ("activation_count_log_ratio.fraction_below_zero", "lr<0", "{:.3f}"),
 ]
 
 
@@ -82,7 +86,14 @@ DEFINITIONS = [
     ("ppl", "exp(CE); ppl/base = spliced perplexity over the baseline SAE's spliced perplexity."),
     ("types repr.", "fraction of token types seen in the eval set for which some latent puts >= 50% of its "
                     "activation mass on that type (tail coverage, per frequency bin in the plots)."),
+    ("rare MSE / rare max", "the rarest 10% of the token types seen in the eval set (by count, ties by token "
+                            "id; the same types for every SAE): mean / max over those types of the type's mean "
+                            "MSE (per token and dimension). The paper's Fig. 3 numbers; all types: tail_error "
+                            "in metrics.json."),
     ("entropy", "mean over tokens (with some latent active) of -sum_i p_i ln p_i, p_i = f_i / sum_j f_j."),
+    ("max act", "mean over tokens of the largest latent activation."),
+    ("lr<0", "fraction of latents with ln((count + 1) / (baseline count + 1)) < 0 on the eval set (aligned "
+             "latents of an SAE finetuned from the baseline): latents that fire less than in the baseline."),
 ]
 
 
