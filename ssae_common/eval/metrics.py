@@ -270,21 +270,32 @@ class SaeMetrics:
 
     def tail_error(self) -> dict:
         """Reconstruction error of the rarest token types, next to that of all types.  A type's error is
-        its mean MSE (per token, per dimension) on the eval set; the tail is the ceil(tail_fraction x
-        types seen) rarest types by eval-set count, ties broken by token id (so every SAE evaluated on
-        the same tokens is scored on the same types).  `mean`/`max`: the mean/max over the tail's types
-        of their error; `all_types_mean`/`all_types_max` the same over every type seen."""
+        its mean MSE (per token, per dimension) on the eval set; the tail is the n = ceil(tail_fraction x
+        types seen) rarest types by eval-set count.  `mean`/`max`: the mean/max over the tail's types of
+        their error; `all_types_mean`/`all_types_max` the same over every type seen.
+
+        Types tied at the tail's boundary count (on a small eval set most types occur once) are not cut by
+        an arbitrary order (token ids are not neutral: BPE gives frequent pieces small ids): mean and max
+        are their expectations when the tail's remaining k places go to k of the m tied types chosen
+        uniformly at random.  E[mean] uses the tied types' mean error; for the max, with the tied errors
+        sorted v_1 <= ... <= v_m, P(the largest chosen is v_j) = C(j-1, k-1) / C(m, k)."""
         fraction = getattr(self.cfg, "tail_fraction", 0.1)  # states pickled before the field existed
         seen = np.nonzero(self.type_count)[0]
         if not len(seen):
             return {"fraction": fraction, "n_types": 0, "mean": None, "max": None}
-        per_type = self.type_err_sum[seen] / self.type_count[seen]
-        order = np.lexsort((seen, self.type_count[seen]))  # by count, then token id
-        tail = order[:max(1, math.ceil(fraction * len(seen)))]
-        return {"fraction": fraction, "n_types": int(len(tail)), "n_types_seen": int(len(seen)),
-                "max_count": int(self.type_count[seen][tail].max()),
-                "n_tokens": int(self.type_count[seen][tail].sum()),
-                "mean": float(per_type[tail].mean()), "max": float(per_type[tail].max()),
+        counts = self.type_count[seen]
+        per_type = self.type_err_sum[seen] / counts
+        n = max(1, math.ceil(fraction * len(seen)))
+        boundary = int(np.sort(counts)[n - 1])
+        below, tied = per_type[counts < boundary], np.sort(per_type[counts == boundary])
+        k, m = n - len(below), len(tied)
+        mean = (below.sum() + k * tied.mean()) / n
+        j = np.arange(k, m + 1)  # the largest chosen tied type is the j-th smallest, j >= k
+        log_p = np.array([_log_comb(i - 1, k - 1) for i in j]) - _log_comb(m, k)
+        top = np.maximum(tied[j - 1], below.max() if len(below) else -np.inf)
+        return {"fraction": fraction, "n_types": int(n), "n_types_seen": int(len(seen)), "max_count": boundary,
+                "n_tied": int(m), "n_tokens": float(counts[counts < boundary].sum() + k * boundary),
+                "mean": float(mean), "max": float((np.exp(log_p) * top).sum()),
                 "all_types_mean": float(per_type.mean()), "all_types_max": float(per_type.max())}
 
     def error_by_rank(self) -> dict:
@@ -304,6 +315,10 @@ class SaeMetrics:
             "mean": (err_sum / np.maximum(tokens, 1)).tolist(),
             "max": err_max.tolist(),
         }
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 def log_ratio_counts(counts: np.ndarray, baseline_counts: np.ndarray) -> dict:
