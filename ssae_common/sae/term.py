@@ -10,7 +10,10 @@ Computed in float32 without overflow for |t| up to 1e9 and beyond:
   exponent t * (l_i - m) is <= 0:  R = m + (logsumexp(t (l - m)) - log N) / t;
 - otherwise (t tiny relative to the spread, where log(mean(exp)) would drown in rounding):
   centre at the mean c and use expm1/log1p:  R = c + log1p(mean(expm1(t (l - c)))) / t.
-Both shifts are detached: R does not depend on them, so the gradient is unchanged.
+Both shifts are detached: R does not depend on them, so the gradient is unchanged.  Exponents are
+clamped at LOG_TINY = -80 (exp(-80) ~ 2e-35, above float32's smallest normal number): a term that small
+next to the largest (exp(0) = 1) changes nothing measurable, while denormal numbers make exp about 30x
+slower on x86 CPUs (measured here: t = 500 on N = 2048 losses took 24 ms per step instead of < 1 ms).
 
 A tilt by effective sample size (`--tilt-ess F`, 0 < F <= 1).  A fixed t means different things for
 different models, hooks and loss scales (t = 500 on losses of O(0.1-1) puts nearly all the weight on one
@@ -39,11 +42,13 @@ per batch, and an absent type has no token the gradient could act on (see docs/f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 SMALL_REGIME = 1.0  # |t| * spread below which the expm1/log1p form is used
+LOG_TINY = -80.0  # exponents are clamped here: no denormal numbers (slow on CPUs), nothing measurable lost
 Z_LOW, Z_HIGH = -12.0, 14.0  # the search range of log(t * std(l)) for solve_tilt
 GRID, ROUNDS = 32, 4
 
@@ -73,7 +78,8 @@ def tilted_loss(losses: torch.Tensor, tilt: float | torch.Tensor) -> torch.Tenso
     centre = detached.mean()
     z = (t * (losses - centre)).clamp(-2 * SMALL_REGIME, 2 * SMALL_REGIME)
     near = centre + torch.log1p(torch.expm1(z).mean()) / t
-    far = ref + (torch.logsumexp(t * (losses - ref), dim=0) - math.log(n)) / t
+    # every exponent is <= 0 and the largest is 0, so the sum needs no further shift
+    far = ref + (torch.log(torch.exp((t * (losses - ref)).clamp_min(LOG_TINY)).sum()) - math.log(n)) / t
     out = torch.where(small, near, far)
     return torch.where(positive, out, losses.mean()) if tensor else out
 
@@ -84,7 +90,8 @@ def tilt_weights(losses: torch.Tensor, tilt: float | torch.Tensor) -> torch.Tens
     losses = losses.reshape(-1).float()
     if not isinstance(tilt, torch.Tensor) and tilt == 0:
         return torch.full_like(losses, 1.0 / losses.numel())
-    return torch.softmax(tilt * (losses - losses.max()), dim=0)
+    w = torch.exp((tilt * (losses - losses.max())).clamp_min(LOG_TINY))
+    return w / w.sum()
 
 
 @torch.no_grad()
@@ -97,9 +104,26 @@ def weight_concentration(losses: torch.Tensor, tilt: float | torch.Tensor) -> di
 
 
 def _log_ess(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """log ESS of softmax(t_k * l) for each t_k of `t` [K]: 2 logsumexp(t l) - logsumexp(2 t l)."""
+    """log ESS of softmax(t_k * l) for each t_k >= 0 of `t` [K]: 2 logsumexp(t l) - logsumexp(2 t l), with
+    the exponents shifted by the maximum (so the largest is 0) and clamped at LOG_TINY."""
     a = t[:, None] * (losses - losses.max())[None, :]
-    return 2 * torch.logsumexp(a, dim=1) - torch.logsumexp(2 * a, dim=1)
+    return 2 * torch.exp(a.clamp_min(LOG_TINY)).sum(1).log() - torch.exp((2 * a).clamp_min(LOG_TINY)).sum(1).log()
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On CPU, run the small ops of the solve on one thread: split across threads, each op waits for the
+    slowest, and on a loaded machine that costs a scheduler time slice per op (measured: 0.58 s instead
+    of 14 ms per solve at N = 2048 on a shared 2-core machine).  Switching costs under a microsecond."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -110,6 +134,12 @@ def solve_tilt(losses: torch.Tensor, ess_fraction: float) -> torch.Tensor:
     n = losses.numel()
     if ess_fraction >= 1 or n < 2:
         return losses.new_zeros(())
+    with _one_cpu_thread(losses.device):
+        return _solve(losses, ess_fraction)
+
+
+def _solve(losses: torch.Tensor, ess_fraction: float) -> torch.Tensor:
+    n = losses.numel()
     std = losses.std()
     scale = 1.0 / std.clamp_min(1e-30)
     target = math.log(ess_fraction * n)

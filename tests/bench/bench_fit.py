@@ -5,7 +5,8 @@ step), and peak memory of whole `ssae-fit` runs over two store sizes.
 
     make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick])
 
-Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable.
+Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable; the
+variants take turns step by step (train_rates), and the TERM computation is also timed alone.
 """
 from __future__ import annotations
 
@@ -57,38 +58,68 @@ def make_store(path: str, rows: int, seed: int = 0) -> str:
     return path
 
 
-def train_rate(store: str, d_sae: int, variant: dict, batch: int, steps: int) -> float:
-    """Steady-state tokens/s of the training loop (data stream included), after one warm-up step, for
-    the TERM `variant` (FitConfig fields; {} is ERM)."""
+def train_rates(store: str, d_sae: int, batch: int, steps: int) -> dict[str, float]:
+    """Steady-state tokens/s of the training loop (data stream included) of every VARIANT, after one
+    warm-up step each.  The variants take turns step by step, so the load of a shared machine, which
+    drifts over seconds, weighs on all of them alike."""
     from ssae_common.data.activations import ActivationStore
     from ssae_common.data.batches import ActivationStream
     from ssae_common.sae.config import FitConfig
     from ssae_common.sae.train import Trainer, init_sae
 
-    cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, **variant, lr=1e-4, batch_size=batch,
-                    train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
-                    dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
     st = ActivationStore(store)
-    stream = ActivationStream([st], batch, 0, shuffle_rows=32768, val_rows=0, tokens=cfg.tilt_groups == "token")
-
-    def step(s: int) -> None:
-        if stream.tokens:
-            rows, ids = stream.batch_with_tokens(s)
-            trainer.train_step(torch.from_numpy(rows) * sae.act_scale, torch.from_numpy(ids))
-        else:
-            trainer.train_step(torch.from_numpy(stream.batch(s)) * sae.act_scale)
-
-    sae = init_sae(cfg, D_IN, stream.sample(4096), None)
+    runs, seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(cfg, sae, stream, folder, np.empty((0, D_IN), np.float32))
-        step(0)
-        t0 = time.perf_counter()
-        for s in range(1, steps + 1):
-            step(s)
-        rate = steps * batch / (time.perf_counter() - t0)
-    stream.close()
+        for label, variant in VARIANTS:
+            cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, **variant, lr=1e-4, batch_size=batch,
+                            train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
+                            dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
+            stream = ActivationStream([st], batch, 0, shuffle_rows=32768, val_rows=0,
+                                      tokens=cfg.tilt_groups == "token")
+            sae = init_sae(cfg, D_IN, stream.sample(4096), None)
+            runs[label] = (stream, Trainer(cfg, sae, stream, os.path.join(folder, label), np.empty((0, D_IN), np.float32)))
+            seconds[label] = 0.0
+        for s in range(steps + 1):
+            for label, (stream, trainer) in runs.items():
+                if stream.tokens:
+                    rows, ids = stream.batch_with_tokens(s)
+                    ids = torch.from_numpy(ids)
+                else:
+                    rows, ids = stream.batch(s), None
+                t0 = time.perf_counter()
+                trainer.train_step(torch.from_numpy(rows) * trainer.sae.act_scale, ids)
+                if s:  # step 0 warms up
+                    seconds[label] += time.perf_counter() - t0
+    for stream, _ in runs.values():
+        stream.close()
     st.close()
-    return rate
+    return {label: steps * batch / seconds[label] for label in runs}
+
+
+def term_op_seconds(batch: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds per step of the TERM computation alone (on `batch` per-token losses, forward and backward):
+    what each variant adds to a training step, free of the matmuls' noise."""
+    from ssae_common.sae.term import group_means, solve_tilt, tilted_loss
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.distributions.Gamma(2.0, 20.0).sample((batch,))
+    ids = torch.from_numpy(np.minimum(np.random.default_rng(0).zipf(1.2, batch), VOCAB) - 1)
+    del g
+
+    def run(variant: dict) -> None:
+        x = losses.clone().requires_grad_(True)
+        v = group_means(x, ids) if variant.get("tilt_groups") == "token" else x
+        t = solve_tilt(v, variant["tilt_ess"]) if "tilt_ess" in variant else variant.get("tilt", 0.0)
+        tilted_loss(v, t).backward()
+
+    out = {}
+    for label, variant in VARIANTS:
+        run(variant)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run(variant)
+        out[label] = (time.perf_counter() - t0) / repeats
+    return out
 
 
 def peak_rss_of_fit(store: str, out: str) -> tuple[float, float]:
@@ -125,11 +156,7 @@ def main() -> None:
         for expansion in (() if args.memory_only else (8, 16)):
             d_sae = D_IN * expansion
             peak = matmul_flops(args.batch_size, d_sae)
-            # interleaved, best of two each: the load of a shared machine drifts
-            rate = dict.fromkeys(labels, 0.0)
-            for _ in range(2):
-                for label, variant in VARIANTS:
-                    rate[label] = max(rate[label], train_rate(store, d_sae, variant, args.batch_size, steps))
+            rate = train_rates(store, d_sae, args.batch_size, steps)
             per_token = 12 * D_IN * d_sae
             erm = rate["ERM"]
             results[d_sae] = dict(peak_gflops=peak / 1e9, tokens_per_s=rate, erm_share=erm * per_token / peak,
@@ -138,6 +165,15 @@ def main() -> None:
             print(f"{d_sae:>6} {r['peak_gflops']:>15.1f} {100 * r['erm_share']:>9.1f}% "
                   + " ".join(f"{rate[label]:>19.0f}" for label in labels) + " "
                   + " ".join(f"{r['ratio_to_erm'][label]:>17.3f}" for label in labels[1:]), flush=True)
+
+        if not args.memory_only:
+            op = term_op_seconds(args.batch_size)
+            step_s = args.batch_size / results[D_IN * 8]["tokens_per_s"]["ERM"]
+            print(f"\nthe TERM computation alone, batch {args.batch_size} (forward + backward), and as a share of an "
+                  f"ERM step at d_sae {D_IN * 8} ({step_s:.2f} s):", flush=True)
+            for label, sec in op.items():
+                print(f"{label:>15} {1e3 * sec:8.2f} ms {100 * sec / step_s:8.3f}%", flush=True)
+            results["term_op_seconds"] = op
 
         sizes = (50_000, 200_000) if not args.quick else (20_000, 80_000)
         print(f"\n{'store rows':>10} {'store MiB':>10} {'peak RSS MiB':>13} {'fit s':>7}", flush=True)
