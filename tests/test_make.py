@@ -43,7 +43,8 @@ def test_tilt_sweep_grid(tmp_path):
         assert f"--init {tmp_path}/gsae {flag}--train-tokens" in re.sub(" +", " ", flags[name]), flags[name]
     assert len({" ".join(re.sub(r"--(tilt|tilt-ess|tilt-groups) \S+", "", a).split()) for a in fits.values()}) == 2
     evals = re.findall(r"ssae-eval .*", p.stdout)
-    assert len(evals) == 2 and all("--baseline" in e and e.count("/tilt/s") == 10 for e in evals)
+    assert len(evals) == 4 and all("--baseline" in e and e.count("/tilt/s") == 10 for e in evals)
+    assert sum("--activations" in e for e in evals) == 2 and sum("--docs" in e for e in evals) == 2
     assert "ssae_tools.tables" in p.stdout
 
 
