@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller stores")
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory comparison")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the peak-memory comparison")
     args = ap.parse_args()
     steps = 2 if args.quick else 5
     threads = torch.get_num_threads()
@@ -175,6 +176,9 @@ def main() -> None:
                 print(f"{label:>15} {1e3 * sec:8.2f} ms {100 * sec / step_s:8.3f}%", flush=True)
             results["term_op_seconds"] = op
 
+        if args.throughput_only:
+            print(json.dumps({"throughput": results}))
+            return
         sizes = (50_000, 200_000) if not args.quick else (20_000, 80_000)
         print(f"\n{'store rows':>10} {'store MiB':>10} {'peak RSS MiB':>13} {'fit s':>7}", flush=True)
         mem = {}
