@@ -48,11 +48,11 @@ step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansi
 # TERM setting: the mildest of the sweep (docs/fit.md, "Which tilt"), the one that costs least
 read -r -a term <<< "${DEMO_TERM:---tilt-ess 0.5}"
 step "$out/ssae-erm" ssae-fit "$out/physics.h5" --init "$out/gsae" --lr 3e-4 \
-    --batch-size 1024 --train-tokens 120000 -o "$out/ssae-erm"
+    --batch-size 1024 --train-tokens 100000 -o "$out/ssae-erm"
 step "$out/ssae-term" ssae-fit "$out/physics.h5" --init "$out/gsae" "${term[@]}" --lr 3e-4 \
-    --batch-size 1024 --train-tokens 120000 -o "$out/ssae-term"
+    --batch-size 1024 --train-tokens 100000 -o "$out/ssae-term"
 step "$out/eval" ssae-eval "$out/gsae" "$out/ssae-erm" "$out/ssae-term" --baseline "$out/gsae" \
-    --docs "$test_docs" --max-tokens 20000 -o "$out/eval"
+    --docs "$test_docs" --max-tokens 15000 -o "$out/eval"
 
 python - "$out/eval/metrics.json" <<'PY' >&2
 import json, sys
