@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job on the offline defaults: retrieve physics documents from a general corpus,
-# harvest activations, fit a GSAE on general text, finetune an SSAE from it on the retrieved text with
-# TERM, and evaluate both on held-out physics text.  Steps whose output exists are skipped.
+# harvest activations, fit a GSAE on general text, finetune two SSAEs from it on the retrieved text (ERM,
+# and TERM with the setting `make -C shell paper-tilt` supports), evaluate all three on held-out physics
+# text and print a one-line verdict per claim.  Steps whose output exists are skipped.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -43,21 +44,50 @@ step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 100000 -o "$out/gener
 step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 40000 -o "$out/physics.h5"
 step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansion 4 --lr 1e-3 \
     --batch-size 1024 --train-tokens 600000 -o "$out/gsae"
-step "$out/ssae" ssae-fit "$out/physics.h5" --init "$out/gsae" --tilt 500 --lr 3e-4 \
-    --batch-size 1024 --train-tokens 200000 -o "$out/ssae"
-step "$out/eval" ssae-eval "$out/gsae" "$out/ssae" --baseline "$out/gsae" --docs "$test_docs" \
-    --max-tokens 20000 -o "$out/eval"
+# ---- the SSAEs and the verdicts (issue 12) -------------------------------------------------------------
+# TERM setting: the mildest of the sweep (docs/fit.md, "Which tilt"), the one that costs least
+read -r -a term <<< "${DEMO_TERM:---tilt-ess 0.5}"
+step "$out/ssae-erm" ssae-fit "$out/physics.h5" --init "$out/gsae" --lr 3e-4 \
+    --batch-size 1024 --train-tokens 100000 -o "$out/ssae-erm"
+step "$out/ssae-term" ssae-fit "$out/physics.h5" --init "$out/gsae" "${term[@]}" --lr 3e-4 \
+    --batch-size 1024 --train-tokens 100000 -o "$out/ssae-term"
+step "$out/eval" ssae-eval "$out/gsae" "$out/ssae-erm" "$out/ssae-term" --baseline "$out/gsae" \
+    --docs "$test_docs" --max-tokens 15000 -o "$out/eval"
 
 python - "$out/eval/metrics.json" <<'PY' >&2
 import json, sys
 m = json.load(open(sys.argv[1]))
 print(f"\nheld-out physics text, {m['n_tokens']} tokens")
-print(f"{'SAE':<8}{'L0':>7}{'FVU':>8}{'CE recovered':>14}{'ppl spliced':>13}{'ppl / GSAE':>12}{'token types':>13}")
+print(f"{'SAE':<10}{'L0':>6}{'FVU':>7}{'CE rec.':>9}{'ppl':>8}{'ppl/GSAE':>10}{'rare MSE':>10}{'rare max':>10}"
+      f"{'types repr.':>13}")
 for s in m["saes"]:
-    cov = s["tail_coverage"]
-    rel = s.get("rel_ppl_vs_baseline")
-    print(f"{s['name']:<8}{s['l0']:>7.1f}{s['fvu']:>8.3f}{s['ce_recovered']:>14.3f}{s['ppl_spliced']:>13.2f}"
-          f"{rel if rel is None else format(rel, '.3f'):>12}{cov['n_types_represented']:>7}/{cov['n_types']}")
+    cov, tail = s["tail_coverage"], s["tail_error"]
+    print(f"{s['name']:<10}{s['l0']:>6.1f}{s['fvu']:>7.3f}{s['ce_recovered']:>9.3f}{s['ppl_spliced']:>8.2f}"
+          f"{s['rel_ppl_vs_baseline']:>10.3f}{tail['mean']:>10.4f}{tail['max']:>10.4f}"
+          f"{cov['n_types_represented']:>7}/{cov['n_types']}")
+by = {s["name"]: s for s in m["saes"]}
+gsae, erm, term = by["gsae"], by["ssae-erm"], by["ssae-term"]
+tail = erm["tail_error"]
+
+
+def change(new, old):
+    return f"{100 * (new / old - 1):+.1f}%"
+
+
+def verdict(ok):
+    return "yes" if ok else "NO"
+
+
+print(f"\nSSAE (ERM) beats the GSAE on held-out physics (spliced perplexity {erm['ppl_spliced']:.3f} vs "
+      f"{gsae['ppl_spliced']:.3f}, {change(erm['ppl_spliced'], gsae['ppl_spliced'])}): "
+      f"{verdict(erm['ppl_spliced'] < gsae['ppl_spliced'])}")
+print(f"SSAE (TERM) beats the GSAE too ({term['ppl_spliced']:.3f}, {change(term['ppl_spliced'], gsae['ppl_spliced'])}): "
+      f"{verdict(term['ppl_spliced'] < gsae['ppl_spliced'])}")
+print(f"TERM lowers the error of the rarest {tail['n_types']} token types against ERM: mean "
+      f"{change(term['tail_error']['mean'], tail['mean'])}, max {change(term['tail_error']['max'], tail['max'])}: "
+      f"{verdict(term['tail_error']['mean'] < tail['mean'] and term['tail_error']['max'] < tail['max'])}")
+print(f"at a perplexity within 5% of ERM's ({change(term['ppl_spliced'], erm['ppl_spliced'])}): "
+      f"{verdict(term['ppl_spliced'] <= 1.05 * erm['ppl_spliced'])}")
 PY
 # what each harvested set holds (each document contributes at most its first 1024 tokens, the default cap)
 ssae-tables "$out/general.h5" "$out/physics.h5" >&2

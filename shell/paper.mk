@@ -123,3 +123,51 @@ $(P)/ssae/medical-t500/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
 $(P)/shift/shift.json: $(P)/gsae/cfg.json $(P)/ssae/medical-t500/cfg.json
 	mkdir -p $(@D)
 	$(call logged,ssae-shift --data $(BIOS) --professions $(PROFESSIONS) --sae $(P)/gsae --sae $(P)/ssae/medical-t500 --ablate auto --device $(DEVICE) --force -o $@ > /dev/null,$@)
+
+# ---- TERM tilt sweep (issue 12): `make -C shell paper-tilt` -----------------------------------------
+# The same GSAE (TILT_GSAE) finetuned on the same subdomain text (TILT_RECIPE's activations) with the same
+# budget, by ERM and by every TERM setting.  Per seed, two ssae-evals on the held-out TEST text: on its
+# activations (TILT_TAIL_TOKENS; cheap, so enough tokens for the rarest-decile error and tail coverage) and
+# on its documents (TILT_EVAL_TOKENS; the spliced perplexity costs a forward pass per SAE); the tables.
+# A setting is a folder name: erm, t<T> (--tilt T), ess<F> (--tilt-ess F), type-t<T> / type-ess<F> (the
+# same with --tilt-groups token).  Quick CPU size, e.g.:
+#   make -C shell paper-tilt TILT_GSAE=path/to/gsae TILT_TOKENS=100000 TILT_EVAL_TOKENS=10000 TILT_SEEDS=0
+TILT_GSAE ?= $(P)/gsae
+TILT_RECIPE ?= bm25
+TILT_SETTINGS ?= erm t1 t10 t100 t500 t1e9 ess0.5 ess0.1 ess0.01 type-ess0.1
+TILT_SEEDS ?= 0 1
+TILT_TOKENS ?= $(SSAE_TOKENS)
+TILT_BATCH ?= 1024
+TILT_LR ?= 3e-4
+TILT_EVAL_TOKENS ?= $(EVAL_TOKENS)
+TILT_TAIL_TOKENS ?= $(EVAL_TOKENS)
+
+tilt_base = $(if $(filter ess%,$(1)),--tilt-ess $(patsubst ess%,%,$(1)),--tilt $(patsubst t%,%,$(1)))
+tilt_flags = $(if $(filter erm,$(1)),,$(if $(filter type-%,$(1)),--tilt-groups token $(call tilt_base,$(patsubst type-%,%,$(1))),$(call tilt_base,$(1))))
+TILT_EVALS := $(foreach s,$(TILT_SEEDS),$(P)/tilt/tail-s$(s)/metrics.json $(P)/tilt/eval-s$(s)/metrics.json)
+
+.PHONY: paper-tilt
+paper-tilt: $(P)/tilt/tables.txt
+	@cat $< >&2
+	@echo "paper-tilt: the tables are in $<; plots and definitions in $(P)/tilt/eval-s*/report.html" >&2
+
+$(P)/tilt/tables.txt: $(TILT_EVALS)
+	$(PY) -m ssae_tools.tables $^ > $@
+
+define tilt_rule
+$(P)/tilt/s$(2)/$(1)/cfg.json: $(P)/acts/$(TILT_RECIPE).h5 $(TILT_GSAE)/cfg.json
+	$$(call logged,ssae-fit $$< --init $(TILT_GSAE) $(call tilt_flags,$(1)) --train-tokens $(TILT_TOKENS) --lr $(TILT_LR) --batch-size $(TILT_BATCH) --seed $(2) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+endef
+$(foreach s,$(TILT_SEEDS),$(foreach t,$(TILT_SETTINGS),$(eval $(call tilt_rule,$(t),$(s)))))
+
+# the held-out text's activations (ssae-harvest never reads past what it needs)
+$(P)/acts/tilt-test.h5:
+	mkdir -p $(@D)
+	$(call logged,ssae-harvest $(TEST) $(EVERY) --hook $(HOOK) --max-tokens $(TILT_TAIL_TOKENS) --force -o $@ > /dev/null,$@)
+
+$(P)/tilt/tail-s%/metrics.json: $(P)/acts/tilt-test.h5 $(TILT_GSAE)/cfg.json $(foreach t,$(TILT_SETTINGS),$(P)/tilt/s%/$(t)/cfg.json)
+	$(call logged,ssae-eval $(TILT_GSAE) $(foreach t,$(TILT_SETTINGS),$(P)/tilt/s$*/$(t)) --baseline $(TILT_GSAE) --activations $< --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+$(P)/tilt/eval-s%/metrics.json: $(TILT_GSAE)/cfg.json $(foreach t,$(TILT_SETTINGS),$(P)/tilt/s%/$(t)/cfg.json)
+	$(call logged,ssae-eval $(TILT_GSAE) $(foreach t,$(TILT_SETTINGS),$(P)/tilt/s$*/$(t)) --baseline $(TILT_GSAE) --docs $(TEST) --max-tokens $(TILT_EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+# ---- end of the TERM tilt sweep -----------------------------------------------------------------------

@@ -68,7 +68,8 @@ def tokens_of(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text)
 
 
-def make_store(path, acts, dtype="float32", complete=True, model="synthetic-lm", hook="blocks.0.hook_resid_post"):
+def make_store(path, acts, dtype="float32", complete=True, model="synthetic-lm", hook="blocks.0.hook_resid_post",
+               token_ids=None):
     import numpy as np
 
     from ssae_common.data.activations import ActivationWriter
@@ -77,8 +78,8 @@ def make_store(path, acts, dtype="float32", complete=True, model="synthetic-lm",
     w = ActivationWriter(path, d_model=d, dtype=dtype, attrs={"model": model, "hook": hook, "config": {"rows": n}},
                          resume=False)
     w.add_docs(["d0"], ["text"], [0])
-    w.add_rows(np.asarray(acts, dtype=np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-               np.arange(n, dtype=np.int32))
+    tok = np.zeros(n, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
+    w.add_rows(np.asarray(acts, dtype=np.float32), tok, np.zeros(n, np.int32), np.arange(n, dtype=np.int32))
     w.checkpoint(1, 1, 0)
     if complete:
         w.finish()

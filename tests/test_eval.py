@@ -18,7 +18,8 @@ from ssae_tools.harvest import main as harvest_main
 HOOK = "blocks.0.hook_resid_post"
 D = 16
 SAE_KEYS = {"name", "path", "sha256", "mse", "fvu", "cosine", "l0", "dead_fraction", "dense_fraction", "tail_coverage",
-            "entropy", "max_activation", "activation_counts_by_rank", "error_by_frequency_rank", "decoder_cosine"}
+            "entropy", "max_activation", "activation_counts_by_rank", "error_by_frequency_rank", "decoder_cosine",
+            "tail_error"}
 LM_KEYS = {"ce_clean", "ce_spliced", "ce_zero_ablation", "ce_recovered", "ppl_spliced", "ppl_clean"}
 
 
@@ -92,6 +93,10 @@ def test_docs_mode_known_answers_baseline_plots_report(setup, tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 9 and "src='http" not in html and "rand2" in html
     assert "CE spliced" in r.stderr and "ppl/base" in r.stderr and "* baseline" in r.stderr  # comparison table
+    assert "rare MSE" in r.stderr and "rare max" in r.stderr and "lr<0" in r.stderr
+    assert ident["tail_error"]["max"] < 1e-10 and ident["tail_error"]["n_types"] >= 1
+    assert zero["tail_error"]["max"] >= zero["tail_error"]["mean"] > 0
+    assert 0 <= lr["fraction_below_zero"] <= 1
 
 
 def test_activations_mode_matches_docs_mode_and_numpy(setup, tmp_path):

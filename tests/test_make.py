@@ -30,6 +30,24 @@ def test_paper_grid_covers_the_experiments(tmp_path):
     assert "--exclude" in cmds  # the test set never leaks into training text
 
 
+def test_tilt_sweep_grid(tmp_path):
+    """paper-tilt: every TERM setting finetuned from one GSAE on one text with one budget, per seed."""
+    p = make("-n", "--assume-old=setup", "paper-tilt", f"PAPER={tmp_path}", "TILT_SEEDS=0 1")
+    assert p.returncode == 0, p.stderr
+    fits = {m.group(2): m.group(1) for m in re.finditer(r"ssae-fit (.*?) -o (\S+/tilt/\S+)", p.stdout)}
+    assert len(fits) == 20 and {os.path.basename(os.path.dirname(f)) for f in fits} == {"s0", "s1"}
+    flags = {os.path.basename(f): re.sub(r" --seed \d", "", a) for f, a in fits.items()}
+    expected = {"erm": "", "t1": "--tilt 1 ", "t1e9": "--tilt 1e9 ", "ess0.01": "--tilt-ess 0.01 ",
+                "type-ess0.1": "--tilt-groups token --tilt-ess 0.1 "}
+    for name, flag in expected.items():
+        assert f"--init {tmp_path}/gsae {flag}--train-tokens" in re.sub(" +", " ", flags[name]), flags[name]
+    assert len({" ".join(re.sub(r"--(tilt|tilt-ess|tilt-groups) \S+", "", a).split()) for a in fits.values()}) == 2
+    evals = re.findall(r"ssae-eval .*", p.stdout)
+    assert len(evals) == 4 and all("--baseline" in e and e.count("/tilt/s") == 10 for e in evals)
+    assert sum("--activations" in e for e in evals) == 2 and sum("--docs" in e for e in evals) == 2
+    assert "ssae_tools.tables" in p.stdout
+
+
 def test_rerun_with_nothing_changed_does_nothing(tmp_path):
     cmds = make("-n", "--assume-old=setup", "paper", f"PAPER={tmp_path}").stdout
     outputs = []

@@ -134,6 +134,53 @@ def test_error_by_frequency_rank():
     assert e["max"] == pytest.approx([0.1, 4.0], rel=1e-5)
 
 
+def test_tail_error_of_the_rarest_decile():
+    acc = SaeMetrics(2, 2)
+    # 12 types: type 100 + i occurs 20 - i times, except 109 (twice), 110 and 111 (once each);
+    # the rarest decile is ceil(1.2) = 2 types: 110 and 111
+    tokens, err = [], []
+    count = {i: {9: 2, 10: 1, 11: 1}.get(i, 20 - i) for i in range(12)}
+    for i in range(12):
+        tokens += [100 + i] * count[i]
+        err += [0.1 * i] * (count[i] - 1) + [0.1 * i + 2.0]  # one worse token per type: mean 0.1 i + 2 / count
+    crafted(acc, [[1, 0]] * len(tokens), tokens, err=err)
+    r = acc.result()["tail_error"]
+    type_mse = {i: (0.1 * i + 2.0 / count[i]) / 2 for i in range(12)}  # per dimension: / d_in
+    assert (r["n_types"], r["n_types_seen"], r["max_count"], r["n_tokens"]) == (2, 12, 1, 2)
+    assert r["mean"] == pytest.approx((type_mse[10] + type_mse[11]) / 2, rel=1e-5)
+    assert r["max"] == pytest.approx(type_mse[11], rel=1e-5)
+    assert r["all_types_mean"] == pytest.approx(np.mean(list(type_mse.values())), rel=1e-5)
+    assert r["all_types_max"] == pytest.approx(max(type_mse.values()), rel=1e-5)
+    acc.cfg = MetricConfig(tail_fraction=0.25)  # ceil(3) = 3 types: 110, 111, then 109 (count 2)
+    r = acc.result()["tail_error"]
+    assert (r["n_types"], r["max_count"]) == (3, 2)
+    assert r["mean"] == pytest.approx((type_mse[9] + type_mse[10] + type_mse[11]) / 3, rel=1e-5)
+    assert SaeMetrics(2, 2).result()["tail_error"]["mean"] is None
+
+
+def test_tail_error_ties_at_the_boundary_are_averaged_over_every_choice():
+    """5 types once (errors 1, 2, 4, 8, 16 / d_in) and one type 3 times; a tail of 0.5 x 6 = 3 types takes 3
+    of the 5 tied ones: mean and max are the averages over all C(5, 3) = 10 choices."""
+    import itertools
+
+    acc = SaeMetrics(2, 2, MetricConfig(tail_fraction=0.5))
+    tied = [1.0, 2.0, 4.0, 8.0, 16.0]
+    crafted(acc, [[1, 0]] * 8, [7, 3, 9, 5, 11, 2, 2, 2], err=[4.0, 1.0, 8.0, 2.0, 16.0, 0.5, 0.5, 0.5])
+    r = acc.result()["tail_error"]
+    choices = [np.array(c) / 2 for c in itertools.combinations(tied, 3)]
+    assert (r["n_types"], r["n_tied"], r["max_count"]) == (3, 5, 1)
+    assert r["mean"] == pytest.approx(np.mean([c.mean() for c in choices]), rel=1e-6)
+    assert r["max"] == pytest.approx(np.mean([c.max() for c in choices]), rel=1e-6)
+    # with types below the boundary too: 1 type once (error 32), 4 types twice; a tail of 3 takes 2 of those 4
+    acc = SaeMetrics(2, 2, MetricConfig(tail_fraction=0.6))
+    crafted(acc, [[1, 0]] * 9, [1, 4, 4, 5, 5, 6, 6, 8, 8], err=[32.0, 1, 1, 2, 2, 3, 3, 0.5, 0.5])
+    r = acc.result()["tail_error"]
+    choices = [np.array([32.0, *c]) / 2 for c in itertools.combinations([1.0, 2.0, 3.0, 0.5], 2)]
+    assert (r["n_types"], r["n_tied"], r["max_count"]) == (3, 4, 2)
+    assert r["mean"] == pytest.approx(np.mean([c.mean() for c in choices]), rel=1e-6)
+    assert r["max"] == pytest.approx(16.0, rel=1e-6)
+
+
 def test_decoder_cosine_all_pairs_and_sampled():
     W = torch.eye(6)
     full = decoder_cosine(W)
@@ -161,6 +208,9 @@ def test_log_ratio_counts():
     r = log_ratio_counts(np.array([0, 3, 9]), np.array([0, 1, 9]))
     assert r["mean"] == pytest.approx(math.log(2) / 3)
     assert r["fraction_more_active"] == 0.0  # ln 2 is not > ln 2
+    assert r["fraction_below_zero"] == 0.0
+    fewer = log_ratio_counts(np.array([0, 0, 1, 9, 2]), np.array([1, 0, 3, 9, 1]))
+    assert fewer["fraction_below_zero"] == pytest.approx(2 / 5)  # latents 0 and 2 fire less than in the baseline
     assert sum(r["histogram"]["counts"]) == 3
 
 

@@ -10,7 +10,8 @@ Batch `s` is rows [s * B, (s + 1) * B) of that endless stream, a pure function o
 a resumed run rebuilds exactly the batches it would have seen, from nothing but the step number.
 Memory is one window plus the one read ahead in a background thread, whatever the files' size.
 Under torchrun every rank reads the same global batch (so a bad row fails every rank at the same
-step) and trains on its own slice of it (train.py).
+step) and trains on its own slice of it (train.py).  With `tokens=True` each batch also carries the
+rows' token ids (/token_ids, shuffled with them), for the tilt over token types.
 """
 from __future__ import annotations
 
@@ -51,10 +52,10 @@ def _check_finite(store: ActivationStore, block: Block, rows: np.ndarray) -> Non
 
 class ActivationStream:
     def __init__(self, stores: list[ActivationStore], batch_size: int, seed: int, *, shuffle_rows: int = 32768,
-                 val_rows: int = 8192, val_fraction_max: float = 0.1):
+                 val_rows: int = 8192, val_fraction_max: float = 0.1, tokens: bool = False):
         if batch_size < 1:
             raise BadInput(f"--batch-size {batch_size}: must be at least 1")
-        self.stores, self.batch_size, self.seed = stores, batch_size, seed
+        self.stores, self.batch_size, self.seed, self.tokens = stores, batch_size, seed, tokens
         self.d = stores[0].d_model
         blocks = []
         for si, store in enumerate(stores):
@@ -85,7 +86,7 @@ class ActivationStream:
         self.n_train = sum(b.rows for b in self.train_blocks)
         self.shuffle_rows = max(shuffle_rows, batch_size)
         self._epochs: dict[int, tuple[list[list[int]], np.ndarray]] = {}
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssae-read")
         self._ahead: tuple[tuple[int, int], Future] | None = None
 
@@ -107,21 +108,24 @@ class ActivationStream:
             self._epochs = {epoch: (windows, np.concatenate([[0], np.cumsum(sizes)]))}
         return self._epochs[epoch]
 
-    def _read_window(self, epoch: int, w: int, block_ids: list[int]) -> np.ndarray:
-        parts = []
+    def _read_window(self, epoch: int, w: int, block_ids: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        parts, ids = [], []
         for i in block_ids:
             b = self.train_blocks[i]
             rows = self.stores[b.store].rows(b.start, b.stop)
             _check_finite(self.stores[b.store], b, rows)
             parts.append(rows)
+            if self.tokens:
+                ids.append(self.stores[b.store].token_ids(b.start, b.stop))
         data = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return data[_rng(self.seed, WINDOW, epoch, w).permutation(len(data))]
+        perm = _rng(self.seed, WINDOW, epoch, w).permutation(len(data))
+        return data[perm], (np.concatenate(ids)[perm] if self.tokens else None)
 
     def _next_key(self, epoch: int, w: int) -> tuple[int, int]:
         windows, _ = self._epoch(epoch)
         return (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
 
-    def _window(self, epoch: int, w: int) -> np.ndarray:
+    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
         key = (epoch, w)
         if key not in self._cache:
             if self._ahead is not None and self._ahead[0] == key:
@@ -141,21 +145,34 @@ class ActivationStream:
     # --- batches -------------------------------------------------------------------------------
     def rows_at(self, offset: int, count: int) -> np.ndarray:
         """Rows [offset, offset + count) of the endless shuffled stream."""
+        return self._take(offset, count)[0]
+
+    def _take(self, offset: int, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [offset, offset + count) of the stream and (with `tokens`) their token ids."""
         out = np.empty((count, self.d), dtype=np.float32)
+        ids = np.empty(count, dtype=np.int64) if self.tokens else None
         filled = 0
         while filled < count:
             epoch, within = divmod(offset + filled, self.n_train)
             windows, starts = self._epoch(epoch)
             w = bisect.bisect_right(starts, within) - 1
-            data = self._window(epoch, w)
+            data, tok = self._window(epoch, w)
             a = within - int(starts[w])
             take = min(count - filled, len(data) - a)
             out[filled:filled + take] = data[a:a + take]
+            if ids is not None:
+                ids[filled:filled + take] = tok[a:a + take]
             filled += take
-        return out
+        return out, ids
 
     def batch(self, step: int) -> np.ndarray:
         return self.rows_at(step * self.batch_size, self.batch_size)
+
+    def batch_with_tokens(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `step` and its rows' token ids (the stream must be made with tokens=True)."""
+        if not self.tokens:
+            raise ValueError("ActivationStream(tokens=True) is needed for token ids")
+        return self._take(step * self.batch_size, self.batch_size)
 
     def sample(self, rows: int) -> np.ndarray:
         """A shuffled sample of training rows for statistics (the stream's start)."""

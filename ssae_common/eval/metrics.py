@@ -4,7 +4,8 @@ One `SaeMetrics` per SAE takes (x, x_hat, f, token_ids) for each batch of evalua
 
 - float64 sums for MSE, cosine, L0, and a per-dimension running mean / M2 (Chan's merge) for FVU;
 - per-latent activation counts and activation mass [d_sae];
-- per-token-type counts, summed and maximum reconstruction error [types seen];
+- per-token-type counts, summed and maximum reconstruction error [types seen], from which the error
+  of the rarest decile of token types (`tail_error`: the paper's Fig. 3 numbers) is read;
 - fixed-bin histograms of per-token entropy over latents and of per-token max activation;
 - the activation mass of each (latent, token type) pair that occurred, as sorted int64 keys
   (latent << 32 | token) with float64 values, consolidated every `pending_limit` new entries.
@@ -39,6 +40,7 @@ class MetricConfig:
     max_pairs: int = 8_000_000        # bound on stored (latent, token type) pairs (16 bytes each)
     pending_limit: int = 2_000_000    # new pair entries buffered before consolidation
     cosine_pairs: int = 2_000_000     # decoder cosine: all pairs up to this many, else a random sample of it
+    tail_fraction: float = 0.1        # tail_error: the rarest this fraction of the token types seen
 
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:
@@ -212,6 +214,7 @@ class SaeMetrics:
             "activation_counts_by_rank": np.sort(self.counts)[::-1].tolist(),
             "tail_coverage": self.tail_coverage(),
             "error_by_frequency_rank": self.error_by_rank(),
+            "tail_error": self.tail_error(),
         }
         return out
 
@@ -265,6 +268,36 @@ class SaeMetrics:
             "n_pairs": int(len(self.pair_keys)),
         }
 
+    def tail_error(self) -> dict:
+        """Reconstruction error of the rarest token types, next to that of all types.  A type's error is
+        its mean MSE (per token, per dimension) on the eval set; the tail is the n = ceil(tail_fraction x
+        types seen) rarest types by eval-set count.  `mean`/`max`: the mean/max over the tail's types of
+        their error; `all_types_mean`/`all_types_max` the same over every type seen.
+
+        Types tied at the tail's boundary count (on a small eval set most types occur once) are not cut by
+        an arbitrary order (token ids are not neutral: BPE gives frequent pieces small ids): mean and max
+        are their expectations when the tail's remaining k places go to k of the m tied types chosen
+        uniformly at random.  E[mean] uses the tied types' mean error; for the max, with the tied errors
+        sorted v_1 <= ... <= v_m, P(the largest chosen is v_j) = C(j-1, k-1) / C(m, k)."""
+        fraction = getattr(self.cfg, "tail_fraction", 0.1)  # states pickled before the field existed
+        seen = np.nonzero(self.type_count)[0]
+        if not len(seen):
+            return {"fraction": fraction, "n_types": 0, "mean": None, "max": None}
+        counts = self.type_count[seen]
+        per_type = self.type_err_sum[seen] / counts
+        n = max(1, math.ceil(fraction * len(seen)))
+        boundary = int(np.sort(counts)[n - 1])
+        below, tied = per_type[counts < boundary], np.sort(per_type[counts == boundary])
+        k, m = n - len(below), len(tied)
+        mean = (below.sum() + k * tied.mean()) / n
+        j = np.arange(k, m + 1)  # the largest chosen tied type is the j-th smallest, j >= k
+        log_p = np.array([_log_comb(i - 1, k - 1) for i in j]) - _log_comb(m, k)
+        top = np.maximum(tied[j - 1], below.max() if len(below) else -np.inf)
+        return {"fraction": fraction, "n_types": int(n), "n_types_seen": int(len(seen)), "max_count": boundary,
+                "n_tied": int(m), "n_tokens": float(counts[counts < boundary].sum() + k * boundary),
+                "mean": float(mean), "max": float((np.exp(log_p) * top).sum()),
+                "all_types_mean": float(per_type.mean()), "all_types_max": float(per_type.max())}
+
     def error_by_rank(self) -> dict:
         seen = np.nonzero(self.type_count)[0]
         order = seen[np.argsort(-self.type_count[seen], kind="stable")]
@@ -284,12 +317,17 @@ class SaeMetrics:
         }
 
 
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
 def log_ratio_counts(counts: np.ndarray, baseline_counts: np.ndarray) -> dict:
     """Per-latent ln((c + 1) / (c_baseline + 1)) of activation counts, for latents aligned by index."""
     lr = np.log((np.asarray(counts, float) + 1) / (np.asarray(baseline_counts, float) + 1))
     return {"pseudo_count": 1, "mean": float(lr.mean()), "median": float(np.median(lr)), "std": float(lr.std()),
             "fraction_more_active": float((lr > math.log(2)).mean()),
             "fraction_less_active": float((lr < -math.log(2)).mean()),
+            "fraction_below_zero": float((lr < 0).mean()),
             "histogram": {"edges": LOG_RATIO_EDGES.tolist(), "counts": histogram(lr, LOG_RATIO_EDGES).tolist()}}
 
 

@@ -20,8 +20,12 @@ COLUMNS = [
     ("ce_recovered", "CE rec.", "{:.4f}"),
     ("ppl_spliced", "ppl spliced", "{:.3f}"),
     ("rel_ppl_vs_baseline", "ppl/base", "{:.4f}"),
+    ("tail_error.mean", "rare MSE", "{:.4g}"),
+    ("tail_error.max", "rare max", "{:.4g}"),
     ("tail_coverage.represented_fraction", "types repr.", "{:.4f}"),
     ("entropy.mean", "entropy", "{:.3f}"),
+    ("max_activation.mean", "max act", "{:.3g}"),
+    ("activation_count_log_ratio.fraction_below_zero", "lr<0", "{:.3f}"),
 ]
 
 
@@ -82,8 +86,26 @@ DEFINITIONS = [
     ("ppl", "exp(CE); ppl/base = spliced perplexity over the baseline SAE's spliced perplexity."),
     ("types repr.", "fraction of token types seen in the eval set for which some latent puts >= 50% of its "
                     "activation mass on that type (tail coverage, per frequency bin in the plots)."),
+    ("rare MSE / rare max", "the rarest 10% of the token types seen in the eval set, by count: mean / max "
+                            "over those types of the type's mean MSE (per token and dimension); types tied at "
+                            "the boundary count enter as the expectation over a random choice among them. The "
+                            "paper's Fig. 3 numbers; all types: tail_error in metrics.json."),
     ("entropy", "mean over tokens (with some latent active) of -sum_i p_i ln p_i, p_i = f_i / sum_j f_j."),
+    ("max act", "mean over tokens of the largest latent activation."),
+    ("lr<0", "fraction of latents with ln((count + 1) / (baseline count + 1)) < 0 on the eval set (aligned "
+             "latents of an SAE finetuned from the baseline): latents that fire less than in the baseline."),
 ]
+
+
+def _tilt_label(s: dict) -> str:
+    """How an SAE was tilted, from its cfg.json fields: ERM, tilt T or tilt-ess F, and by token type."""
+    if s.get("tilt_ess") is not None:
+        label = f"tilt-ess {s['tilt_ess']}"
+    elif s.get("tilt"):
+        label = f"tilt {s['tilt']}"
+    else:
+        label = "ERM"
+    return label + (" over token types" if s.get("tilt_groups") == "token" else "")
 
 
 def write_report(path: str, doc: dict, folder: str, plots: list[tuple[str, str]]) -> None:
@@ -106,7 +128,7 @@ def write_report(path: str, doc: dict, folder: str, plots: list[tuple[str, str]]
     parts.append("<h2>SAEs</h2><ul>")
     for s in saes:
         parts.append(f"<li><b>{e(s['name'])}</b>: {e(s['path'])} ({e(str(s.get('architecture')))}, "
-                     f"d_sae {s.get('d_sae')}, tilt {e(str(s.get('tilt')))})</li>")
+                     f"d_sae {s.get('d_sae')}, {e(_tilt_label(s))})</li>")
     parts.append("</ul><h2>Figures</h2>")
     for filename, title in plots:
         with open(os.path.join(folder, filename), "rb") as f:

@@ -24,7 +24,8 @@ from ..core.runtime import RunContext
 from .config import EvalConfig
 
 log = logging.getLogger("ssae")
-INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "l1_coefficient", "model", "hook", "parent")
+INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "tilt_ess", "tilt_groups", "l1_coefficient", "model",
+               "hook", "parent")
 SUMMARY_FIELDS = ("name", "l0", "fvu", "ppl_spliced", "rel_ppl_vs_baseline")
 
 

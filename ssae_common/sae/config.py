@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
 FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning", "gemma_scope")  # of --init (sae.imports)
 B_DEC_INITS = ("median", "mean", "zero", "parent")
+TILT_GROUPS = ("none", "token")
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
@@ -44,7 +45,14 @@ class FitConfig:
                            help="Active latents per token for topk (the mean, for batchtopk).")
     l1: float | None = option(None, derived="5/d_in, or the parent's",
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
-    tilt: float = option(0.0, help="TERM tilt t; 0 is ERM (the mean loss).")
+    tilt: float = option(0.0, help="TERM tilt t, fixed; 0 is ERM (the mean loss). See docs/fit.md.")
+    tilt_ess: float | None = option(
+        None, above=0, max=1,
+        help="TERM with t chosen per batch so the weights' effective sample size is this fraction of the "
+             "batch (1 is ERM; instead of --tilt).")
+    tilt_groups: str = option("none", choices=TILT_GROUPS,
+                              help="token: tilt across token types (each type's mean loss in the batch) "
+                                   "instead of across tokens; with --tilt or --tilt-ess.")
     init: str | None = option(
         None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
     init_format: str = option("auto", choices=FORMATS)
@@ -85,6 +93,11 @@ class FitConfig:
                             self.dead_tokens)
 
     @property
+    def tilted(self) -> bool:
+        """TERM rather than ERM (a fixed t, or one solved per batch for --tilt-ess < 1)."""
+        return bool(self.tilt) or (self.tilt_ess is not None and self.tilt_ess < 1)
+
+    @property
     def steps(self) -> int:
         return max(1, math.ceil(self.train_tokens / self.batch_size))
 
@@ -108,6 +121,10 @@ class FitConfig:
             raise ConfigError("l0", self.l0, "only for --architecture jumprelu")
         if self.architecture not in (None, "jumprelu") and self.bandwidth != DEFAULT_BANDWIDTH:
             raise ConfigError("bandwidth", self.bandwidth, "only for --architecture jumprelu")
+        if self.tilt and self.tilt_ess is not None:
+            raise ConfigError("tilt_ess", self.tilt_ess, f"give --tilt ({self.tilt}) or --tilt-ess, not both")
+        if self.tilt_groups != "none" and not (self.tilt or self.tilt_ess is not None):
+            raise ConfigError("tilt_groups", self.tilt_groups, "needs --tilt or --tilt-ess (without one it is ERM)")
         if self.b_dec_init == "parent" and not self.init:
             raise ConfigError("b_dec_init", self.b_dec_init, "needs --init")
 

@@ -56,8 +56,8 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
         out, reuse = _default_output(digest, context.force)
         if reuse:
             return sae_artifact(out) if main_rank() else None
-    extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "l1_coefficient": cfg.l1,
-             **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
+    extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess, "tilt_groups": cfg.tilt_groups,
+             "l1_coefficient": cfg.l1, **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
              "parent": parent.record() if parent else None, "seed": context.seed, "inputs": inputs,
              "config": resolved, "created_by": created_by(context.program)}
     written = train_sae(activations, cfg, out, parent=parent, resolved=resolved, config_digest=digest,
@@ -85,6 +85,7 @@ def sae_artifact(path: str) -> dict:
     cfg = read_config(path)
     training = cfg.get("training") or {}
     return artifact_record("sae", path, architecture=cfg.get("architecture"), d_in=cfg.get("d_in"),
-                           d_sae=cfg.get("d_sae"), k=cfg.get("k"), tilt=cfg.get("tilt"), model=cfg.get("model"),
+                           d_sae=cfg.get("d_sae"), k=cfg.get("k"), tilt=cfg.get("tilt"),
+                           tilt_ess=cfg.get("tilt_ess"), tilt_groups=cfg.get("tilt_groups"), model=cfg.get("model"),
                            hook=cfg.get("hook"), parent=cfg.get("parent"), tokens=training.get("tokens"),
                            val_fvu=training.get("val_fvu"))

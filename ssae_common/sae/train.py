@@ -6,7 +6,11 @@ Per-token loss, in normalised units (inputs multiplied by act_scale so that E||x
                                       +  lambda_0 * #{j : pre_ij > threshold_j}    (the L0 term: jumprelu only)
 
 and the objective of each batch is TERM(l, t) (term.py; t = 0 is the mean), plus, for TopK with
-AuxK, aux_coefficient * the normalised AuxK loss of dead latents.
+AuxK, aux_coefficient * the normalised AuxK loss of dead latents.  t is --tilt, or with --tilt-ess F the t
+solved on the batch's detached losses so that the weights' effective sample size is F x batch
+(term.solve_tilt).  With --tilt-groups token the tilt acts across token types: each token's loss in the
+TERM is its type's mean loss in the batch (term.group_means; the batches carry the token ids).  The t used
+is logged (its mean over the steps since the last record) with the weights' ESS fraction.
 
 JumpReLU (Rajamanoharan et al. 2024, trained as SAELens 6 does): the threshold gets its gradient from a
 straight-through estimator with a rectangle kernel of width `bandwidth` (from the reconstruction through
@@ -47,7 +51,7 @@ from ..core.progress import Progress
 from ..core.signals import StopFlag
 from .autoencoder import SAE
 from .config import FitConfig
-from .term import tilted_loss, tilt_weights
+from .term import group_means, solve_tilt, tilted_loss, tilt_weights
 
 log = logging.getLogger("ssae")
 CHECKPOINT = "checkpoint.pt"
@@ -55,7 +59,7 @@ LOG = "train_log.jsonl"
 STATE = "partial.json"
 SMALL_STEP = 10**8  # batch x d_in x d_sae below which CPU training runs on one thread
 # per-step statistics accumulated on the device between log records (read back only when logging)
-ACC_GLOBAL = ("objective", "ess_fraction", "max_weight_x_n")  # same value on every rank
+ACC_GLOBAL = ("objective", "tilt", "ess_fraction", "max_weight_x_n")  # same value on every rank
 ACC_LOCAL = ("loss", "mse", "l0", "aux")  # sums over this rank's tokens (aux: this rank's share)
 ACC = ACC_GLOBAL + ACC_LOCAL
 
@@ -399,6 +403,13 @@ def auxk_loss(sae: SAE, err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
     return (recon.float() - residual).pow(2).sum() / n_global / denom.clamp_min(1e-12)
 
 
+def batch_tilt(cfg: FitConfig, losses: torch.Tensor) -> float | torch.Tensor:
+    """The t of this batch: --tilt, or solved for --tilt-ess (a 0-d tensor on the device)."""
+    if cfg.tilt_ess is not None and cfg.tilt_ess < 1:
+        return solve_tilt(losses, cfg.tilt_ess)
+    return cfg.tilt
+
+
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
     """Validation metrics on normalised rows."""
@@ -413,7 +424,7 @@ def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> di
         fired |= fired_now > 0
     loss, mse, l0 = torch.cat(losses), torch.cat(mses), torch.cat(l0s)
     var = (x - x.mean(0)).pow(2).mean(-1).sum()
-    return {"val_loss": float(loss.mean()), "val_tilted_loss": float(tilted_loss(loss, cfg.tilt)),
+    return {"val_loss": float(loss.mean()), "val_tilted_loss": float(tilted_loss(loss, batch_tilt(cfg, loss))),
             "val_mse": float(mse.mean()), "val_max_mse": float(mse.max()),
             "val_fvu": float(mse.sum() / var.clamp_min(1e-12)), "val_l0": float(l0.mean()),
             "val_unfired_fraction": float(1 - fired.float().mean())}
@@ -490,9 +501,10 @@ class Trainer:
             f.writelines(keep)
 
     # training ------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> None:
-        """One step on `x`, this rank's slice of the global batch (all of it in one process).  Nothing
-        is read back to the host here, except dead.any() when AuxK is on."""
+    def train_step(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
+        """One step on `x`, this rank's slice of the global batch (all of it in one process), with the
+        global batch's `token_ids` for --tilt-groups token.  Nothing is read back to the host here,
+        except dead.any() when AuxK is on."""
         cfg, sae, dp = self.cfg, self.sae, self.dp
         lr, l1 = lr_at(cfg, self.step), (l1_at(cfg, self.step) if sae.architecture == "relu" else 0.0)
         use_aux = sae.architecture in ("topk", "batchtopk") and cfg.aux_k > 0
@@ -502,7 +514,10 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth)
             losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
-            objective = tilted_loss(losses, cfg.tilt)
+            if cfg.tilt_groups == "token":
+                losses = group_means(losses, token_ids)  # each token's type's mean loss in the batch
+            tilt = batch_tilt(cfg, losses)
+            objective = tilted_loss(losses, tilt)
             aux = (auxk_loss(sae, err, enc[1], dead, cfg.aux_k, dp, cfg.batch_size)
                    if use_aux and bool(dead.any()) else None)
             total = objective + cfg.aux_coefficient * aux if aux is not None else objective
@@ -533,13 +548,14 @@ class Trainer:
         with torch.no_grad():
             self.since_fired += cfg.batch_size
             self.since_fired.masked_fill_(fired > 0, 0)
-            if cfg.tilt:
-                w = tilt_weights(losses, cfg.tilt)
+            if cfg.tilted:
+                w = tilt_weights(losses, tilt)
                 ess, top = 1.0 / (w.pow(2).sum() * w.numel()), w.max() * w.numel()
             else:
                 ess = top = objective.new_ones(())
             zero = objective.new_zeros(())
-            self.acc += torch.stack([objective.detach().float(), ess.float(), top.float(), loss.detach().float().sum(),
+            t = tilt.float() if isinstance(tilt, torch.Tensor) else objective.new_tensor(float(tilt))
+            self.acc += torch.stack([objective.detach().float(), t, ess.float(), top.float(), loss.detach().float().sum(),
                                      mse.detach().float().sum(), l0.float().sum(),
                                      aux.detach().float() if aux is not None else zero]).double()
             self.acc_n += 1
@@ -560,7 +576,7 @@ class Trainer:
                "l0": a["l0"] / tokens,
                "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
                "lr": lr_at(cfg, self.step - 1), "l1": l1_at(cfg, self.step - 1) if cfg.architecture == "relu" else 0.0,
-               "tilt": cfg.tilt, "tilt_ess_fraction": a["ess_fraction"] / n,
+               "tilt": a["tilt"] / n, "tilt_ess_fraction": a["ess_fraction"] / n,
                "tilt_max_weight_x_n": a["max_weight_x_n"] / n}
         if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k:
             rec["aux_loss"] = a["aux"] / n
@@ -589,10 +605,16 @@ class Trainer:
         with Progress("fit", total=total * cfg.batch_size, unit="tokens", quiet=quiet or not dp.is_main) as progress:
             progress.done = self.step * cfg.batch_size
             while self.step < total:
-                rows = torch.from_numpy(self.stream.batch(self.step)[lo:hi])
+                ids = None
+                if self.stream.tokens:  # every rank keeps the global batch's ids (the tilt is global)
+                    rows, ids = self.stream.batch_with_tokens(self.step)
+                    ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
+                else:
+                    rows = self.stream.batch(self.step)
+                rows = torch.from_numpy(rows[lo:hi])
                 if pin:  # an asynchronous copy (from pageable memory it would wait for the GPU)
                     rows = rows.pin_memory()
-                self.train_step(rows.to(self.device, non_blocking=True) * self.sae.act_scale)
+                self.train_step(rows.to(self.device, non_blocking=True) * self.sae.act_scale, ids)
                 last = self.step == total
                 val_now = self.step % cfg.val_every == 0 or last
                 if self.step % cfg.log_every == 0 or val_now:
@@ -660,7 +682,8 @@ def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extr
         raise ConfigError("batch_size", cfg.batch_size, f"smaller than the number of ranks ({dp.world})")
     check_target(out, force)
     folder = partial_path(out)
-    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, shuffle_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens)
+    stream = ActivationStream(stores, cfg.batch_size, cfg.seed, shuffle_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens,
+                              tokens=cfg.tilt_groups == "token")
     created = False
     try:
         # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to

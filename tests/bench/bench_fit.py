@@ -1,10 +1,12 @@
-"""Benchmark ssae-fit: training tokens/s (ERM vs TERM, 8x and 16x expansion at d_in = 576), the share of
-this machine's measured float32 matmul FLOP/s achieved (12 * d_in * d_sae FLOPs per token per step), and
-peak memory of whole `ssae-fit` runs over two store sizes.
+"""Benchmark ssae-fit: training tokens/s (8x and 16x expansion at d_in = 576) of ERM against each TERM
+variant (--tilt 500, --tilt-ess 0.1, --tilt-ess 0.1 --tilt-groups token; ratio to ERM: the overhead), the
+share of this machine's measured float32 matmul FLOP/s achieved (12 * d_in * d_sae FLOPs per token per
+step), and peak memory of whole `ssae-fit` runs over two store sizes.
 
     make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick])
 
-Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable.
+Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable; the
+variants take turns step by step (train_rates), and the TERM computation is also timed alone.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ import numpy as np
 import torch
 
 D_IN = 576
+VOCAB = 49152
+# (label, FitConfig fields) of the variants timed against ERM
+VARIANTS = [("ERM", {}), ("t=500", {"tilt": 500.0}), ("ess=0.1", {"tilt_ess": 0.1}),
+            ("ess=0.1+token", {"tilt_ess": 0.1, "tilt_groups": "token"})]
 
 
 def matmul_flops(batch: int, d_sae: int, seconds: float = 3.0) -> float:
@@ -45,35 +51,75 @@ def make_store(path: str, rows: int, seed: int = 0) -> str:
         n = min(8192, rows - s)
         codes = (g.random((n, 4096), dtype=np.float32) < 0.008) * g.exponential(1.0, (n, 4096)).astype(np.float32)
         acts = codes @ dirs + 0.1
-        w.add_rows(acts, np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32))
+        tokens = np.minimum(g.zipf(1.2, n), VOCAB) - 1  # Zipfian token ids, for --tilt-groups token
+        w.add_rows(acts, tokens.astype(np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32))
         w.checkpoint(1, 1, 0)
     w.finish()
     return path
 
 
-def train_rate(store: str, d_sae: int, tilt: float, batch: int, steps: int) -> float:
-    """Steady-state tokens/s of the training loop (data stream included), after one warm-up step."""
+def train_rates(store: str, d_sae: int, batch: int, steps: int) -> dict[str, float]:
+    """Steady-state tokens/s of the training loop (data stream included) of every VARIANT, after one
+    warm-up step each.  The variants take turns step by step, so the load of a shared machine, which
+    drifts over seconds, weighs on all of them alike."""
     from ssae_common.data.activations import ActivationStore
     from ssae_common.data.batches import ActivationStream
     from ssae_common.sae.config import FitConfig
     from ssae_common.sae.train import Trainer, init_sae
 
-    cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, tilt=tilt, lr=1e-4, batch_size=batch,
-                    train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
-                    dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
     st = ActivationStore(store)
-    stream = ActivationStream([st], batch, 0, shuffle_rows=32768, val_rows=0)
-    sae = init_sae(cfg, D_IN, stream.sample(4096), None)
+    runs, seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(cfg, sae, stream, folder, np.empty((0, D_IN), np.float32))
-        trainer.train_step(torch.from_numpy(stream.batch(0)) * sae.act_scale)
-        t0 = time.perf_counter()
-        for s in range(1, steps + 1):
-            trainer.train_step(torch.from_numpy(stream.batch(s)) * sae.act_scale)
-        rate = steps * batch / (time.perf_counter() - t0)
-    stream.close()
+        for label, variant in VARIANTS:
+            cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, **variant, lr=1e-4, batch_size=batch,
+                            train_tokens=batch * (steps + 1), val_tokens=0, warmup_steps=1,
+                            dead_tokens=10_000_000).resolve(D_IN, batch * (steps + 1))
+            stream = ActivationStream([st], batch, 0, shuffle_rows=32768, val_rows=0,
+                                      tokens=cfg.tilt_groups == "token")
+            sae = init_sae(cfg, D_IN, stream.sample(4096), None)
+            runs[label] = (stream, Trainer(cfg, sae, stream, os.path.join(folder, label), np.empty((0, D_IN), np.float32)))
+            seconds[label] = 0.0
+        for s in range(steps + 1):
+            for label, (stream, trainer) in runs.items():
+                if stream.tokens:
+                    rows, ids = stream.batch_with_tokens(s)
+                    ids = torch.from_numpy(ids)
+                else:
+                    rows, ids = stream.batch(s), None
+                t0 = time.perf_counter()
+                trainer.train_step(torch.from_numpy(rows) * trainer.sae.act_scale, ids)
+                if s:  # step 0 warms up
+                    seconds[label] += time.perf_counter() - t0
+    for stream, _ in runs.values():
+        stream.close()
     st.close()
-    return rate
+    return {label: steps * batch / seconds[label] for label in runs}
+
+
+def term_op_seconds(batch: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds per step of the TERM computation alone (on `batch` per-token losses, forward and backward):
+    what each variant adds to a training step, free of the matmuls' noise."""
+    from ssae_common.sae.term import group_means, solve_tilt, tilted_loss
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.distributions.Gamma(2.0, 20.0).sample((batch,))
+    ids = torch.from_numpy(np.minimum(np.random.default_rng(0).zipf(1.2, batch), VOCAB) - 1)
+    del g
+
+    def run(variant: dict) -> None:
+        x = losses.clone().requires_grad_(True)
+        v = group_means(x, ids) if variant.get("tilt_groups") == "token" else x
+        t = solve_tilt(v, variant["tilt_ess"]) if "tilt_ess" in variant else variant.get("tilt", 0.0)
+        tilted_loss(v, t).backward()
+
+    out = {}
+    for label, variant in VARIANTS:
+        run(variant)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run(variant)
+        out[label] = (time.perf_counter() - t0) / repeats
+    return out
 
 
 def peak_rss_of_fit(store: str, out: str) -> tuple[float, float]:
@@ -95,6 +141,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller stores")
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory comparison")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the peak-memory comparison")
     args = ap.parse_args()
     steps = 2 if args.quick else 5
     threads = torch.get_num_threads()
@@ -103,23 +150,35 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(os.path.join(tmp, "train.h5"), 65536)
-        print(f"{'d_sae':>6} {'matmul GFLOP/s':>15} {'ERM tok/s':>10} {'TERM tok/s':>11} {'TERM/ERM':>9} "
-              f"{'ERM %peak':>10} {'TERM %peak':>11}", flush=True)
+        labels = [label for label, _ in VARIANTS]
+        print(f"{'d_sae':>6} {'matmul GFLOP/s':>15} {'ERM %peak':>10} "
+              + " ".join(f"{label + ' tok/s':>19}" for label in labels) + " "
+              + " ".join(f"{label + '/ERM':>17}" for label in labels[1:]), flush=True)
         for expansion in (() if args.memory_only else (8, 16)):
             d_sae = D_IN * expansion
             peak = matmul_flops(args.batch_size, d_sae)
-            # interleaved, best of two each: the load of a shared machine drifts
-            erm, term = 0.0, 0.0
-            for _ in range(2):
-                erm = max(erm, train_rate(store, d_sae, 0.0, args.batch_size, steps))
-                term = max(term, train_rate(store, d_sae, 500.0, args.batch_size, steps))
+            rate = train_rates(store, d_sae, args.batch_size, steps)
             per_token = 12 * D_IN * d_sae
-            results[d_sae] = dict(peak_gflops=peak / 1e9, erm=erm, term=term, ratio=term / erm,
-                                  erm_share=erm * per_token / peak, term_share=term * per_token / peak)
+            erm = rate["ERM"]
+            results[d_sae] = dict(peak_gflops=peak / 1e9, tokens_per_s=rate, erm_share=erm * per_token / peak,
+                                  ratio_to_erm={label: rate[label] / erm for label in labels[1:]})
             r = results[d_sae]
-            print(f"{d_sae:>6} {r['peak_gflops']:>15.1f} {erm:>10.0f} {term:>11.0f} {r['ratio']:>9.3f} "
-                  f"{100 * r['erm_share']:>9.1f}% {100 * r['term_share']:>10.1f}%", flush=True)
+            print(f"{d_sae:>6} {r['peak_gflops']:>15.1f} {100 * r['erm_share']:>9.1f}% "
+                  + " ".join(f"{rate[label]:>19.0f}" for label in labels) + " "
+                  + " ".join(f"{r['ratio_to_erm'][label]:>17.3f}" for label in labels[1:]), flush=True)
 
+        if not args.memory_only:
+            op = term_op_seconds(args.batch_size)
+            step_s = args.batch_size / results[D_IN * 8]["tokens_per_s"]["ERM"]
+            print(f"\nthe TERM computation alone, batch {args.batch_size} (forward + backward), and as a share of an "
+                  f"ERM step at d_sae {D_IN * 8} ({step_s:.2f} s):", flush=True)
+            for label, sec in op.items():
+                print(f"{label:>15} {1e3 * sec:8.2f} ms {100 * sec / step_s:8.3f}%", flush=True)
+            results["term_op_seconds"] = op
+
+        if args.throughput_only:
+            print(json.dumps({"throughput": results}))
+            return
         sizes = (50_000, 200_000) if not args.quick else (20_000, 80_000)
         print(f"\n{'store rows':>10} {'store MiB':>10} {'peak RSS MiB':>13} {'fit s':>7}", flush=True)
         mem = {}
