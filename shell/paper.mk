@@ -51,9 +51,9 @@ SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.js
 SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
 
 .PHONY: paper paper-gsae paper-ssae paper-eval paper-sweep paper-shift
-paper: $(P)/tables.txt
-	@cat $< >&2
-	@echo "paper: these tables are in $<; plots and definitions in $(P)/eval/*/report.html" >&2
+paper: $(P)/tables.txt $(P)/tilt/tables.txt
+	@cat $^ >&2
+	@echo "paper: these tables are in $^; plots and definitions in $(P)/eval/*/report.html" >&2
 paper-gsae: $(P)/gsae/cfg.json
 paper-ssae: $(SSAES)
 paper-eval: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json

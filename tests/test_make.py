@@ -23,8 +23,9 @@ def test_paper_grid_covers_the_experiments(tmp_path):
     assert ssaes == sorted(grid + ["medical-t500"])
     assert sum("/sweep/" in f for f in fits) == 6
     assert "--rerank tracin" in cmds and "--method dense" in cmds and "--method bm25" in cmds
-    evals = re.findall(r"ssae-eval .*", cmds)
+    evals = [e for e in re.findall(r"ssae-eval .*", cmds) if "/tilt/" not in e]
     assert len(evals) == 3 and all("--baseline" in e for e in evals)
+    assert len(re.findall(r"ssae-fit .*-o \S+/tilt/", cmds)) == 20  # the TERM sweep is part of the paper
     assert "mmlu_physics_questions" in cmds or "physics_test.txt" in cmds
     assert re.search(r"ssae-shift .*--ablate auto", cmds)
     assert "--exclude" in cmds  # the test set never leaks into training text
@@ -102,13 +103,14 @@ def test_paper_runs_end_to_end_on_a_tiny_grid(tmp_path, tiny_model):
     grid = dict(files, PAPER=tmp_path / "paper", MODEL=tiny_model, HOOK="blocks.1.hook_resid_post", DEVICE="cpu",
                 SEEDS=tmp_path / "seeds.txt", MED_SEEDS=tmp_path / "med.txt", PROFESSIONS="nurse physician,surgeon",
                 GENERAL_TOKENS=3000, GSAE_TOKENS=4096, SUB_DOCS=30, SUB_TOKENS=800, SSAE_TOKENS=1024,
-                BATCH_SIZE=256, EVAL_TOKENS=400, K=4, K_SWEEP=2, TILTS=500, RECIPES="bm25 dense_tracin")
+                BATCH_SIZE=256, EVAL_TOKENS=400, K=4, K_SWEEP=2, TILTS=500, RECIPES="bm25 dense_tracin",
+                TILT_SETTINGS="erm ess0.5", TILT_SEEDS=0)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
     p = subprocess.run(["make", "-C", "shell", "paper", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     paper = tmp_path / "paper"
     tables = (paper / "tables.txt").read_text()
-    assert tables in p.stderr  # printed at the end
+    assert tables in p.stderr and (paper / "tilt" / "tables.txt").read_text() in p.stderr  # printed at the end
     for name in ("gsae *", "bm25-t500", "dense_tracin-t500", "gsae-k2", "ssae-k2"):
         assert re.search(rf"^{re.escape(name)}\s", tables, re.M), name
     assert re.search(r"^shift\+retrain:", tables, re.M) and re.search(r"^original\s", tables, re.M)

@@ -39,8 +39,12 @@ def test_every_stage_runs_from_python(tiny_model, tmp_path):
     test_docs = write_jsonl(str(tmp_path / "test.jsonl"), sample_docs(8, seed=7))
     metrics = evaluate(EvalConfig(docs=(test_docs,), baseline=gsae["path"], context_size=32),
                        [ssae["path"]], out=str(tmp_path / "eval"), context=run)
-    names = {s["name"] for s in json.load(open(metrics["path"]))["saes"]}
-    assert names == {"gsae", "ssae"}
+    saes = {s["name"]: s for s in json.load(open(metrics["path"]))["saes"]}
+    assert set(saes) == {"gsae", "ssae"}
+    trained_on = saes["ssae"]["training_data"]  # the harvest's composition, carried into the metrics
+    assert trained_on[0]["path"] == os.path.abspath(acts["path"])
+    assert trained_on[0]["composition"]["sources"] == {"corpus.jsonl": 1.0}  # retrieve records the source file
+    assert "trained on acts.h5: corpus.jsonl 100.0%" in open(os.path.join(str(tmp_path / "eval"), "report.html")).read()
 
     explained = explain(ExplainConfig(activations=acts["path"], explainer="none", latents="0-3"), ssae["path"],
                         out=str(tmp_path / "explain"), context=run)

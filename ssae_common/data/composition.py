@@ -133,3 +133,29 @@ def composition_table(paths: list[str], sources: int = 4) -> str:
         rows.append(f"{name:<16}{comp['n_tokens']:>9}{comp['n_docs']:>7}{comp['doc_cap'] or '-':>6}"
                     f"{100 * summary['max_doc_share']:>8.2f}%  {main}")
     return "subdomain sets: stored tokens by source, and the largest document's share\n" + "\n".join(rows) + "\n"
+
+
+def training_composition(sae_cfg: dict) -> list[dict]:
+    """The composition of the activation files an SAE was trained on (the `inputs` its cfg.json records),
+    as composition summaries; an input no longer on disk, or harvested before compositions were recorded,
+    has `composition: null`."""
+    import json
+    import os
+
+    from .activations import ActivationStore
+
+    out = []
+    for entry in sae_cfg.get("inputs") or []:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not path:
+            continue
+        summary = None
+        if os.path.isfile(path):
+            try:
+                with ActivationStore(path) as store:
+                    value = store.f.attrs.get("composition")
+                summary = composition_summary(json.loads(value)) if value else None
+            except Exception:  # an unreadable input only loses its summary; eval itself does not need it
+                summary = None
+        out.append({"path": path, "composition": summary})
+    return out

@@ -108,6 +108,18 @@ def _tilt_label(s: dict) -> str:
     return label + (" over token types" if s.get("tilt_groups") == "token" else "")
 
 
+def _training_label(s: dict) -> str:
+    """What the SAE was trained on, by source, from the harvest's composition (when it was recorded)."""
+    parts = []
+    for item in s.get("training_data") or []:
+        comp = item.get("composition")
+        if comp:
+            sources = ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(comp["sources"].items())[:4])
+            parts.append(f"{os.path.basename(item['path'])}: {sources}; largest document "
+                         f"{100 * comp['max_doc_share']:.2f}%")
+    return "; trained on " + " | ".join(parts) if parts else ""
+
+
 def write_report(path: str, doc: dict, folder: str, plots: list[tuple[str, str]]) -> None:
     """Write the HTML report for the metrics document `doc`, embedding the PNGs in `folder`."""
     saes = doc["saes"]
@@ -128,7 +140,7 @@ def write_report(path: str, doc: dict, folder: str, plots: list[tuple[str, str]]
     parts.append("<h2>SAEs</h2><ul>")
     for s in saes:
         parts.append(f"<li><b>{e(s['name'])}</b>: {e(s['path'])} ({e(str(s.get('architecture')))}, "
-                     f"d_sae {s.get('d_sae')}, {e(_tilt_label(s))})</li>")
+                     f"d_sae {s.get('d_sae')}, {e(_tilt_label(s))}){e(_training_label(s))}</li>")
     parts.append("</ul><h2>Figures</h2>")
     for filename, title in plots:
         with open(os.path.join(folder, filename), "rb") as f:

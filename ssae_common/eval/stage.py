@@ -61,6 +61,7 @@ def metrics_artifact(out: str) -> dict:
 
 def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: RunContext,
               spooled: str | None = None) -> dict:
+    from ..data.composition import training_composition
     from ..data.models import model_identity
     from ..sae.imports import sae_config
 
@@ -95,7 +96,8 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
 
         sae_shas = [sha256_file(p) for p in paths]
         infos = [{"name": n, "path": os.path.abspath(p), "sha256": s, "is_baseline": n == baseline,
-                  **{k: c.get(k) for k in INFO_FIELDS}} for n, p, c, s in zip(names, paths, cfgs, sae_shas)]
+                  **{k: c.get(k) for k in INFO_FIELDS}, "training_data": training_composition(c)}
+                 for n, p, c, s in zip(names, paths, cfgs, sae_shas)]
         resolved = _resolved(config, context, infos, baseline, inputs, lm_name)
         key = config_hash(resolved)
         if out is None:
