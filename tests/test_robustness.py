@@ -276,7 +276,7 @@ def test_identical_stdin_pipes_reuse_one_output(tiny_model, docs):
 
 
 def test_interrupted_stdin_pipe_resumes(tmp_path, tiny_model):
-    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(150, 40, seed=1))
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(80, 40, seed=1))
     args = ["--model", tiny_model, "--layer", "1", "--context-size", "16", "--batch-size", "2"]
     whole = parse_records(invoke(harvest_main, [docs, *args, "-o", tmp_path / "whole.h5"], code=0).stdout)[0]
     with open(docs) as stdin:

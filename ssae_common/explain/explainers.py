@@ -128,6 +128,7 @@ class LocalLM:
         from ..data.models import model_identity, resolve_model_path
 
         path = resolve_model_path(spec, flag)
+        log.info("loading %s %s on %s", flag.removeprefix("--"), spec, device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
