@@ -161,6 +161,9 @@ def test_environment_variables_are_scoped_per_tool(tmp_path, tiny_model, docs, m
     with ActivationStore(str(out)) as s:
         config = s.attrs["config"]
     assert config["batch_size"] == 16 and config["context_size"] == 12
+    # variables are named by the flag typed: explain's --model (field tokenizer_model) is SSAE_MODEL too
+    model = next(p for p in explain_main.params if p.name == "tokenizer_model")
+    assert model.envvar[:2] == ["SSAE_EXPLAIN_MODEL", "SSAE_MODEL"]
 
 
 @pytest.mark.parametrize("var, fragment", [

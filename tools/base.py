@@ -42,8 +42,8 @@ from ssae_common.core.runtime import RunContext, seed_everything
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
 TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift")
-# options that name the same thing in every tool: SSAE_<OPTION> sets them everywhere
-SHARED_ENV = ("config_file", "device_spec", "seed", "quiet", "verbose", "model", "hook", "corpus", "text_field")
+# options that name the same thing in every tool (by flag): SSAE_<OPTION> sets them everywhere
+SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "CORPUS", "TEXT_FIELD")
 # SSAE_* variables read by other parts of the toolkit (not options); never taken for typos
 OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
              "SSAE_CACHE": "cache of converted models and corpus indexes (~/.cache/ssae)",
@@ -51,13 +51,19 @@ OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
 EXIT_CODES = "0 success; 1 runtime failure; 2 usage or bad input; 75 interrupted after a checkpoint (rerun resumes)"
 
 
-def env_name(tool: str, param: str) -> str:
+def env_key(option: click.Option) -> str:
+    """The variable name of an option, from the flag the user types: --batch-size -> BATCH_SIZE."""
+    flag = next((o for o in option.opts if o.startswith("--")), "--" + option.name)
+    return flag[2:].replace("-", "_").upper()
+
+
+def env_name(tool: str, key: str) -> str:
     """The tool-scoped variable of an option: SSAE_FIT_BATCH_SIZE."""
-    return f"{ENV_PREFIX}_{tool.upper()}_{_env_key(param)}"
+    return f"{ENV_PREFIX}_{tool.upper()}_{key}"
 
 
-def _env_key(param: str) -> str:
-    return {"config_file": "CONFIG", "device_spec": "DEVICE"}.get(param, param.upper())
+def _options(params) -> list[click.Option]:
+    return [p for p in params if isinstance(p, click.Option) and p.name not in ("help", "version")]
 
 
 def _closest(word: str, candidates) -> str:
@@ -97,20 +103,18 @@ def check_environment(tool: str, environ=None) -> None:
     given = [k for k in environ if k.startswith(ENV_PREFIX + "_")]
     if not given:
         return
-    known = set(OTHER_ENV) | {f"{ENV_PREFIX}_{_env_key(n)}" for n in SHARED_ENV}
+    known = set(OTHER_ENV) | {f"{ENV_PREFIX}_{k}" for k in SHARED_ENV}
     scoped = {}
     for t in TOOLS:
-        for p in _tool_params(t):
-            for var in (getattr(p, "envvar", None) or ()):
-                known.add(var)
-            if isinstance(p, click.Option) and p.name not in ("help", "version"):
-                known.add(env_name(t, p.name))
-                scoped.setdefault(f"{ENV_PREFIX}_{_env_key(p.name)}", []).append(env_name(t, p.name))
+        for p in _options(_tool_params(t)):
+            known.update(p.envvar or ())
+            known.add(env_name(t, env_key(p)))
+            scoped.setdefault(f"{ENV_PREFIX}_{env_key(p)}", []).append(env_name(t, env_key(p)))
     for var in sorted(given):
         if var in known:
             continue
         if var in scoped:
-            mine = env_name(tool, var[len(ENV_PREFIX) + 1:].lower())
+            mine = env_name(tool, var[len(ENV_PREFIX) + 1:])
             use = mine if mine in scoped[var] else " or ".join(scoped[var])
             raise BadInput(f"{var}: only the options every tool shares take SSAE_<OPTION>; this one is set per "
                            f"tool: use {use} (see --help)")
@@ -301,16 +305,15 @@ def scope_environment(cmd: click.Command, tool: str) -> click.Command:
     """Give every option its variables: SSAE_<TOOL>_<OPTION>, then SSAE_<OPTION> for the shared ones, then
     any the option declares itself; and list them, with the exit codes, at the end of --help."""
     shared = []
-    for p in cmd.params:
-        if not isinstance(p, click.Option) or p.name in ("help", "version"):
-            continue
-        names = [env_name(tool, p.name)]
-        if p.name in SHARED_ENV:
-            names.append(f"{ENV_PREFIX}_{_env_key(p.name)}")
+    for p in _options(cmd.params):
+        key = env_key(p)
+        names = [env_name(tool, key)]
+        if key in SHARED_ENV:
+            names.append(f"{ENV_PREFIX}_{key}")
             shared.append(names[-1])
         extra = p.envvar if isinstance(p.envvar, (list, tuple)) else [p.envvar] if p.envvar else []
         p.envvar = names + [e for e in extra if e not in names]
-    example = env_name(tool, "batch_size" if any(p.name == "batch_size" for p in cmd.params) else "seed")
+    example = env_name(tool, "BATCH_SIZE" if any(p.name == "batch_size" for p in cmd.params) else "SEED")
     cmd.epilog = "\n".join([
         "\b", "Environment variables (used when the option is not on the command line):",
         f"  SSAE_{tool.upper()}_<OPTION>  any option of this tool, e.g. {example}",
