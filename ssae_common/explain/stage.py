@@ -177,6 +177,8 @@ def _explain_all(config: ExplainConfig, contexts: list[dict], records_file: str,
     explainer = scorer = None
     if config.explainer != "none" and any(c["n_active"] for c in todo):
         explainer, scorer = _backends(config, context.device)
+        log.info("%d latent(s) to explain with %s, one LM call each (an estimate follows the first)",
+                 sum(1 for c in todo if c["n_active"]), explainer.name)
     timed = 0  # LM-explained latents timed so far (the first gives the estimate)
     with Progress("explain", total=len(todo), unit="latents", quiet=context.quiet) as progress:
         for s in range(0, len(todo), config.batch_latents):
