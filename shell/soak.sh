@@ -4,13 +4,14 @@
 # is compared with the output of an uninterrupted run (every array of the activation file; every tensor
 # of the SAE and its training log).  TRIALS per tool and signal (default 20: 80 trials).
 #
-#   TRIALS=20 SEED=0 MODEL=tiny DOCS=400 bash shell/soak.sh [WORKDIR]
+#   TRIALS=20 SEED=0 MODEL=tiny DOCS=400 TOOLS="harvest fit" bash shell/soak.sh [WORKDIR]
 #
 # MODEL=tiny builds a tiny random Llama (seconds a run); any --model value (smollm2, a folder) works.
 # One line per trial on stdout (tool, signal, delay, exit codes, identical or not), a summary at the end;
 # exit 1 when any trial differs.
 set -euo pipefail
 TRIALS="${TRIALS:-20}"
+TOOLS="${TOOLS:-harvest fit}"
 SEED="${SEED:-0}"
 MODEL="${MODEL:-tiny}"
 DOCS="${DOCS:-400}"  # documents harvested (400 of about 45 words)
@@ -45,8 +46,9 @@ EOF
 fi
 
 HARVEST=(ssae-harvest "$work/docs.jsonl" --model "$MODEL" --hook "$HOOK" --context-size 32 --batch-size 4 --device cpu -q)
-FIT=(ssae-fit --d-sae 64 --k 8 --batch-size 64 --checkpoint-every 25 --log-every 10 --val-every 50
-     --val-tokens 512 --warmup-steps 20 --device cpu -q)
+# 1500 steps (several epochs of the harvested rows): most of a fit's time is training, not start-up
+FIT=(ssae-fit --d-sae 64 --k 8 --batch-size 64 --train-tokens 96000 --checkpoint-every 25 --log-every 10
+     --val-every 100 --val-tokens 512 --warmup-steps 20 --device cpu -q)
 
 same() {  # same KIND A B: exit 0 when the two outputs hold the same data
   py - "$@" <<'EOF'
@@ -74,6 +76,39 @@ else:
 EOF
 }
 
+wait_for() {  # wait_for TOOL OUT REFERENCE FRACTION PID: return once OUT's partial holds FRACTION of the work
+  py - "$@" <<'EOF'
+import os, sys, time
+tool, out, ref, f, pid = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+partial = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".partial")
+if tool == "harvest":
+    import h5py
+    with h5py.File(ref, "r") as h:
+        total = int(h.attrs["n_tokens"])
+
+    def done():
+        try:
+            with h5py.File(partial, "r", locking=False) as h:
+                return int(h.attrs["n_tokens"])
+        except Exception:  # not there yet, or being written
+            return 0
+else:
+    total = sum(1 for _ in open(os.path.join(ref, "train_log.jsonl")))
+
+    def done():
+        try:
+            return sum(1 for _ in open(os.path.join(partial, "train_log.jsonl")))
+        except OSError:
+            return 0
+while done() < f * total and not os.path.exists(out):  # (out exists: it finished first)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.05)
+EOF
+}
+
 run_timed() {  # run_timed OUT CMD...: prints the seconds the command took
   local start end
   start=$(date +%s.%N)
@@ -91,12 +126,10 @@ ref_sae="$work/reference-sae"
 rm -rf "$ref_sae"
 t_fit=$(run_timed "$ref_sae" "${FIT[@]}")
 echo "soak: uninterrupted harvest ${t_harvest} s, fit ${t_fit} s" >&2
-ref_size=$(stat -c %s "$ref_h5")
-ref_lines=$(wc -l < "$ref_sae/train_log.jsonl")
 
 total=0; identical=0; differ=0; killed=0
 printf 'tool\tsignal\tpoint\tfirst_rc\treruns\tresult\n'
-for tool in harvest fit; do
+for tool in $TOOLS; do
   if [ $tool = harvest ]; then cmd=("${HARVEST[@]}"); ref=$ref_h5; out="$work/trial.h5"
   else cmd=("${FIT[@]}"); ref=$ref_sae; out="$work/trial-sae"; fi
   for sig in TERM KILL; do
@@ -104,23 +137,15 @@ for tool in harvest fit; do
       # a killed run's lock file stays: the next run must take it over
       rm -rf "$out" "$(dirname "$out")/.$(basename "$out").partial"
       # a random point of the work, measured by progress (not wall time, which varies with the load):
-      # f < 0.1 kills during start-up (f/0.1 x 2 s), else when the partial output reaches fraction f of
-      # the reference (harvest: the .partial file's size; fit: its train_log.jsonl lines)
+      # f < 0.1 kills during start-up (f/0.1 x 2 s), else once the partial output holds fraction f of the
+      # reference's work (harvest: its checkpointed tokens; fit: its train_log.jsonl records)
       f=$(py -c "import random; random.seed($SEED * 100003 + $RANDOM); print(f'{random.uniform(0, 0.95):.3f}')")
-      partial="$(dirname "$out")/.$(basename "$out").partial"
       "${cmd[@]}" -o "$out" > /dev/null 2>> "$work/soak.stderr" &
       pid=$!
       if py -c "import sys; sys.exit(0 if $f < 0.1 else 1)"; then
         sleep "$(py -c "print($f / 0.1 * 2)")"
       else
-        if [ $tool = harvest ]; then all=$ref_size; else all=$ref_lines; fi
-        threshold=$(py -c "print(max(1, int($f * $all)))")
-        while kill -0 "$pid" 2> /dev/null; do
-          if [ $tool = harvest ]; then done_=$(stat -c %s "$partial" 2> /dev/null || echo 0)
-          else done_=$(cat "$partial/train_log.jsonl" 2> /dev/null | wc -l); fi
-          [ "$done_" -ge "$threshold" ] && break
-          sleep 0.05
-        done
+        wait_for $tool "$out" "$ref" "$f" "$pid"
       fi
       delay=$f
       kill -s "$sig" "$pid" 2> /dev/null || true
