@@ -38,7 +38,7 @@ def run_example(name, args, env, cwd):
 
 def env_for(tiny_model, **extra):
     return dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", SSAE_MODEL=tiny_model,
-                SSAE_HOOK="blocks.1.hook_resid_post", SSAE_BATCH_SIZE="64", SSAE_VAL_TOKENS="256", SSAE_K="8",
+                SSAE_HOOK="blocks.1.hook_resid_post", SSAE_FIT_BATCH_SIZE="64", SSAE_FIT_VAL_TOKENS="256", SSAE_FIT_K="8",
                 **extra)
 
 

@@ -556,7 +556,7 @@ def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup
     r = run([*base, "--latents", "5-3"])
     assert r.exit_code == 2 and "error: --latents 5-3: '5-3' is not a latent index" in r.stderr
     r = run(base[:1] + base[3:])
-    assert r.exit_code == 2 and "Missing option '--activations'" in r.stderr
+    assert r.exit_code == 2 and "ssae-explain: error: missing option '--activations' (see --help)" in r.stderr
     assert os.listdir(tmp_path) == []
 
 

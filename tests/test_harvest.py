@@ -110,7 +110,7 @@ def test_shards_partition_the_documents(tmp_path, tiny_model, docs):
 def test_env_and_config_file_set_options(tmp_path, tiny_model, docs, monkeypatch):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(f'model = "{tiny_model}"\n[harvest]\ncontext-size = 12\nlayer = 0\n')
-    monkeypatch.setenv("SSAE_DTYPE", "float32")
+    monkeypatch.setenv("SSAE_HARVEST_DTYPE", "float32")
     out = tmp_path / "a.h5"
     r = run([docs, "--config", str(cfg), "-o", str(out)])
     assert r.exit_code == 0, r.stderr
@@ -274,7 +274,7 @@ def test_two_writers_of_one_output_are_refused(tmp_path, tiny_model, docs):
     out = tmp_path / "a.h5"
     with exclusive(str(out)):
         r = run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)])
-    assert r.exit_code == 2 and "a.h5: another process is writing this output" in r.stderr
+    assert r.exit_code == 2 and f"another process is writing {out} (pid {os.getpid()})" in r.stderr
     assert run([docs, "--model", tiny_model, "--layer", "0", "-o", str(out)]).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "docs.jsonl"]
 

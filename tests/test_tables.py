@@ -50,4 +50,4 @@ def test_unknown_file_exits_2(tmp_path):
 
 def test_no_file_is_a_usage_error():
     p = tables()
-    assert p.exit_code == 2 and "Missing argument 'FILES...'" in p.stderr
+    assert p.exit_code == 2 and "ssae-tables: error: missing argument 'FILES...' (see --help)" in p.stderr

@@ -9,12 +9,18 @@ A tool is written as
         ...
         ctx_opts.emit(record)
 
-Precedence of option values: command line > SSAE_<OPTION> environment variable > --config file >
-built-in default.
+Precedence of option values: command line > environment variable > --config file > built-in default.
+
+Environment variables (ENV_RULE, listed in every tool's --help): SSAE_<TOOL>_<OPTION> sets any option of
+one tool (SSAE_HARVEST_BATCH_SIZE); SSAE_<OPTION> only the options that mean the same thing in every tool
+(SHARED_ENV: device, seed, model, hook, corpus, ...), so that one variable cannot set, say, the batch
+size of every tool of a pipe at once.  An SSAE_* variable that no tool reads but that is close to one
+that does (a typo) is refused with exit 2, as is an unknown --config key.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -35,6 +41,86 @@ from ssae_common.core.runtime import RunContext, seed_everything
 
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
+TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift")
+# options that name the same thing in every tool (by flag): SSAE_<OPTION> sets them everywhere
+SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "CORPUS", "TEXT_FIELD")
+# SSAE_* variables read by other parts of the toolkit (not options); never taken for typos
+OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
+             "SSAE_CACHE": "cache of converted models and corpus indexes (~/.cache/ssae)",
+             "SSAE_DATA": "shell/demo.sh: the data folder", "SSAE_TOKENS": "shell/paper.mk: SSAE token budget"}
+EXIT_CODES = "0 success; 1 runtime failure; 2 usage or bad input; 75 interrupted after a checkpoint (rerun resumes)"
+
+
+def env_key(option: click.Option) -> str:
+    """The variable name of an option, from the flag the user types: --batch-size -> BATCH_SIZE."""
+    flag = next((o for o in option.opts if o.startswith("--")), "--" + option.name)
+    return flag[2:].replace("-", "_").upper()
+
+
+def env_name(tool: str, key: str) -> str:
+    """The tool-scoped variable of an option: SSAE_FIT_BATCH_SIZE."""
+    return f"{ENV_PREFIX}_{tool.upper()}_{key}"
+
+
+def _options(params) -> list[click.Option]:
+    return [p for p in params if isinstance(p, click.Option) and p.name not in ("help", "version")]
+
+
+def _closest(word: str, candidates) -> str:
+    """ (did you mean X?)" for the closest candidate, or "" when none is close."""
+    match = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _tool_params(tool: str) -> list:
+    """The click parameters of ssae-<tool> (its module is light: only the config dataclass is imported)."""
+    import importlib
+
+    return importlib.import_module(f"ssae_tools.{tool}").main.params
+
+
+def _config_keys(params) -> dict[str, str]:
+    """--config keys -> parameter names: the long flag as typed (dashes or underscores) or the field name."""
+    keys = {}
+    for p in params:
+        if not isinstance(p, click.Option) or p.name in ("help", "version", "config_file"):
+            continue
+        keys[p.name] = p.name
+        for opt in p.opts:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = p.name
+    return keys
+
+
+def _option_names(tool: str) -> set[str]:
+    return set(_config_keys(_tool_params(tool)))
+
+
+def check_environment(tool: str, environ=None) -> None:
+    """Refuse SSAE_* variables that no tool reads but look like one that does (exit 2, naming the closest);
+    an SSAE_<OPTION> of a tool-specific option names the scoped variable to use instead."""
+    environ = os.environ if environ is None else environ
+    given = [k for k in environ if k.startswith(ENV_PREFIX + "_")]
+    if not given:
+        return
+    known = set(OTHER_ENV) | {f"{ENV_PREFIX}_{k}" for k in SHARED_ENV}
+    scoped = {}
+    for t in TOOLS:
+        for p in _options(_tool_params(t)):
+            known.update(p.envvar or ())
+            known.add(env_name(t, env_key(p)))
+            scoped.setdefault(f"{ENV_PREFIX}_{env_key(p)}", []).append(env_name(t, env_key(p)))
+    for var in sorted(given):
+        if var in known:
+            continue
+        if var in scoped:
+            mine = env_name(tool, var[len(ENV_PREFIX) + 1:])
+            use = mine if mine in scoped[var] else " or ".join(scoped[var])
+            raise BadInput(f"{var}: only the options every tool shares take SSAE_<OPTION>; this one is set per "
+                           f"tool: use {use} (see --help)")
+        hint = _closest(var, known)
+        if hint:
+            raise BadInput(f"{var}: no ssae tool reads this environment variable{hint}")
 
 
 def _load_config(ctx: click.Context, param, value):
@@ -57,18 +143,42 @@ def _load_config(ctx: click.Context, param, value):
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value}: expected a table of option names", ctx, param)
     tool = ctx.command.name.removeprefix("ssae-")
+    _check_config_keys(data, value, ctx, param)
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
     merged.update(data.get(tool, {}) if isinstance(data.get(tool), dict) else {})
-    known = {p.name for p in ctx.command.params}
+    known = _config_keys(ctx.command.params)
     repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
     norm = {}
     for k, v in merged.items():
-        key = k.replace("-", "_")
-        if key in known:
+        key = known.get(k.replace("-", "_"))
+        if key is not None:
             norm[key] = [v] if key in repeatable and isinstance(v, str) else v
     ctx.default_map = {**(ctx.default_map or {}), **norm}
     ctx.meta["ssae.config_file"] = os.path.abspath(value)
     return value
+
+
+def _check_config_keys(data: dict, path: str, ctx, param) -> None:
+    """Top-level keys must be an option of some tool (one file serves the whole pipeline); keys in a
+    [tool] table an option of that tool.  A typo is refused, naming the closest valid key."""
+    names = {t: {n for n in _option_names(t)} for t in TOOLS}
+    everywhere = set().union(*names.values())
+
+    def shown(key: str) -> str:
+        return key if key.isprintable() and key.strip() == key and key else repr(key)
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in TOOLS:
+                raise click.BadParameter(f"{path}: unknown table [{shown(key)}]{_closest(key, TOOLS)}; tables are "
+                                         f"named after the tools ({', '.join(TOOLS)})", ctx, param)
+            for sub in value:
+                if sub.replace("-", "_") not in names[key]:
+                    raise click.BadParameter(f"{path}: [{key}] {shown(sub)}: not an option of ssae-{key}"
+                                             f"{_closest(sub.replace('-', '_'), names[key])}", ctx, param)
+        elif key.replace("-", "_") not in everywhere:
+            raise click.BadParameter(f"{path}: {shown(key)}: not an option of any ssae tool"
+                                     f"{_closest(key.replace('-', '_'), everywhere)}", ctx, param)
 
 
 @dataclass
@@ -165,6 +275,54 @@ def _fail(tool: str, message: str, code: int) -> None:
     sys.exit(code)
 
 
+class UsageError(click.ClickException):
+    """A click usage error shown in the toolkit's one-line form: `ssae-X: error: MESSAGE (see --help)`."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+    def show(self, file=None) -> None:
+        # click's sentences ("No such option 'x'. (Did you mean ...?)") as one clause of our line
+        message = self.format_message().strip().replace(". (Did you", " (did you").rstrip(".")
+        message = message[:1].lower() + message[1:] if message[1:2].islower() else message
+        click.echo(f"{self.prog}: error: {message} (see --help)", file=file, err=True)
+
+
+class SsaeCommand(click.Command):
+    """click.Command whose usage errors take one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise UsageError(e.format_message(), self.name) from None
+
+
+def scope_environment(cmd: click.Command, tool: str) -> click.Command:
+    """Give every option its variables: SSAE_<TOOL>_<OPTION>, then SSAE_<OPTION> for the shared ones, then
+    any the option declares itself; and list them, with the exit codes, at the end of --help."""
+    shared = []
+    for p in _options(cmd.params):
+        key = env_key(p)
+        names = [env_name(tool, key)]
+        if key in SHARED_ENV:
+            names.append(f"{ENV_PREFIX}_{key}")
+            shared.append(names[-1])
+        extra = p.envvar if isinstance(p.envvar, (list, tuple)) else [p.envvar] if p.envvar else []
+        p.envvar = names + [e for e in extra if e not in names]
+    example = env_name(tool, "BATCH_SIZE" if any(p.name == "batch_size" for p in cmd.params) else "SEED")
+    cmd.epilog = "\n".join([
+        "\b", "Environment variables (used when the option is not on the command line):",
+        f"  SSAE_{tool.upper()}_<OPTION>  any option of this tool, e.g. {example}",
+        f"  SSAE_<OPTION>  the shared ones: {', '.join(shared)}",
+        *(f"  {k}  {v}" for k, v in OTHER_ENV.items() if k in ("SSAE_WORKDIR", "SSAE_CACHE")),
+        "", "\b", f"Exit codes: {EXIT_CODES}."])
+    return cmd
+
+
 def ssae_command(tool: str, **command_kwargs):
     """Decorate a tool's main function: click command with the shared options and error handling.
 
@@ -179,6 +337,7 @@ def ssae_command(tool: str, **command_kwargs):
                 common = Common(tool=tool, device_spec=device_spec, seed=seed, quiet=quiet, verbose=verbose,
                                 force=force, config_file=config_file, stdout=data)
                 try:
+                    check_environment(tool)
                     seed_everything(seed)
                     return f(common, **kwargs)
                 except Interrupted as e:
@@ -201,17 +360,20 @@ def ssae_command(tool: str, **command_kwargs):
                 except MemoryError:
                     _fail(tool, "out of memory (try a smaller --batch-size)", EXIT_FAILURE)
                 except Exception as e:
+                    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) \
+                            and e.filename:
+                        # a path the user gave (an input, or the output's folder): bad input, not a crash
+                        _fail(tool, f"{e.filename}: {(e.strerror or str(e)).lower()}", BadInput.exit_code)
                     if verbose:
                         traceback.print_exc(file=sys.stderr)
                     _fail(tool, f"{type(e).__name__}: {e} (rerun with -v for the traceback)", EXIT_FAILURE)
 
         run = common_options(run)
         command_kwargs.setdefault("context_settings", {})
-        command_kwargs["context_settings"].setdefault("auto_envvar_prefix", ENV_PREFIX)
         command_kwargs["context_settings"].setdefault("help_option_names", ["-h", "--help"])
-        cmd = click.command(name=f"ssae-{tool}", **command_kwargs)(run)
+        cmd = click.command(name=f"ssae-{tool}", cls=SsaeCommand, **command_kwargs)(run)
         cmd = click.version_option(__version__, prog_name=f"ssae-{tool}")(cmd)
-        return cmd
+        return scope_environment(cmd, tool)
 
     return decorate
 

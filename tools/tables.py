@@ -5,12 +5,12 @@ import click
 
 from ssae_common import __version__
 from ssae_common.core.errors import BadInput
-from ssae_tools.base import _fail
+from ssae_tools.base import SsaeCommand, _fail
 
 
 # A plain command, not ssae_command: it only reads files and prints text, so --device, --seed and
 # --force would mean nothing; errors follow the shared form ("ssae-tables: error: ...", exit 2).
-@click.command("ssae-tables", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("ssae-tables", cls=SsaeCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, required=True)
 @click.version_option(__version__, prog_name="ssae-tables")
 def main(files):

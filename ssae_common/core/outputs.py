@@ -1,6 +1,9 @@
 """Atomic outputs: write under a temporary name in the target folder, rename into place when complete.
 
-Never click's File(atomic=True): it replaces the target even when the command fails.
+Never click's File(atomic=True): it replaces the target even when the command fails.  Outputs get the
+permissions the umask gives (0644 files, 0755 folders by default), not the private ones of temporary
+names, so colleagues on a shared cluster can read them.  One process at a time writes an output
+(`exclusive`).
 """
 from __future__ import annotations
 
@@ -40,8 +43,30 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions a plain open()/mkdir() would:
+    mkstemp and mkdtemp make them private (0600/0700) whatever the umask."""
+    mask = _umask()
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                full = os.path.join(root, name)
+                if not os.path.islink(full):
+                    os.chmod(full, (0o777 if os.stat(full).st_mode & 0o100 else 0o666) & ~mask)
+    elif os.path.isfile(path):
+        os.chmod(path, 0o666 & ~mask)
+
+
 def commit(tmp: str, path: str) -> None:
     """Move a finished temporary output into place (replacing an old one only now)."""
+    honour_umask(tmp)
     if os.path.isdir(path) and not os.path.islink(path):
         old = tmp + ".old"
         os.rename(path, old)
@@ -96,22 +121,57 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def lock_path(path: str) -> str:
+    return partial_path(path) + ".lock"
+
+
 @contextlib.contextmanager
 def exclusive(path: str) -> Iterator[None]:
-    """Hold a lock on `path`'s output for this process alone (two jobs writing one output is an error)."""
+    """Hold the lock of output `path` for this process alone: a second writer (another job, or the same
+    command started twice) gets BadInput "another process is writing OUT (pid N)".
+
+    The lock is an flock on `.OUT.partial.lock`, which holds the writer's pid.  The kernel drops an flock
+    when its process dies, however it dies, so the lock of a killed run is never stale: the next run takes
+    it over.  The file is removed on release; a process that locked a file just removed by its previous
+    holder sees that the path now names another file and locks again."""
     import fcntl
 
-    lock_path = partial_path(path) + ".lock"
-    with open(lock_path, "w") as f:
+    lock = lock_path(path)
+    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInput(f"{path}: another process is writing this output") from None
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise BadInput(f"another process is writing {path}" + (f" (pid {holder})" if holder.isdigit() else "")
+                           + "; wait for it, or give another -o") from None
         try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(lock_path)
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder removed in the meantime: lock the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        os.close(fd)
 
 
 def workdir() -> str:

@@ -34,6 +34,10 @@ def input_fingerprint(path: str) -> str:
     """sha256 of a file's bytes; a stable string for non-file inputs such as hf:NAME."""
     from .outputs import sha256_file
 
+    from .errors import BadInput
+
     if path.startswith("hf:") or path == "-":
         return hashlib.sha256(path.encode()).hexdigest()
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: no such file")
     return sha256_file(path)

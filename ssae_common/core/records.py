@@ -2,22 +2,29 @@
 
 Inputs are paths (`.jsonl`, `.jsonl.gz`, `.txt`, `.parquet`), `hf:NAME[:SPLIT]` (streamed), or `-`
 for stdin.  Errors name the file and line.
+
+Text hygiene: bytes that are not UTF-8 are refused (exit 2, naming file and line).  Two things valid
+JSON can carry but no UTF-8 consumer takes, NUL characters (HDF5 strings end at them) and lone
+surrogates (`"\ud800"`, which cannot be encoded), are repaired as the records are read: each becomes
+U+FFFD, and one warning per input says how many records were repaired and where the first was.
 """
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
 import sys
 from contextlib import closing
+import tempfile
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
 from .errors import BadInput
 
+log = logging.getLogger("ssae")
 DOC = "ssae.doc/1"
 ARTIFACT = "ssae.artifact/1"
 ARTIFACT_KINDS = ("docs", "activations", "sae", "metrics", "explanations", "shift")
@@ -58,16 +65,65 @@ def stdin_is_terminal() -> bool:
         return False
 
 
-def _open_text(path: str) -> IO[str]:
+def _open_bytes(path: str) -> IO:
+    """The input as a binary stream of lines (decoded line by line, so a bad byte is named by its line)."""
     if path == "-":
-        return sys.stdin
+        return getattr(sys.stdin, "buffer", sys.stdin)
     if not os.path.exists(path):
         raise BadInput(f"{path}: no such file")
     if os.path.isdir(path):
         raise BadInput(f"{path}: is a directory, expected a file of records")
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+_UNSAFE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def repair_text(value):
+    """`value` (a string, or JSON-like data holding strings) with NUL and lone surrogates replaced by
+    U+FFFD, and whether anything was replaced."""
+    if isinstance(value, str):
+        if value.isascii() and "\x00" not in value:
+            return value, False
+        fixed = _UNSAFE.sub(REPLACEMENT, value)
+        return fixed, fixed != value
+    if isinstance(value, dict):
+        changed = False
+        out = {}
+        for k, v in value.items():
+            (k2, a), (v2, b) = repair_text(k), repair_text(v)
+            out[k2] = v2
+            changed |= a or b
+        return (out, True) if changed else (value, False)
+    if isinstance(value, list):
+        fixed = [repair_text(v) for v in value]
+        if any(c for _, c in fixed):
+            return [v for v, _ in fixed], True
+        return value, False
+    return value, False
+
+
+class _Repairs:
+    """Counts repaired records of one input; warns once per input and process (inputs are often read
+    twice: a check before the model loads, then the run)."""
+
+    reported: set[str] = set()
+
+    def __init__(self, name: str):
+        self.name, self.count, self.first = name, 0, None
+
+    def add(self, source: "Source") -> None:
+        self.count += 1
+        self.first = self.first or str(source)
+
+    def report(self) -> None:
+        if self.count and self.name not in self.reported:
+            self.reported.add(self.name)
+            log.warning("%s: %d record(s) held NUL or lone surrogate characters, replaced by U+FFFD (first at %s)",
+                        self.name, self.count, self.first)
 
 
 def _display(path: str) -> str:
@@ -83,15 +139,25 @@ def iter_raw(path: str) -> Iterator[tuple[dict | str, Source]]:
         yield from _iter_parquet(path)
         return
     plain_text = path.endswith(".txt") or path.endswith(".txt.gz")
-    stream = _open_text(path)
+    stream = _open_bytes(path)
     name = _display(path)
+    repairs = _Repairs(name)
+    lineno = 0
     try:
-        for lineno, line in enumerate(stream, 1):
+        for lineno, raw in enumerate(stream, 1):
+            if isinstance(raw, bytes):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadInput(f"{name}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+            else:
+                line = raw
             stripped = line.strip()
             if not stripped:
                 continue
+            source = Source(name, lineno)
             if plain_text:
-                yield stripped, Source(name, lineno)
+                yield _repaired(stripped, source, repairs), source
                 continue
             try:
                 obj = json.loads(stripped)
@@ -99,19 +165,25 @@ def iter_raw(path: str) -> Iterator[tuple[dict | str, Source]]:
                 if path == "-" and lineno == 1 and not stripped.startswith(("{", "[")):
                     # stdin with plain text: treat it as a .txt stream
                     plain_text = True
-                    yield stripped, Source(name, lineno)
+                    yield _repaired(stripped, source, repairs), source
                     continue
-                raise BadInput(f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise BadInput(f"{name}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise BadInput(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj, Source(name, lineno)
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{name}: not UTF-8 text ({e.reason})") from None
+            yield _repaired(obj, source, repairs), source
+        repairs.report()
     except (OSError, EOFError) as e:
-        raise BadInput(f"{name}: cannot read ({e})") from None
+        raise BadInput(f"{name}:{lineno + 1}: cannot read ({e})") from None
     finally:
-        if stream is not sys.stdin:
+        if stream is not sys.stdin and stream is not getattr(sys.stdin, "buffer", None):
             stream.close()
+
+
+def _repaired(value, source: Source, repairs: _Repairs):
+    fixed, changed = repair_text(value)
+    if changed:
+        repairs.add(source)
+    return fixed
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[dict, Source]]:
@@ -124,10 +196,12 @@ def _iter_parquet(path: str) -> Iterator[tuple[dict, Source]]:
     except Exception as e:  # pyarrow raises several types for a broken file
         raise BadInput(f"{path}: not a readable parquet file ({e})") from None
     row = 0
+    repairs = _Repairs(path)
     for batch in pf.iter_batches(batch_size=4096):
         for obj in batch.to_pylist():
             row += 1
-            yield obj, Source(path, row)
+            yield _repaired(obj, Source(path, row), repairs), Source(path, row)
+    repairs.report()
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str]:
@@ -155,8 +229,10 @@ def _iter_hf(spec: str) -> Iterator[tuple[dict, Source]]:
         raise
     except Exception as e:  # network, missing dataset or split
         raise BadInput(f"{spec}: cannot open Hugging Face dataset ({type(e).__name__}: {e})") from None
+    repairs = _Repairs(spec)
     for row, obj in enumerate(ds, 1):
-        yield obj, Source(spec, row)
+        yield _repaired(obj, Source(spec, row), repairs), Source(spec, row)
+    repairs.report()
 
 
 def text_of(obj: dict | str, source: Source, text_field: str = "text") -> str:
@@ -226,6 +302,16 @@ def iter_docs(paths: Iterable[str], text_field: str = "text") -> Iterator[tuple[
             yield rec, source
 
 
+def count_docs(paths: Iterable[str], text_field: str = "text") -> int | None:
+    """Read every document once, so that bad input (a malformed line, a missing field, bytes that are
+    not UTF-8) is refused before a model loads; the number of documents, or None for a Hugging Face
+    dataset or stdin (streamed: not read twice)."""
+    paths = list(paths)
+    if any(p.startswith("hf:") or p == "-" for p in paths):
+        return None
+    return sum(1 for _ in iter_docs(paths, text_field))
+
+
 def read_docs(paths: Iterable[str], text_field: str = "text") -> Iterator[dict]:
     for rec, _ in iter_docs(paths, text_field):
         yield rec
@@ -237,7 +323,8 @@ def resolve_artifacts(args: Iterable[str], kind: str) -> list[str]:
     paths: list[str] = []
     if not args or args == ["-"]:
         if stdin_is_terminal():
-            raise BadInput(f"no input: give a {kind} path or pipe an {ARTIFACT} record on stdin")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise BadInput(f"no input: give {article} {kind} path or pipe an {ARTIFACT} record on stdin")
         for obj, source in iter_raw("-"):
             if not isinstance(obj, dict) or obj.get("schema") != ARTIFACT:
                 raise BadInput(f"{source}: expected an {ARTIFACT} record of kind {kind!r}")
@@ -261,11 +348,28 @@ def resolve_artifacts(args: Iterable[str], kind: str) -> list[str]:
 
 
 def spool_stdin(folder: str) -> str:
-    """Copy stdin to a file under `folder` (so its hash can name a default output); returns the path."""
+    """Copy stdin to a file under `folder`, so that the hash of its bytes can name a default output (an
+    identical pipe then reuses it, an interrupted one resumes it); returns the path.  Callers record the
+    input as "-" with that hash, never the spool's name, which is per process (two identical pipes at once
+    must not delete each other's spool) and carries the pid, so that spools of killed runs are cleaned."""
     if stdin_is_terminal():
         raise BadInput("no input: give document paths or pipe documents on stdin")
     os.makedirs(folder, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix="stdin.", suffix=".jsonl", dir=folder)
+    _clean_spools(folder)
+    fd, path = tempfile.mkstemp(prefix=f"stdin.{os.getpid()}.", suffix=".jsonl", dir=folder)
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, out)
     return path
+
+
+def _clean_spools(folder: str) -> None:
+    """Remove the spools left by processes that no longer run (killed before their cleanup)."""
+    from .outputs import pid_alive
+
+    for name in os.listdir(folder):
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "stdin" and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass

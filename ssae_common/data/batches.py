@@ -43,11 +43,16 @@ class Block:
         return self.stop - self.start
 
 
-def _check_finite(store: ActivationStore, block: Block, rows: np.ndarray) -> None:
+def check_finite(path: str, start: int, rows: np.ndarray) -> None:
+    """BadInput naming the file and rows when `rows` (read from row `start` of `path`) hold NaN or inf."""
     if not np.isfinite(rows).all():
         bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-        first, last = block.start + int(bad[0]), block.start + int(bad[-1])
-        raise BadInput(f"{store.path}: NaN or inf in the activations, rows {first}-{last}")
+        first, last = start + int(bad[0]), start + int(bad[-1])
+        raise BadInput(f"{path}: NaN or inf in the activations, rows {first}-{last}")
+
+
+def _check_finite(store: ActivationStore, block: Block, rows: np.ndarray) -> None:
+    check_finite(store.path, block.start, rows)
 
 
 class ActivationStream:

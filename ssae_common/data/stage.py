@@ -17,9 +17,9 @@ from .harvester import document_lengths, harvest_activations, spread_cap
 from .models import load_model, model_identity
 from ..core.config import ConfigError, replace
 from ..core.errors import BadInput
-from ..core.outputs import atomic_file, existing_output, workdir
+from ..core.outputs import atomic_file, check_target, exclusive, existing_output, workdir
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import follow_doc_artifacts, iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
+from ..core.records import count_docs, follow_doc_artifacts, iter_docs, resolve_artifacts, spool_stdin, stdin_is_terminal
 from ..core.runtime import RunContext
 
 log = logging.getLogger("ssae")
@@ -41,10 +41,9 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
     if "-" in inputs:
         if stdin_is_terminal():
             raise BadInput("no input: give document paths or pipe documents on stdin")
-        # the default output is named by the inputs' hash, and spread reads them twice: both need a file
-        if out is None or config.spread:
-            spooled = spool_stdin(os.path.join(workdir(), "tmp"))
-            inputs = [spooled if p == "-" else p for p in inputs]
+        # a file: its hash names the default output, and it is read twice (checked, then harvested)
+        spooled = spool_stdin(os.path.join(workdir(), "tmp"))
+        inputs = [spooled if p == "-" else p for p in inputs]
     try:
         inputs = follow_doc_artifacts(inputs)
         resolved = context.resolved(
@@ -53,21 +52,30 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
             max_tokens_per_doc=config.max_tokens_per_doc, spread=config.spread, dtype=config.dtype,
             drop_bos=config.drop_bos, min_tokens=config.min_tokens, text_field=config.text_field,
             store_text=config.store_text, shard=config.shard,
-            inputs=[{"path": p, "sha256": input_fingerprint(p)} for p in inputs if p != "-"])
+            # stdin is named by its bytes' hash (never by the spool's per-process name), so that an
+            # identical pipe reuses the output and an interrupted one resumes it
+            inputs=[{"path": "-" if p == spooled else p, "sha256": input_fingerprint(p)}
+                    for p in inputs if p != "-"])
         if out is None:
             out, reuse = existing_output("activations", config_hash(resolved), ".h5", force=context.force)
             if reuse:
                 return activation_artifact(out)
-        lm = load_model(config.model, device=context.device)
-        lm.check_hook(config.hook)
-        if config.spread:
-            config = _spread(lm, config, inputs)
-        attrs = {"model": lm.name, "hook": config.hook, "context_size": config.context_size, "dtype": config.dtype,
-                 "bos_dropped": bool(config.drop_bos and lm.bos_token_id is not None), "config": resolved,
-                 "created_by": created_by(context.program), "store_text": config.store_text,
-                 "shard": config.shard, "seed": context.seed}
-        return harvest_activations(lm, iter_docs(inputs, config.text_field), out, config, attrs,
-                                   force=context.force, quiet=context.quiet)
+        # everything that can be refused is checked before the model loads (seconds to minutes)
+        check_target(out, context.force)
+        with exclusive(out):
+            n_docs = count_docs(inputs, config.text_field)
+            if n_docs is not None:
+                log.info("%d document(s) to harvest", n_docs)
+            lm = load_model(config.model, device=context.device)
+            lm.check_hook(config.hook)
+            if config.spread:
+                config = _spread(lm, config, inputs)
+            attrs = {"model": lm.name, "hook": config.hook, "context_size": config.context_size,
+                     "dtype": config.dtype, "bos_dropped": bool(config.drop_bos and lm.bos_token_id is not None),
+                     "config": resolved, "created_by": created_by(context.program),
+                     "store_text": config.store_text, "shard": config.shard, "seed": context.seed}
+            return harvest_activations(lm, iter_docs(inputs, config.text_field), out, config, attrs,
+                                       force=context.force, quiet=context.quiet, locked=True)
     finally:
         if spooled:
             os.remove(spooled)
@@ -102,7 +110,7 @@ def merge(shards: list[str], *, out: str | None = None, context: RunContext | No
     compositions = [_composition(p) for p in paths]
     if all(compositions):
         attrs["composition"] = merge_compositions(compositions)
-    with atomic_file(out, force=context.force, suffix=".h5") as tmp:
+    with exclusive(out), atomic_file(out, force=context.force, suffix=".h5") as tmp:
         n_tokens, n_docs = merge_shards(paths, tmp, attrs)
     log.info("merged %d shards into %s: %d tokens, %d documents", len(paths), out, n_tokens, n_docs)
     return activation_artifact(out)

@@ -456,11 +456,13 @@ def evaluate_store(store, saes: list, state: EvalState, rows: int = 4096, max_to
     """Activation metrics of each (name, SAE) over an ActivationStore, chunk by chunk, resuming after
     `state.done` rows."""
     from ..core.progress import Progress
+    from ..data.batches import check_finite
 
     stop_row = store.n_tokens if max_tokens is None else min(store.n_tokens, max_tokens)
     with Progress("eval", total=stop_row, unit="tokens", quiet=quiet) as progress:
         progress.done = state.done
         for start, chunk in store.iter_chunks(rows, state.done, stop_row):
+            check_finite(store.path, start, chunk)  # refused as ssae-fit refuses it, not null metrics
             x = torch.from_numpy(chunk).to(device)
             token_ids = store.token_ids(start, start + len(chunk))
             for name, sae in saes:

@@ -164,8 +164,10 @@ def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, k
     if store is not None:
         d_model = store.d_model
     else:
+        from ..core.records import count_docs
         from ..data.models import load_model
 
+        count_docs(config.docs, config.text_field)  # bad input is refused before the model loads
         lm = load_model(config.model, device=device)
         lm.check_hook(config.hook)
         d_model = lm.d_model

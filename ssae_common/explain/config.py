@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..core.config import ConfigError, check_bounds, option, replace
 
 EXPLAINERS = ("local", "openai", "none")
+LM_LATENTS = 50  # the default selection with an LM explainer: a sample (latents are in no order), not hours
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class ExplainConfig(ContextConfig):
 
     activations: str = option(help="Activation file (ssae.activations/1 .h5, with document text) to draw "
                                    "contexts from.")
-    latents: str | None = option(None, help="Latents to explain, e.g. 0-99,512.", derived="all")
+    latents: str | None = option(None, help="Latents to explain, e.g. 0-99,512, or all.",
+                                 derived=f"the first {LM_LATENTS} with an LM explainer (minutes each on a CPU), "
+                                         "all with --explainer none")
     explainer: str = option("local", choices=EXPLAINERS,
                             help="local: a Hugging Face causal LM in-process; openai: an OpenAI-compatible "
                                  "endpoint; none: token statistics only (no LM).")

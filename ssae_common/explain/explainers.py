@@ -121,18 +121,19 @@ class OpenAIChat:
 class LocalLM:
     """A Hugging Face causal LM in-process, with the chat template when the tokenizer has one."""
 
-    def __init__(self, spec: str, device: str = "cpu"):
+    def __init__(self, spec: str, device: str = "cpu", flag: str = "--explainer-model"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..data.models import model_identity, resolve_model_path
 
-        path = resolve_model_path(spec)
+        path = resolve_model_path(spec, flag)
+        log.info("loading %s %s on %s", flag.removeprefix("--"), spec, device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         except OSError as e:
-            raise BadInput(f"--explainer-model {spec}: cannot load ({str(e).splitlines()[0]})") from None
+            raise BadInput(f"{flag} {spec}: cannot load ({str(e).splitlines()[0]})") from None
         self.device = device
         self.name = f"local:{model_identity(spec)}"
         self._text: dict[int, str] = {}
@@ -256,7 +257,7 @@ def make_backend(kind: str, *, model: str | None, url: str | None, api_key: str 
     from ..data.config import DEFAULT_MODEL
 
     if kind == "local":
-        return LocalLM(model or DEFAULT_MODEL, device)
+        return LocalLM(model or DEFAULT_MODEL, device, flag=f"{option_prefix}-model")
     if kind == "openai":
         return OpenAIChat(url, model, api_key, timeout, option=f"{option_prefix}-url")
     raise BadInput(f"{option_prefix} {kind}: expected local, openai or none")
@@ -329,6 +330,9 @@ def parse_explanation(reply: str) -> dict:
     except (TypeError, ValueError):
         out["diversity"] = None
     expl = out["explanation"]
+    if isinstance(expl, str):
+        # a weak model may run on into the next field ("Diversity: 100"): that is not an explanation
+        expl = re.split(r"(?i)\b(?:explanation|diversity(?:\s+score)?|justification)\s*:", expl)[0]
     if not isinstance(expl, str) or len(re.findall(r"[A-Za-z]", expl)) < 2 or _echoes_instructions(expl):
         out["explanation"] = None
     else:

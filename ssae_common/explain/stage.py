@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import fields
 
 from ..core.errors import BadInput
 from ..core.runtime import RunContext
-from .config import ContextConfig, ExplainConfig
+from .config import LM_LATENTS, ContextConfig, ExplainConfig
 from .explainers import EndpointError, explain_latent, make_backend, score_latent
 
 log = logging.getLogger("ssae")
@@ -35,7 +36,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
     """Explain the latents of the SAE folder `sae` from contexts in `config.activations`; write OUT (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and configuration, reused when complete) and return
     its `ssae.artifact/1` record."""
-    from ..core.outputs import check_target, commit, existing_output, partial_path, sha256_file
+    from ..core.outputs import check_target, commit, exclusive, existing_output, partial_path, sha256_file
     from ..core.parse import parse_latent_ranges
     from ..core.progress import Progress
     from ..core.provenance import config_hash
@@ -53,12 +54,17 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
     store = ActivationStore(store_path)
     try:
         _check_inputs(store, model, sae)
-        latents = parse_latent_ranges(config.latents, model.d_sae)
         config = config.resolve(store.model)
+        latents = parse_latent_ranges(config.latents, model.d_sae)
+        if config.latents is None and config.explainer != "none" and len(latents) > LM_LATENTS:
+            latents = latents[:LM_LATENTS]
+            log.info("explaining the first %d of %d latents (--latents all for every one, or a list)",
+                     LM_LATENTS, model.d_sae)
         resolved = context.resolved(
             sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
             activations={"path": os.path.abspath(store_path), "fingerprint": store_fingerprint(store_path)},
-            latents=config.latents or "all", n_latents=len(latents), explainer=config.explainer,
+            latents=config.latents or ("all" if len(latents) == model.d_sae else f"0-{len(latents) - 1}"),
+            n_latents=len(latents), explainer=config.explainer,
             explainer_model=config.explainer_model, explainer_url=config.explainer_url,
             scorer_url=config.scorer_url, scorer_model=config.scorer_model, score=config.score,
             tokenizer=config.tokenizer_model, retries=config.retries, max_new_tokens=config.max_new_tokens,
@@ -72,37 +78,38 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             if reuse:
                 return explanations_artifact(out)
         check_target(out, context.force)
-        work = partial_path(out)
-        run_file = os.path.join(work, "run.json")
-        _open_work(work, run_file, digest, resolved, context)
+        with exclusive(out):  # one writer per output (and per partial folder)
+            work = partial_path(out)
+            run_file = os.path.join(work, "run.json")
+            _open_work(work, run_file, digest, resolved, context)
 
-        contexts_file = os.path.join(work, "contexts.jsonl.gz")
-        records_file = os.path.join(work, "explanations.jsonl")
-        with StopFlag() as stop:
-            if os.path.exists(contexts_file):
-                contexts = read_contexts(contexts_file)
-            else:
-                tokenizer = load_tokenizer(config.tokenizer_model)
-                log.info("extracting contexts of %d latent(s) from %s (%d tokens)", len(latents), store_path,
-                         store.n_tokens)
-                with Progress("contexts", total=store.n_tokens, unit="tokens", quiet=context.quiet) as progress:
-                    contexts = extract_contexts(store, model, latents, config, tokenizer, seed=context.seed,
-                                                device=context.device, stop=stop, progress=progress)
-                write_contexts(contexts_file, contexts)
-            store.close()
-            done = _explain_all(config, contexts, records_file, work, digest, context, stop)
+            contexts_file = os.path.join(work, "contexts.jsonl.gz")
+            records_file = os.path.join(work, "explanations.jsonl")
+            with StopFlag() as stop:
+                if os.path.exists(contexts_file):
+                    contexts = read_contexts(contexts_file)
+                else:
+                    tokenizer = load_tokenizer(config.tokenizer_model)
+                    log.info("extracting contexts of %d latent(s) from %s (%d tokens)", len(latents), store_path,
+                             store.n_tokens)
+                    with Progress("contexts", total=store.n_tokens, unit="tokens", quiet=context.quiet) as progress:
+                        contexts = extract_contexts(store, model, latents, config, tokenizer, seed=context.seed,
+                                                    device=context.device, stop=stop, progress=progress)
+                    write_contexts(contexts_file, contexts)
+                store.close()
+                done = _explain_all(config, contexts, records_file, work, digest, context, stop)
 
-        records = [done[c["latent"]] for c in contexts]
-        with open(records_file + ".tmp", "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(records_file + ".tmp", records_file)
-        with open(run_file) as f:
-            run_info = json.load(f)
-        write_browser(os.path.join(work, "index.html"), contexts, records, run_info)
-        commit(work, out)
-        log.info("wrote %s: %d explanation record(s) and index.html", out, len(records))
-        return explanations_artifact(out)
+            records = [done[c["latent"]] for c in contexts]
+            with open(records_file + ".tmp", "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(records_file + ".tmp", records_file)
+            with open(run_file) as f:
+                run_info = json.load(f)
+            write_browser(os.path.join(work, "index.html"), contexts, records, run_info)
+            commit(work, out)
+            log.info("wrote %s: %d explanation record(s) and index.html", out, len(records))
+            return explanations_artifact(out)
     finally:
         store.close()
 
@@ -170,13 +177,23 @@ def _explain_all(config: ExplainConfig, contexts: list[dict], records_file: str,
     explainer = scorer = None
     if config.explainer != "none" and any(c["n_active"] for c in todo):
         explainer, scorer = _backends(config, context.device)
+        log.info("%d latent(s) to explain with %s, one LM call each (an estimate follows the first)",
+                 sum(1 for c in todo if c["n_active"]), explainer.name)
+    timed = 0  # LM-explained latents timed so far (the first gives the estimate)
     with Progress("explain", total=len(todo), unit="latents", quiet=context.quiet) as progress:
         for s in range(0, len(todo), config.batch_latents):
             batch = []
             try:
                 for ctx in todo[s:s + config.batch_latents]:
+                    started = time.monotonic()
                     batch.append(_explain_one(ctx, config, explainer, scorer, digest, context.seed))
                     progress.update(1)
+                    if explainer is not None and ctx["n_active"] and not timed:
+                        timed = 1
+                        took = time.monotonic() - started
+                        left = sum(1 for c in todo if c["n_active"]) - 1
+                        log.info("the first latent took %.0f s: about %s for the %d still to explain",
+                                 took, _duration(took * left), left)
             except EndpointError as e:
                 append_records(records_file, batch)
                 kept = len(done) + len(batch)
@@ -186,6 +203,14 @@ def _explain_all(config: ExplainConfig, contexts: list[dict], records_file: str,
             done.update((r["latent"], r) for r in batch)
             stop.check()
     return done
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _backends(config: ExplainConfig, device: str):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core.errors import BadInput
-from ..core.outputs import atomic_file, check_target
+from ..core.outputs import atomic_file, check_target, exclusive
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
@@ -105,7 +105,8 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
         "schema": PROVENANCE_SCHEMA, "config": resolved, "config_hash": config_hash(resolved),
         "n_docs": len(records), "created_by": created_by(context.program), **stats})
     if out:
-        write_retrieval(result, out, force=context.force)
+        with exclusive(out):
+            write_retrieval(result, out, force=context.force)
         result.artifact = docs_artifact(out)
     return result
 
@@ -135,10 +136,18 @@ def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
     inputs = [paths] if isinstance(paths, str) else list(paths) or ["-"]
     if inputs == ["-"] and stdin_is_terminal():
         raise BadInput("no seeds: give seed document paths or pipe them on stdin")
-    seed_docs = [rec for rec, _ in iter_docs(inputs, text_field)]
+    seed_docs, empty = [], []
+    for rec, source in iter_docs(inputs, text_field):
+        (seed_docs if rec["text"].strip() else empty).append((rec, source))
+    where = ", ".join("<stdin>" if p == "-" else p for p in inputs)
+    if empty:
+        named = ", ".join(f"{s} (id {r['id']})" for r, s in empty[:3]) + (" ..." if len(empty) > 3 else "")
+        if not seed_docs:
+            raise BadInput(f"{where}: every seed has empty text ({named}): nothing to search for")
+        log.warning("%d seed(s) with empty text skipped: %s", len(empty), named)
     if not seed_docs:
-        raise BadInput(f"{', '.join('<stdin>' if p == '-' else p for p in inputs)}: no seed documents")
-    return seed_docs
+        raise BadInput(f"{where}: no seed documents")
+    return [rec for rec, _ in seed_docs]
 
 
 def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict]) -> dict:

@@ -106,7 +106,10 @@ class SAE(nn.Module):
         weights = os.path.join(folder, WEIGHTS)
         if not os.path.exists(weights):
             raise BadInput(f"{folder}: no {WEIGHTS}")
-        tensors = load_file(weights)
+        try:
+            tensors = load_file(weights)
+        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+            raise BadInput(f"{weights}: not a readable safetensors file ({e})") from None
         try:
             sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("architecture", "relu"), cfg.get("k"),
                       float(cfg.get("act_scale", 1.0)))

@@ -56,6 +56,8 @@ class FitConfig:
     init: str | None = option(
         None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
     init_format: str = option("auto", choices=FORMATS)
+    allow_init_mismatch: bool = option(
+        False, help="Finetune an --init parent trained on another model or hook than the activations'.")
     lr: float | None = option(None, above=0, derived="2e-4 / sqrt(d_sae / 2^14)", help="Adam learning rate.")
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
     train_tokens: int | None = option(None, min=1, derived="the inputs' row count", help="Token budget.")

@@ -9,6 +9,7 @@ Under torchrun the same call trains data-parallel (sae.train.DataParallel); rank
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from ..core.config import ConfigError, replace, to_dict
@@ -18,6 +19,7 @@ from ..core.records import artifact_record
 from ..core.runtime import RunContext
 from .config import FitConfig
 
+log = logging.getLogger("ssae")
 MARKER = "cfg.json"  # present once an SAE folder is complete
 
 
@@ -45,12 +47,15 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
         if sae.d_in != d_in:
             raise ConfigError("init", config.init, f"d_in {sae.d_in} differs from the activations' d_model {d_in} "
                                                    f"({activations[0]})")
+        _check_parent_source(sae, config, model, hook, activations[0])
         parent = Parent(config.init, fmt, parent_sha256(config.init), sae)
     cfg = replace(config.resolve(d_in, n_rows, parent.sae if parent else None),
                   seed=context.seed, device=context.device)
 
     inputs = [{"path": os.path.abspath(p), "fingerprint": store_fingerprint(p)} for p in activations]
-    resolved = context.resolved(**{**to_dict(cfg), "init": parent.record() if parent else None}, inputs=inputs)
+    # --allow-init-mismatch permits, it does not change what is trained: kept out of the hash
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "allow_init_mismatch"}
+    resolved = context.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
     digest = config_hash(resolved)
     if out is None:
         out, reuse = _default_output(digest, context.force)
@@ -63,6 +68,24 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
     written = train_sae(activations, cfg, out, parent=parent, resolved=resolved, config_digest=digest,
                         extra_cfg=extra, force=context.force, quiet=context.quiet)
     return sae_artifact(written) if written is not None else None
+
+
+def _check_parent_source(sae, config: FitConfig, model: str, hook: str, where: str) -> None:
+    """Refuse to finetune a parent trained on another model or hook (same width is not the same space),
+    unless told to (--allow-init-mismatch); a parent that records neither is taken as it is."""
+    recorded = {"model": sae.cfg.get("model"), "hook": sae.cfg.get("hook")}
+    wanted = {"model": model, "hook": hook}
+    differ = [k for k in ("model", "hook") if recorded[k] and wanted[k] and recorded[k] != wanted[k]]
+    if not differ:
+        return
+    what = " and ".join(f"{k} {recorded[k]!r}" for k in differ)
+    theirs = " and ".join(f"{k} {wanted[k]!r}" for k in differ)
+    if config.allow_init_mismatch:
+        log.warning("--init %s was trained on %s, the activations %s are %s (allowed by --allow-init-mismatch)",
+                    config.init, what, where, theirs)
+        return
+    raise ConfigError("init", config.init, f"the parent was trained on {what}, but {where} holds {theirs} "
+                                           "(--allow-init-mismatch to finetune it anyway)")
 
 
 def _default_output(digest: str, force: bool) -> tuple[str, bool]:

@@ -31,6 +31,7 @@ the global max and sum).  Rank 0 initialises, reads/writes checkpoints, logs and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from ..data.activations import ActivationStore
 from ..data.batches import ActivationStream
 from ..core.config import ConfigError
 from ..core.errors import BadInput, Interrupted
-from ..core.outputs import atomic_dir, check_target, partial_path, sha256_file
+from ..core.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
 from ..core.progress import Progress
 from ..core.signals import StopFlag
 from .autoencoder import SAE
@@ -665,8 +666,12 @@ def train_sae(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | No
         raise ValueError("train_sae needs a resolved FitConfig (FitConfig.resolve)")
     cfg.check()
     stores = open_stores(paths)
+    # one writer per output: a second fit of the same OUT must not train on (and resume) the live partial;
+    # under torchrun rank 0 writes, so it alone holds the lock
+    lock = exclusive(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
-        return _fit(stores, cfg, out, parent, resolved, config_digest, extra_cfg, force, quiet, stop)
+        with lock:
+            return _fit(stores, cfg, out, parent, resolved, config_digest, extra_cfg, force, quiet, stop)
     finally:
         for s in stores:
             s.close()

@@ -478,6 +478,17 @@ def gender_separation(gender_probe: LinearProbe, x: np.ndarray, y_gender: np.nda
     return 0.5 if auc is None else auc, gender_probe.accuracy(x, y_gender)
 
 
+def _why_none_chosen(candidates: list[int], steps: list[dict], cfg) -> str:
+    """Why the auto rule ablated nothing, in the options' words."""
+    if not candidates:
+        return "no latent in the --slice has a non-zero attribution to the profession probe"
+    if steps[0]["gender_auc"] <= 0.5:
+        return (f"the gender probe does not separate the genders on the validation set before any ablation "
+                f"(AUC {steps[0]['gender_auc']:.3f})")
+    return (f"no single latent among the top {len(candidates)} attributed lowers the gender probe's validation "
+            f"AUC ({steps[0]['gender_auc']:.3f}) by --auto-min-drop {cfg.auto_min_drop} or more")
+
+
 def greedy_gender_selection(candidates: list[int], ablate_fn, gender_probe: LinearProbe, y_gender: np.ndarray,
                             max_selected: int, min_drop: float = 0.01) -> tuple[list[int], list[dict]]:
     """Among `candidates`, repeatedly add the one whose ablation (with those already chosen) most lowers
@@ -603,9 +614,13 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
         def ablate_val(chosen, _stats=stats, _sae=sae, _to=ablate_to):
             return ablate_latents(x[val], _stats.pooled[val], chosen, _sae, _to)
 
+        note = None
         if spec.latents is None:
             chosen, steps = greedy_gender_selection(candidates, ablate_val, gender_probe, gender_val, cfg.auto_max,
                                                     cfg.auto_min_drop)
+            if not chosen:
+                note = _why_none_chosen(candidates, steps, cfg)
+                log.warning("--ablate auto chose no latent of %s: %s", spec.name, note)
         else:
             chosen = list(spec.latents)
             outside = [j for j in chosen if not mask[j]]
@@ -634,7 +649,7 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
         details.append({"name": spec.name, "path": os.path.abspath(spec.path), "d_sae": sae.d_sae,
                         "architecture": sae.architecture, "latents_considered": int(mask.sum()),
                         "selection": "auto" if spec.latents is None else "list",
-                        "ablated_latents": chosen, "selection_trace": steps,
+                        "ablated_latents": chosen, "selection_trace": steps, "selection_note": note,
                         "clean_logit_max_abs_diff": max_diff, "top_latents": top})
 
     neuron_to = x[train].mean(0) if cfg.ablation == "mean" else np.zeros(x.shape[1])

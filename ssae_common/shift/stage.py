@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..core.config import ConfigError
-from ..core.outputs import atomic_file, check_target, existing_output, sha256_file
+from ..core.outputs import atomic_file, check_target, exclusive, existing_output, sha256_file
 from ..core.parse import parse_latent_ranges, split_named, unique_names
 from ..core.progress import Progress
 from ..core.provenance import config_hash, created_by, input_fingerprint
@@ -53,45 +53,46 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
             return shift_artifact(out)
     check_target(out, context.force)
 
-    bios, seen = load_bios(config.data, set(side_a + side_b), config.text_field, config.profession_field,
-                           config.gender_field)
-    cells = build_cells(bios, side_a, side_b, seen, pairing=config.pairing, test_fraction=config.test_fraction,
-                        val_fraction=config.val_fraction, max_per_cell=config.max_per_cell, seed=context.seed,
-                        data_name=", ".join(config.data))
-    log.info("cells: %s", json.dumps(cells.counts))
+    with exclusive(out):  # one writer per output
+        bios, seen = load_bios(config.data, set(side_a + side_b), config.text_field, config.profession_field,
+                               config.gender_field)
+        cells = build_cells(bios, side_a, side_b, seen, pairing=config.pairing, test_fraction=config.test_fraction,
+                            val_fraction=config.val_fraction, max_per_cell=config.max_per_cell, seed=context.seed,
+                            data_name=", ".join(config.data))
+        log.info("cells: %s", json.dumps(cells.counts))
 
-    device = context.device
-    specs = []
-    for n, p in named:
-        sae = load_any(p, device, field="saes")
-        latents = None if ablate_by[n] == "auto" else _latents(ablate_by[n], sae.d_sae, n)
-        specs.append(SaeSpec(n, p, sae, latents, read_explanations(explain_by[n]) if explain_by[n] else None))
-    lm = load_model(model, device=device)
-    lm.check_hook(hook)
-    for spec in specs:
-        if spec.sae.d_in != lm.d_model:
-            raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s d_model "
-                                                 f"{lm.d_model}")
-    used = sorted(set(cells.train_ambiguous + cells.train_balanced + cells.val + cells.test))
-    with Progress("activations", total=len(used), unit="docs", quiet=context.quiet) as progress:
-        acts, token_lists = document_activations(lm, [bios[i].text for i in used], hook,
-                                                 context_size=config.context_size, batch_size=config.batch_size,
-                                                 progress=progress)
-    # run_shift indexes documents by their position in `used`
-    position = {i: k for k, i in enumerate(used)}
-    for attr in ("train_ambiguous", "train_balanced", "val", "test"):
-        setattr(cells, attr, [position[i] for i in getattr(cells, attr)])
-    cells.label, cells.gender = cells.label[used], cells.gender[used]
+        device = context.device
+        specs = []
+        for n, p in named:
+            sae = load_any(p, device, field="saes")
+            latents = None if ablate_by[n] == "auto" else _latents(ablate_by[n], sae.d_sae, n)
+            specs.append(SaeSpec(n, p, sae, latents, read_explanations(explain_by[n]) if explain_by[n] else None))
+        lm = load_model(model, device=device)
+        lm.check_hook(hook)
+        for spec in specs:
+            if spec.sae.d_in != lm.d_model:
+                raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s d_model "
+                                                     f"{lm.d_model}")
+        used = sorted(set(cells.train_ambiguous + cells.train_balanced + cells.val + cells.test))
+        with Progress("activations", total=len(used), unit="docs", quiet=context.quiet) as progress:
+            acts, token_lists = document_activations(lm, [bios[i].text for i in used], hook,
+                                                     context_size=config.context_size, batch_size=config.batch_size,
+                                                     progress=progress)
+        # run_shift indexes documents by their position in `used`
+        position = {i: k for k, i in enumerate(used)}
+        for attr in ("train_ambiguous", "train_balanced", "val", "test"):
+            setattr(cells, attr, [position[i] for i in getattr(cells, attr)])
+        cells.label, cells.gender = cells.label[used], cells.gender[used]
 
-    body = run_shift(acts, token_lists, cells, specs, lm.tokenizer, config, seed=context.seed, device=device)
-    report = {"schema": SCHEMA, "created_by": created_by(context.program), "config": resolved,
-              "seed": context.seed, "model": lm.name, "hook": hook, "professions": {"A": side_a, "B": side_b},
-              "cells": cells.counts, "ablation": config.ablation, "attribution": ATTRIBUTION, **body}
-    with atomic_file(out, force=context.force) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-    print(format_table(report), file=sys.stderr)
-    return shift_artifact(out)
+        body = run_shift(acts, token_lists, cells, specs, lm.tokenizer, config, seed=context.seed, device=device)
+        report = {"schema": SCHEMA, "created_by": created_by(context.program), "config": resolved,
+                  "seed": context.seed, "model": lm.name, "hook": hook, "professions": {"A": side_a, "B": side_b},
+                  "cells": cells.counts, "ablation": config.ablation, "attribution": ATTRIBUTION, **body}
+        with atomic_file(out, force=context.force) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+        print(format_table(report), file=sys.stderr)
+        return shift_artifact(out)
 
 
 def shift_artifact(path: str) -> dict:
