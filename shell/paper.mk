@@ -115,6 +115,14 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 # (the bios are excluded, so no validation or test bio is trained on): ERM (tilt 0) and TERM (tilt
 # SHIFT_TILT). Profession titles masked and a Marks-style probe, so that the original probe leans on gender;
 # SHIFT_SEEDS seeded splits, every number mean ± sd.
+# The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
+# physician and surgeon bios ("Having more than N years of diverse experiences ...", "accepts insurance"),
+# so nurse vs physician/surgeon is read from the template even with the titles masked (docs/shift.md).
+ifeq ($(BIOS),$(DATA)/bios/bias_in_bios_600.jsonl)
+SHIFT_PROFESSIONS ?= physician surgeon
+else
+SHIFT_PROFESSIONS ?= $(PROFESSIONS)
+endif
 SHIFT_TILT ?= 500
 SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
 SHIFT_SEEDS ?= 5
@@ -130,5 +138,5 @@ $(P)/ssae/medical-t%/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
 
 $(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
 	mkdir -p $(@D)
-	$(call logged,ssae-shift --data $(BIOS) --professions $(PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-t0 --sae ssae-term=$(P)/ssae/medical-t$(SHIFT_TILT) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
+	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-t0 --sae ssae-term=$(P)/ssae/medical-t$(SHIFT_TILT) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
 # ---- SHIFT (Table 1): end ---------------------------------------------------------------------------

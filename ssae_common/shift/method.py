@@ -761,8 +761,9 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
     x = pooled(acts)
     train, balanced, val, test = cells.train_ambiguous, cells.train_balanced, cells.val, cells.test
     signs = np.where(cells.label == 1, 1.0, -1.0)
-    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, seed)
-    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, seed)
+    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, seed, cfg.probe)
+    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, seed, cfg.probe)
+    # the gender probe is a detector for `auto`, not part of the experiment: always the regularised one
     gender_probe = LinearProbe.fit(x[balanced], cells.gender[balanced], cfg.probe_c, seed)
     gender_val = cells.gender[val]
     rows = [row("original", None, evaluate(probe, x[test], cells, test)),
@@ -799,7 +800,7 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
                 steps.append({"latent": latent, "gender_auc": auc, "gender_accuracy": accuracy})
         max_ablated = max(max_ablated, len(chosen))
         x_abl = ablate_latents(x, stats.pooled, chosen, sae, ablate_to)
-        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed)
+        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed, cfg.probe)
         per_sae_rows.append(row(f"shift:{spec.name}", spec.name, evaluate(probe, x_abl[test], cells, test), chosen))
         per_sae_rows.append(row(f"shift+retrain:{spec.name}", spec.name,
                                 evaluate(retrained, x_abl[test], cells, test), chosen))
