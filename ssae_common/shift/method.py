@@ -168,6 +168,7 @@ PROFESSION_WORDS = (
     r"CRNP", r"APRN", r"ARNP", r"CCRN", r"anesthetists?",
     r"physicians?", r"doctors?", r"Dr\.?", r"MD", r"M\.D\.?", r"D\.O\.", r"MBBS", r"FACS", r"hospitalists?",
     r"anesthesiologists?", r"(?:neuro)?surgeons?", r"(?:neuro)?surger(?:y|ies)", r"(?:neuro)?surgical(?:ly)?",
+    r"professors?", r"Prof\.?",  # the full Bias in Bios's usual pair is professor vs nurse
 )
 MASK_TOKEN = "professional"
 
