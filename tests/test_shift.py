@@ -313,6 +313,7 @@ def test_masking_replaces_whole_profession_words_in_any_case():
             4),
         "Her physicians' neurosurgical team; his NPs and LPN": (
             "Her professional' professional team; his professional and professional", 4),
+        "Prof. Jones, a professor, is professional.": ("professional Jones, a professional, is professional.", 2),
     }
     for text, (expected, n) in cases.items():
         assert S.mask_text(text, pattern) == (expected, n)
