@@ -114,7 +114,8 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 # The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
 # (the bios are excluded, so no validation or test bio is trained on): ERM (tilt 0) and TERM (tilt
 # SHIFT_TILT). Profession titles masked and a Marks-style probe, so that the original probe leans on gender;
-# SHIFT_SEEDS seeded splits, every number mean ± sd.
+# SHIFT_SEEDS seeded splits, every number mean ± sd. --auto-min-drop 0: the gender signal is spread over many
+# latents, so `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
 # The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
 # physician and surgeon bios ("Having more than N years of diverse experiences ...", "accepts insurance"),
 # so nurse vs physician/surgeon is read from the template even with the titles masked (docs/shift.md).
@@ -126,7 +127,7 @@ endif
 SHIFT_TILT ?= 500
 SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
 SHIFT_SEEDS ?= 5
-SHIFT_ARGS ?= --mask-professions --probe marks --seeds $(SHIFT_SEEDS)
+SHIFT_ARGS ?= --mask-professions --probe marks --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
 SHIFT_SSAES := $(P)/ssae/medical-t0/cfg.json $(P)/ssae/medical-t$(SHIFT_TILT)/cfg.json
 
 $(P)/docs/medical.jsonl:
