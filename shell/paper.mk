@@ -112,17 +112,37 @@ $(foreach k,$(K_SWEEP),$(eval $(call sweep_rule,$(k))))
 $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_tracin-t500/cfg.json
 	$(call logged,ssae-eval $(dir $(SWEEP)) $(P)/gsae $(P)/ssae/dense_tracin-t500 --baseline $(P)/gsae --docs $(TEST) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
 
-# SHIFT: a GSAE against an SSAE finetuned on medical text retrieved from the corpus
+# ---- SHIFT (Table 1): begin -------------------------------------------------------------------------
+# The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
+# (the bios are excluded, so no validation or test bio is trained on): ERM (tilt 0) and TERM (tilt
+# SHIFT_TILT). Profession titles masked and a Marks-style probe, so that the original probe leans on gender;
+# SHIFT_SEEDS seeded splits, every number mean ± sd. --auto-min-drop 0: the gender signal is spread over many
+# latents, so `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
+# The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
+# physician and surgeon bios ("Having more than N years of diverse experiences ...", "accepts insurance"),
+# so nurse vs physician/surgeon is read from the template even with the titles masked (docs/shift.md).
+ifeq ($(BIOS),$(DATA)/bios/bias_in_bios_600.jsonl)
+SHIFT_PROFESSIONS ?= physician surgeon
+else
+SHIFT_PROFESSIONS ?= $(PROFESSIONS)
+endif
+SHIFT_TILT ?= 500
+SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
+SHIFT_SEEDS ?= 5
+SHIFT_ARGS ?= --mask-professions --probe marks --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
+SHIFT_SSAES := $(P)/ssae/medical-t0/cfg.json $(P)/ssae/medical-t$(SHIFT_TILT)/cfg.json
+
 $(P)/docs/medical.jsonl:
 	mkdir -p $(@D)
 	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@ > /dev/null,$@)
 
-$(P)/ssae/medical-t500/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
-	$(call logged,ssae-fit $< --init $(P)/gsae --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+$(P)/ssae/medical-t%/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
+	$(call logged,ssae-fit $< --init $(P)/gsae --tilt $* --train-tokens $(SHIFT_SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
 
-$(P)/shift/shift.json: $(P)/gsae/cfg.json $(P)/ssae/medical-t500/cfg.json
+$(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
 	mkdir -p $(@D)
-	$(call logged,ssae-shift --data $(BIOS) --professions $(PROFESSIONS) --sae $(P)/gsae --sae $(P)/ssae/medical-t500 --ablate auto --device $(DEVICE) --force -o $@ > /dev/null,$@)
+	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-t0 --sae ssae-term=$(P)/ssae/medical-t$(SHIFT_TILT) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
+# ---- SHIFT (Table 1): end ---------------------------------------------------------------------------
 
 # ---- TERM tilt sweep (issue 12): `make -C shell paper-tilt` -----------------------------------------
 # The same GSAE (TILT_GSAE) finetuned on the same subdomain text (TILT_RECIPE's activations) with the same

@@ -3,6 +3,7 @@ with a hand-built SAE whose planted gender latents remove it."""
 import csv
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -69,8 +70,9 @@ def run(args):
     return invoke(main, args)
 
 
-def by_method(report):
-    return {r["method"]: r for r in report["rows"]}
+def by_method(report_or_rows):
+    rows = report_or_rows["rows"] if isinstance(report_or_rows, dict) else report_or_rows
+    return {r["method"]: r for r in rows}
 
 
 def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_path):
@@ -86,7 +88,11 @@ def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_pat
     assert report["created_by"]["tool"] == "ssae-shift" and report["seed"] == 0
     assert report["cells"]["pairing"] == {"nurse": "female", "physician,surgeon": "male"}
     assert report["cells"]["test_per_cell"] == 32 and report["cells"]["val_per_cell"] == 16
-    rows = by_method(report)
+    # five seeded splits by default, the table their mean
+    assert [b["seed"] for b in report["splits"]] == [0, 1, 2, 3, 4]
+    assert report["rows"][0]["splits"] == 5 and "worst_group_accuracy_sd" in report["rows"][0]
+    assert len({tuple(b["rows"][0]["group_accuracy"].values()) for b in report["splits"]}) > 1
+    rows = by_method(report["splits"][0]["rows"])
     assert list(rows) == ["original", "oracle", "neuron_skyline", "shift:planted", "shift+retrain:planted"]
     for r in rows.values():
         assert r["n"] == 128
@@ -100,13 +106,20 @@ def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_pat
     assert shift["worst_group_accuracy"] > original["worst_group_accuracy"] + 0.3
     assert shift["gender_accuracy"] < 0.7
     assert retrain["worst_group_accuracy"] > original["worst_group_accuracy"] + 0.3
-    detail = report["saes"][0]
+    mean = by_method(report)
+    assert mean["shift:planted"]["worst_group_accuracy"] > mean["original"]["worst_group_accuracy"] + 0.1
+    assert report["ablated"]["planted"][0]["latent"] in GENDER_LATENTS
+    assert report["ablated"]["planted"][0]["splits"] == 5
+    difference = next(d for d in report["differences"] if d["a"] == "shift:planted")
+    assert difference["b"] == "original" and len(difference["values"]) == 5
+    detail = report["splits"][0]["saes"][0]
     assert detail["clean_logit_max_abs_diff"] < 1e-9
     assert detail["selection_trace"][-1]["gender_auc"] < 0.6
     top = {t["latent"]: t for t in detail["top_latents"]}
     assert top[0]["top_tokens"] and top[0]["ablated"] and not top[2]["ablated"]
     # the table on stderr
-    assert "shift+retrain:planted" in result.stderr and "worst" in result.stderr
+    assert "shift+retrain:planted" in result.stderr and "worst" in result.stderr and "±" in result.stderr
+    assert "check: the original probe's gender accuracy" in result.stderr
 
 
 def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):
@@ -115,15 +128,16 @@ def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):
                        [{"schema": "ssae.explanation/1", "latent": 0, "explanation": "female pronouns"}])
     result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon",
                   "--sae", f"g={setup['sae']}", "--ablate", "g=0,1", "--ablation", "mean", "--explanations",
-                  f"g={expl}", "--show", "3", "-o", str(out)])
+                  f"g={expl}", "--show", "3", "--seeds", "1", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
-    rows = by_method(report)
+    assert len(report["splits"]) == 1 and report["rows"][0]["worst_group_accuracy_sd"] == 0
+    rows = by_method(report["splits"][0]["rows"])
     assert rows["shift:g"]["ablated_latents"] == [0, 1]
     assert rows["shift:g"]["worst_group_accuracy"] > rows["original"]["worst_group_accuracy"] + 0.3
     # with a list, the skyline ablates as many neurons as latents, chosen by attribution
     assert len(rows["neuron_skyline"]["ablated_neurons"]) == 2
-    top = {t["latent"]: t for t in report["saes"][0]["top_latents"]}
+    top = {t["latent"]: t for t in report["splits"][0]["saes"][0]["top_latents"]}
     assert top[0]["explanation"] == "female pronouns" and top[1]["explanation"] is None
     # an existing output is kept without --force
     again = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
@@ -177,9 +191,9 @@ def test_token_level_ablation_equals_pooled_formula(setup):
 def test_slice_restricts_candidates(setup, tmp_path):
     out = tmp_path / "shift.json"
     result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
-                  "--slice", "1/2", "-o", str(out)])
+                  "--slice", "1/2", "--seeds", "1", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
-    detail = json.loads(out.read_text())["saes"][0]
+    detail = json.loads(out.read_text())["splits"][0]["saes"][0]
     assert detail["latents_considered"] == D_SAE // 2
     considered = {t["latent"] for t in detail["top_latents"] if t["attribution"] != 0}
     assert len(considered) <= D_SAE // 2
@@ -249,14 +263,14 @@ def test_bad_options_exit_2(setup, tmp_path):
 
 def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
     config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],),
-                         ablate=("1,0,1",), show=3)
+                         ablate=("1,0,1",), show=3, seeds=2)
     context = RunContext(device_spec="cpu", seed=0)
     record = shift(config, context=context)
     assert record["schema"] == "ssae.artifact/1" and record["kind"] == "shift" and record["rows"] == 5
     report = json.loads(open(record["path"]).read())
     assert report["created_by"]["tool"] == "python" and report["config"]["tool"] == "python"
     # a latent list is sorted and deduplicated
-    assert by_method(report)["shift:planted"]["ablated_latents"] == GENDER_LATENTS
+    assert by_method(report["splits"][1]["rows"])["shift:planted"]["ablated_latents"] == GENDER_LATENTS
     assert record["worst_group_accuracy"] == {r["method"]: r["worst_group_accuracy"] for r in report["rows"]}
     mtime = os.path.getmtime(record["path"])
     assert shift(config, context=context) == record  # the default output is reused
@@ -283,3 +297,121 @@ def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup
     result = run(args + ["--ablate", "nope=1"])
     assert result.exit_code == 2 and "--ablate nope=1: no SAE named 'nope'" in result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_masking_replaces_whole_profession_words_in_any_case():
+    pattern = S.mask_pattern(S.PROFESSION_WORDS)
+    cases = {
+        "Dr. Smith, MD, is a surgeon.": ("professional Smith, professional, is a professional.", 3),
+        "NURSE PRACTITIONER and registered nurse (RN), BSN": (
+            "professional professional and registered professional (professional), professional", 5),
+        "Dr.Deepak did surgery.Dr Raj; M.D. she": (
+            "professional.Deepak did professional.professional Raj; professional she", 4),
+        # not inside other words; DO (the verb) kept, D.O. masked
+        "Nursery Mdina mRNA surgeons-in-chief Doctors. He is a DO, she a D.O. in nursing.": (
+            "Nursery Mdina mRNA professional-in-chief professional. He is a DO, she a professional in professional.",
+            4),
+        "Her physicians' neurosurgical team; his NPs and LPN": (
+            "Her professional' professional team; his professional and professional", 4),
+        "Prof. Jones, a professor, is professional.": ("professional Jones, a professional, is professional.", 2),
+    }
+    for text, (expected, n) in cases.items():
+        assert S.mask_text(text, pattern) == (expected, n)
+    # gender words stay
+    assert S.mask_text("She and he, Mrs. and Mr., her husband", pattern) == ("She and he, Mrs. and Mr., her husband", 0)
+
+
+def test_mask_words_file(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("# custom\nnurse\n\nsurgeons?\n")
+    words = S.read_mask_words(str(path))
+    assert words == ["nurse", "surgeons?"]
+    assert S.mask_text("A Nurse, not nurses; Surgeons.", S.mask_pattern(words)) == (
+        "A professional, not nurses; professional.", 2)
+    path.write_text("# nothing\n")
+    with pytest.raises(ConfigError) as e:
+        S.read_mask_words(str(path))
+    assert e.value.field_name == "mask_words"
+    path.write_text("ok\n(unclosed\n")
+    with pytest.raises(S.BadInput) as e:
+        S.read_mask_words(str(path))
+    assert str(e.value).startswith(f"{path}:2: '(unclosed' is not a regular expression")
+
+
+def test_mask_option_changes_the_text_the_model_reads(setup, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("nurse\nphysician\nsurgeon\n")
+    out = tmp_path / "shift.json"
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                  "--mask-words", str(words), "--seeds", "1", "--ablate", "0,1", "--probe", "marks", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["probe"] == "marks" and report["config"]["probe"] == "marks"
+    # the only profession cue of the synthetic bios is gone: profession is at chance for the oracle
+    assert report["mask"]["replacements"] == len(setup["records"])
+    assert by_method(report)["oracle"]["profession_accuracy"] < 0.7
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                  "--mask-words", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and "--mask-words" in result.stderr and "no such file" in result.stderr
+
+
+def test_seeded_splits_are_disjoint_balanced_and_reproducible():
+    records = synthetic_bios(per_cell=10)
+    bios = [S.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
+    seen = {"nurse": 40, "physician": 20, "surgeon": 20}
+
+    def split(seed):
+        return S.build_cells(bios, ["nurse"], ["physician", "surgeon"], seen, seed=seed)
+
+    for seed in range(3):
+        cells = split(seed)
+        sets = [set(cells.train_ambiguous), set(cells.val), set(cells.test)]
+        assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
+        assert not set(cells.train_balanced) & (sets[1] | sets[2])
+        for idx, per_cell in ((cells.test, 8), (cells.val, 4), (cells.train_balanced, 8)):
+            cell_counts = Counter((int(cells.label[i]), int(cells.gender[i])) for i in idx)
+            assert sorted(cell_counts.values()) == [per_cell] * 4
+        ambiguous = Counter((int(cells.label[i]), int(cells.gender[i])) for i in cells.train_ambiguous)
+        assert ambiguous == {(0, 1): 8, (1, 0): 8}  # nurses female, physicians/surgeons male
+        again = split(seed)
+        assert (again.train_ambiguous, again.val, again.test) == (cells.train_ambiguous, cells.val, cells.test)
+    assert split(0).test != split(1).test
+
+
+def test_mean_sd_aggregation_and_paired_differences():
+    def rows(orig, shift_g, shift_s):
+        def r(method, sae, worst):
+            return {"method": method, "sae": sae, "profession_accuracy": worst + 0.1, "gender_accuracy": 0.5,
+                    "worst_group_accuracy": worst, "group_accuracy": {"a": worst, "b": 1.0}, "n": 8,
+                    "ablated_latents": [1, 2] if sae else []}
+        return [r("original", None, orig), r("shift:g", "g", shift_g), r("shift+retrain:g", "g", shift_g),
+                r("shift:s", "s", shift_s), r("shift+retrain:s", "s", shift_s)]
+
+    splits = [rows(0.2, 0.5, 0.6), rows(0.4, 0.7, 0.9), rows(0.3, 0.6, 0.6)]
+    agg = by_method(S.aggregate_rows(splits))
+    assert agg["original"]["worst_group_accuracy"] == pytest.approx(0.3)
+    assert agg["original"]["worst_group_accuracy_sd"] == pytest.approx(0.1)  # sample sd (n - 1)
+    assert agg["shift:s"]["group_accuracy"]["a"] == pytest.approx(0.7)
+    assert agg["shift:s"]["group_accuracy_sd"]["a"] == pytest.approx(np.std([0.6, 0.9, 0.6], ddof=1))
+    assert agg["shift:s"]["group_accuracy_sd"]["b"] == 0 and agg["shift:g"]["ablated_count"] == 2
+    assert agg["original"]["splits"] == 3
+    diffs = {(d["a"], d["b"]): d for d in S.paired_differences(splits)}
+    d = diffs["shift:s", "shift:g"]
+    assert d["values"] == pytest.approx([0.1, 0.2, 0.0])
+    assert d["mean"] == pytest.approx(0.1) and d["sd"] == pytest.approx(0.1)
+    assert diffs["shift+retrain:g", "original"]["mean"] == pytest.approx(0.3)
+    assert diffs["shift+retrain:g", "original"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert S.mean_sd([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        S.aggregate_rows([splits[0], splits[0][:2]])
+
+
+def test_marks_probe_is_seeded_and_learns_the_training_labels():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    x = rng.normal(size=(80, 20)) + (2 * y[:, None] - 1)  # the classes apart along the diagonal
+    a = S.LinearProbe.fit(x, y, seed=3, kind="marks")
+    b = S.LinearProbe.fit(x, y, seed=3, kind="marks")
+    assert np.array_equal(a.weight, b.weight) and a.bias == b.bias
+    assert a.accuracy(x, y) > 0.9
+    assert not np.array_equal(S.LinearProbe.fit(x, y, seed=4, kind="marks").weight, a.weight)

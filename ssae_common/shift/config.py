@@ -45,8 +45,22 @@ class ShiftConfig:
     val_fraction: float = option(
         0.2, above=0, max=1, help="Validation documents per cell (for auto), as a fraction of the smallest cell.")
     max_per_cell: int = option(1000, min=3, help="Documents kept per cell (seeded sample) before splitting.")
+    probe: str = option(
+        "l2", choices=("l2", "marks"),
+        help="Probe training: l2 (sklearn L2 logistic regression, standardised features, --probe-c) or marks "
+             "(as Marks et al.: unregularised logistic regression on raw pooled activations by Adam, 100 "
+             "full-batch steps at lr 1e-3).")
     probe_c: float = option(
         1.0, above=0, help="Inverse L2 strength of the logistic-regression probes (standardised features).")
+    mask_professions: bool = option(
+        False, help="Replace profession titles and their variants (nurse, RN, physician, surgeon, surgery, "
+                    "Dr., MD, ...; see docs/shift.md) by a neutral word before the LM reads the text.")
+    mask_words: str | None = option(
+        None, help="File of words to mask instead of the built-in list (one regular expression a line, "
+                   "whole words, any case).")
+    seeds: int = option(
+        5, min=1, help="Seeded splits (seeds --seed, --seed + 1, ...): the whole experiment runs on each; "
+                       "the table shows mean and sd.")
     context_size: int = option(128, min=2, help="Tokens per document, BOS included (longer documents are truncated).")
     batch_size: int = option(16, min=1, help="Documents per forward pass.")
     text_field: str = option("auto", help="Text field (auto: hard_text, text or bio).")

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -158,6 +159,58 @@ def load_bios(paths, professions: set[str], text_field: str = "auto", profession
     return bios, seen
 
 
+# Profession titles and their variants in bios (from the bundled nurse/physician/surgeon bios and the
+# common US credentials): replaced by MASK_TOKEN so that a probe must read profession from weaker cues
+# (workplace, specialty, duties) while the gender words stay. Each entry is a regular expression matched
+# case-insensitively as a whole word; "Dr" needs no space after it ("Dr.Deepak" occurs).
+PROFESSION_WORDS = (
+    r"nurse[sd]?", r"nursing", r"practitioners?", r"midwi(?:fe|ves|fery)",
+    r"RNs?", r"RNC", r"RNFA", r"NPs?", r"LPNs?", r"LVNs?", r"CNAs?", r"BSN", r"MSN", r"DNP", r"FNP", r"CRNA",
+    r"CRNP", r"APRN", r"ARNP", r"CCRN", r"anesthetists?",
+    r"physicians?", r"doctors?", r"Dr\.?", r"MD", r"M\.D\.?", r"D\.O\.", r"MBBS", r"FACS", r"hospitalists?",
+    r"anesthesiologists?", r"(?:neuro)?surgeons?", r"(?:neuro)?surger(?:y|ies)", r"(?:neuro)?surgical(?:ly)?",
+    r"professors?", r"Prof\.?",  # the full Bias in Bios's usual pair is professor vs nurse
+)
+MASK_TOKEN = "professional"
+
+
+def mask_pattern(words) -> "re.Pattern":
+    """One regular expression matching any of `words` (regular expressions) as a whole word, any case."""
+
+    alternatives = "|".join(f"(?:{w})" for w in sorted(words, key=len, reverse=True))
+    # whole word: no letter or digit on either side; a trailing "." may be part of the word (Dr., M.D.)
+    return re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def mask_text(text: str, pattern) -> tuple[str, int]:
+    """`text` with every match of `pattern` replaced by MASK_TOKEN, and the number replaced."""
+    return pattern.subn(MASK_TOKEN, text)
+
+
+def read_mask_words(path: str) -> list[str]:
+    """A word list: one entry a line (a regular expression, matched as a whole word in any case); blank
+    lines and lines starting with # are skipped."""
+    import re
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1)]
+    except OSError as e:
+        raise ConfigError("mask_words", path, f"cannot read ({e.strerror})") from None
+    words = []
+    for n, line in lines:
+        if not line or line.startswith("#"):
+            continue
+        try:
+            re.compile(line)
+        except re.error as e:
+            raise BadInput(f"{path}:{n}: {line!r} is not a regular expression ({e})") from None
+        words.append(line)
+    if not words:
+        raise ConfigError("mask_words", path, "no words in the file")
+    return words
+
+
 def parse_side(value: str) -> list[str]:
     names = []
     for part in str(value).split(","):
@@ -268,6 +321,10 @@ def pooled(acts: list) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ probe
 
+MARKS_LR = 1e-3
+MARKS_STEPS = 100
+
+
 class LinearProbe:
     """Logistic regression on standardised features, stored as one weight vector and bias on raw inputs."""
 
@@ -276,11 +333,16 @@ class LinearProbe:
         self.bias = float(bias)
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0) -> "LinearProbe":
-        from sklearn.linear_model import LogisticRegression
-
+    def fit(cls, x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0, kind: str = "l2") -> "LinearProbe":
+        """kind "l2": sklearn L2 logistic regression (inverse strength `c`) on standardised features.
+        kind "marks": as Marks et al. train their SHIFT classifier, a bare linear layer on the raw pooled
+        activations, binary cross-entropy, Adam, no regularisation, full batch (see `fit_marks`)."""
         if len(np.unique(y)) < 2:
             raise BadInput("a probe's training set has only one class")
+        if kind == "marks":
+            return cls.fit_marks(x, y, seed)
+        from sklearn.linear_model import LogisticRegression
+
         mean = x.mean(0)
         scale = x.std(0)
         scale[scale < 1e-8] = 1.0
@@ -288,6 +350,28 @@ class LinearProbe:
         model.fit((x - mean) / scale, y)
         w = model.coef_[0] / scale
         return cls(w, float(model.intercept_[0] - (w * mean).sum()))
+
+    @classmethod
+    def fit_marks(cls, x: np.ndarray, y: np.ndarray, seed: int = 0) -> "LinearProbe":
+        """Unregularised logistic regression by Adam (lr MARKS_LR, MARKS_STEPS full-batch steps) from a
+        seeded nn.Linear initialisation. Early-stopped gradient descent from near zero follows the
+        strongest direction that separates the training labels first, which is what makes such a probe
+        lean on a spurious feature (gender) that separates the ambiguous set as well as profession does."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        xt = torch.tensor(x, dtype=torch.float32)
+        yt = torch.tensor(y, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(x.shape[1])  # nn.Linear's default initialisation
+        w = ((torch.rand(x.shape[1], generator=generator) * 2 - 1) * bound).requires_grad_(True)
+        b = ((torch.rand(1, generator=generator) * 2 - 1) * bound).requires_grad_(True)
+        optimiser = torch.optim.Adam([w, b], lr=MARKS_LR)
+        for _ in range(MARKS_STEPS):
+            optimiser.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
+            loss.backward()
+            optimiser.step()
+        return cls(w.detach().double().numpy(), float(b.detach()[0]))
 
     def logit(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight + self.bias
@@ -526,18 +610,115 @@ def row(method: str, sae_name: str | None, metrics: dict, ablated_latents=None, 
     return out
 
 
+METRICS = ("profession_accuracy", "gender_accuracy", "worst_group_accuracy")
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate_rows(splits: list[list[dict]]) -> list[dict]:
+    """One row per method with the mean over splits of every number and its sd beside it (`NAME_sd`);
+    `ablated_count` is the mean number of latents (or neurons) ablated."""
+    methods = [r["method"] for r in splits[0]]
+    for rows in splits[1:]:
+        if [r["method"] for r in rows] != methods:
+            raise ValueError("splits with different rows cannot be aggregated")
+    out = []
+    for k, method in enumerate(methods):
+        rows = [split[k] for split in splits]
+        agg = {"method": method, "sae": rows[0]["sae"], "splits": len(rows), "n": rows[0]["n"]}
+        for name in METRICS:
+            agg[name], agg[name + "_sd"] = mean_sd(r[name] for r in rows)
+        cells = list(rows[0]["group_accuracy"])
+        pairs = {c: mean_sd(r["group_accuracy"][c] for r in rows) for c in cells}
+        agg["group_accuracy"] = {c: m for c, (m, _) in pairs.items()}
+        agg["group_accuracy_sd"] = {c: sd for c, (_, sd) in pairs.items()}
+        agg["ablated_count"], agg["ablated_count_sd"] = mean_sd(
+            len(r.get("ablated_neurons") or r.get("ablated_latents") or []) for r in rows)
+        out.append(agg)
+    return out
+
+
+def paired_differences(splits: list[list[dict]], metric: str = "worst_group_accuracy") -> list[dict]:
+    """Per-split differences of `metric` (mean, sd and the values): every SAE's shift and shift+retrain
+    row against the original probe, and every other SAE against the first SAE, row kind by row kind."""
+    def value(rows, method):
+        return next(r[metric] for r in rows if r["method"] == method)
+
+    saes = list(dict.fromkeys(r["sae"] for r in splits[0] if r["sae"]))
+    pairs = [(f"{kind}:{sae}", "original") for sae in saes for kind in ("shift", "shift+retrain")]
+    pairs += [(f"{kind}:{sae}", f"{kind}:{saes[0]}") for sae in saes[1:] for kind in ("shift", "shift+retrain")]
+    out = []
+    for a, b in pairs:
+        values = [value(rows, a) - value(rows, b) for rows in splits]
+        mean, sd = mean_sd(values)
+        out.append({"a": a, "b": b, "metric": metric, "mean": mean, "sd": sd, "values": values})
+    return out
+
+
+def ablated_summary(split_details: list[list[dict]], tokenizer_free_top: int = 6) -> dict[str, list[dict]]:
+    """Per SAE, every latent ablated in some split: in how many splits, and its top tokens (from the
+    first split that ablated it)."""
+    out: dict[str, dict[int, dict]] = {}
+    for details in split_details:
+        for d in details:
+            latents = out.setdefault(d["name"], {})
+            tokens = {t["latent"]: t["top_tokens"] for t in d["top_latents"]}
+            for j in d["ablated_latents"]:
+                entry = latents.setdefault(j, {"latent": j, "splits": 0,
+                                                "top_tokens": [t["token"] for t in tokens.get(j, [])][:tokenizer_free_top]})
+                entry["splits"] += 1
+    return {name: sorted(v.values(), key=lambda e: (-e["splits"], e["latent"])) for name, v in out.items()}
+
+
+def _pct(row: dict, name: str, key: str | None = None) -> str:
+    value = row[name] if key is None else row[name][key]
+    sd = row.get(name + "_sd")
+    if sd is None:
+        return f"{100 * value:.1f}"
+    return f"{100 * value:.1f}±{100 * (sd if key is None else sd[key]):.1f}"
+
+
 def format_table(report: dict) -> str:
-    cells = list(report["rows"][0]["group_accuracy"]) if report["rows"] else []
+    """The rows as text; with several splits every number is mean±sd over them, followed by the
+    original probe's check, the paired differences and the ablated latents."""
+    rows = report["rows"]
+    cells = list(rows[0]["group_accuracy"]) if rows else []
     header = ["method", "prof", "gender", "worst"] + cells + ["n", "ablated"]
     lines = [header]
-    for r in report["rows"]:
-        ablated = len(r.get("ablated_neurons") or r.get("ablated_latents") or [])
-        lines.append([r["method"], f"{100 * r['profession_accuracy']:.1f}", f"{100 * r['gender_accuracy']:.1f}",
-                      f"{100 * r['worst_group_accuracy']:.1f}"]
-                     + [f"{100 * r['group_accuracy'][c]:.1f}" for c in cells] + [str(r["n"]), str(ablated)])
+    for r in rows:
+        if "ablated_count" in r:
+            ablated = f"{r['ablated_count']:.1f}" if r["splits"] > 1 else f"{r['ablated_count']:.0f}"
+        else:
+            ablated = str(len(r.get("ablated_neurons") or r.get("ablated_latents") or []))
+        lines.append([r["method"], _pct(r, "profession_accuracy"), _pct(r, "gender_accuracy"),
+                      _pct(r, "worst_group_accuracy")]
+                     + [_pct(r, "group_accuracy", c) for c in cells] + [str(r["n"]), ablated])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
-                     for line in lines)
+    text = []
+    if "splits" in report:
+        professions = report.get("professions", {})
+        title = f"SHIFT, {','.join(professions.get('A', []))} vs {','.join(professions.get('B', []))}: " \
+                f"mean±sd over {len(report['splits'])} split(s), probe {report.get('probe')}"
+        text.append(title + ("; profession words masked" if report.get("mask") else ""))
+    text += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+             for line in lines]
+    original = next((r for r in rows if r["method"] == "original"), None)
+    if original is not None and "splits" in report:
+        text.append(f"check: the original probe's gender accuracy on the balanced test set "
+                    f"{_pct(original, 'gender_accuracy')}, worst group {_pct(original, 'worst_group_accuracy')} "
+                    "(a confound shows as gender accuracy well above 50 and a low worst group)")
+    for d in report.get("differences", []):
+        text.append(f"difference in worst group, {d['a']} - {d['b']}: {100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} "
+                    "(mean ± sd over splits)")
+    for name, latents in report.get("ablated", {}).items():
+        shown = "; ".join(f"{e['latent']} [{e['splits']}x] {' '.join(repr(t) for t in e['top_tokens'])}"
+                          for e in latents[:12])
+        text.append(f"ablated in {name} ({len(latents)} latents over all splits): {shown or 'none'}")
+    return "\n".join(text)
 
 
 def read_explanations(path: str) -> dict[int, str]:
@@ -592,8 +773,9 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
     x = pooled(acts)
     train, balanced, val, test = cells.train_ambiguous, cells.train_balanced, cells.val, cells.test
     signs = np.where(cells.label == 1, 1.0, -1.0)
-    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, seed)
-    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, seed)
+    probe = LinearProbe.fit(x[train], cells.label[train], cfg.probe_c, seed, cfg.probe)
+    oracle = LinearProbe.fit(x[balanced], cells.label[balanced], cfg.probe_c, seed, cfg.probe)
+    # the gender probe is a detector for `auto`, not part of the experiment: always the regularised one
     gender_probe = LinearProbe.fit(x[balanced], cells.gender[balanced], cfg.probe_c, seed)
     gender_val = cells.gender[val]
     rows = [row("original", None, evaluate(probe, x[test], cells, test)),
@@ -634,7 +816,7 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
                 steps.append({"latent": latent, "gender_auc": auc, "gender_accuracy": accuracy})
         max_ablated = max(max_ablated, len(chosen))
         x_abl = ablate_latents(x, stats.pooled, chosen, sae, ablate_to)
-        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed)
+        retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed, cfg.probe)
         per_sae_rows.append(row(f"shift:{spec.name}", spec.name, evaluate(probe, x_abl[test], cells, test), chosen))
         per_sae_rows.append(row(f"shift+retrain:{spec.name}", spec.name,
                                 evaluate(retrained, x_abl[test], cells, test), chosen))

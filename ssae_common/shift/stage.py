@@ -17,8 +17,9 @@ from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
-from .method import (SCHEMA, SaeSpec, build_cells, format_table, load_bios, parse_side, read_explanations,
-                     run_shift)
+from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SaeSpec, aggregate_rows, ablated_summary, build_cells,
+                     format_table, load_bios, mask_pattern, mask_text, paired_differences, parse_side,
+                     read_explanations, read_mask_words, run_shift)
 
 log = logging.getLogger("ssae")
 
@@ -37,6 +38,8 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
     ablate_by = _per_sae(config.ablate, names, "ablate", "auto", broadcast=True)
     explain_by = _per_sae(config.explanations, names, "explanations", None)
     hook, model = _hook_and_model(named, config.model)
+    if config.mask_words is not None and not os.path.isfile(config.mask_words):
+        raise ConfigError("mask_words", config.mask_words, "no such file")
 
     resolved = context.resolved(
         data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
@@ -45,7 +48,11 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
         model=model_identity(model), hook=hook, ablation=config.ablation, slice=config.slice,
         pairing=config.pairing, top=config.top, auto_max=config.auto_max, auto_min_drop=config.auto_min_drop,
         show=config.show, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-        max_per_cell=config.max_per_cell, probe_c=config.probe_c, context_size=config.context_size,
+        max_per_cell=config.max_per_cell, probe=config.probe, probe_c=config.probe_c,
+        mask_professions=config.mask_professions,
+        mask_words=None if config.mask_words is None else {"path": os.path.abspath(config.mask_words),
+                                                           "sha256": input_fingerprint(config.mask_words)},
+        seeds=config.seeds, context_size=config.context_size,
         text_field=config.text_field, profession_field=config.profession_field, gender_field=config.gender_field)
     if out is None:
         out, reuse = existing_output("shift", config_hash(resolved), ".json", force=context.force)
@@ -56,10 +63,12 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
     with exclusive(out):  # one writer per output
         bios, seen = load_bios(config.data, set(side_a + side_b), config.text_field, config.profession_field,
                                config.gender_field)
-        cells = build_cells(bios, side_a, side_b, seen, pairing=config.pairing, test_fraction=config.test_fraction,
-                            val_fraction=config.val_fraction, max_per_cell=config.max_per_cell, seed=context.seed,
-                            data_name=", ".join(config.data))
-        log.info("cells: %s", json.dumps(cells.counts))
+        masked = _mask(bios, config)
+        seeds = [context.seed + s for s in range(config.seeds)]
+        splits = [build_cells(bios, side_a, side_b, seen, pairing=config.pairing, test_fraction=config.test_fraction,
+                              val_fraction=config.val_fraction, max_per_cell=config.max_per_cell, seed=seed,
+                              data_name=", ".join(config.data)) for seed in seeds]
+        log.info("cells (split seed %d): %s", seeds[0], json.dumps(splits[0].counts))
 
         device = context.device
         specs = []
@@ -73,26 +82,46 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
             if spec.sae.d_in != lm.d_model:
                 raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s d_model "
                                                      f"{lm.d_model}")
-        used = sorted(set(cells.train_ambiguous + cells.train_balanced + cells.val + cells.test))
+        # one LM pass over every document some split uses
+        used = sorted({i for cells in splits for i in cells.train_ambiguous + cells.train_balanced + cells.val + cells.test})
         with Progress("activations", total=len(used), unit="docs", quiet=context.quiet) as progress:
             acts, token_lists = document_activations(lm, [bios[i].text for i in used], hook,
                                                      context_size=config.context_size, batch_size=config.batch_size,
                                                      progress=progress)
         # run_shift indexes documents by their position in `used`
         position = {i: k for k, i in enumerate(used)}
-        for attr in ("train_ambiguous", "train_balanced", "val", "test"):
-            setattr(cells, attr, [position[i] for i in getattr(cells, attr)])
-        cells.label, cells.gender = cells.label[used], cells.gender[used]
-
-        body = run_shift(acts, token_lists, cells, specs, lm.tokenizer, config, seed=context.seed, device=device)
+        bodies = []
+        for seed, cells in zip(seeds, splits):
+            for attr in ("train_ambiguous", "train_balanced", "val", "test"):
+                setattr(cells, attr, [position[i] for i in getattr(cells, attr)])
+            cells.label, cells.gender = cells.label[used], cells.gender[used]
+            body = run_shift(acts, token_lists, cells, specs, lm.tokenizer, config, seed=seed, device=device)
+            bodies.append({"seed": seed, "cells": cells.counts, **body})
         report = {"schema": SCHEMA, "created_by": created_by(context.program), "config": resolved,
                   "seed": context.seed, "model": lm.name, "hook": hook, "professions": {"A": side_a, "B": side_b},
-                  "cells": cells.counts, "ablation": config.ablation, "attribution": ATTRIBUTION, **body}
+                  "mask": masked, "probe": config.probe, "cells": splits[0].counts, "ablation": config.ablation,
+                  "attribution": ATTRIBUTION, "rows": aggregate_rows([b["rows"] for b in bodies]),
+                  "differences": paired_differences([b["rows"] for b in bodies]),
+                  "ablated": ablated_summary([b["saes"] for b in bodies]), "splits": bodies}
         with atomic_file(out, force=context.force) as tmp:
             with open(tmp, "w") as f:
                 json.dump(report, f, indent=2)
         print(format_table(report), file=sys.stderr)
         return shift_artifact(out)
+
+
+def _mask(bios, config: ShiftConfig) -> dict | None:
+    """Mask the profession words in place (--mask-professions or --mask-words); returns what was done."""
+    if config.mask_words is None and not config.mask_professions:
+        return None
+    words = read_mask_words(config.mask_words) if config.mask_words else list(PROFESSION_WORDS)
+    pattern = mask_pattern(words)
+    replaced = 0
+    for bio in bios:
+        bio.text, n = mask_text(bio.text, pattern)
+        replaced += n
+    log.info("masked %d profession words in %d bios", replaced, len(bios))
+    return {"words": words, "token": MASK_TOKEN, "replacements": replaced}
 
 
 def shift_artifact(path: str) -> dict:
