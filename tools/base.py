@@ -41,7 +41,7 @@ from ssae_common.core.runtime import RunContext, seed_everything
 
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
-TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift")
+TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift", "export")
 # options that name the same thing in every tool (by flag): SSAE_<OPTION> sets them everywhere
 SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "CORPUS", "TEXT_FIELD")
 # SSAE_* variables read by other parts of the toolkit (not options); never taken for typos
