@@ -11,5 +11,5 @@ ssae-fit "$out/general.h5" -o "$out/gsae" >/dev/null
 # the test set never leaks into the training text
 ssae-retrieve "$seeds" --corpus "$corpus" --exclude "$test" --top-k "${TOP_K:-300}" \
     | ssae-harvest -o "$out/subdomain.h5" \
-    | ssae-fit --init "$out/gsae" --tilt "${TILT:-500}" -o "$out/ssae" >/dev/null
+    | ssae-fit --init "$out/gsae" --tilt-ess "${TILT_ESS:-0.5}" -o "$out/ssae" >/dev/null
 ssae-eval "$out/gsae" "$out/ssae" --baseline "$out/gsae" --docs "$test" -o "$out/eval"

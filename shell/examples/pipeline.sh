@@ -5,4 +5,4 @@
 # Prints the ssae.artifact/1 record of the SAE.
 set -euo pipefail
 seeds="${1:?usage: pipeline.sh SEEDS}"
-ssae-retrieve "$seeds" | ssae-harvest | ssae-fit --tilt 500
+ssae-retrieve "$seeds" | ssae-harvest | ssae-fit --tilt-ess 0.5
