@@ -50,7 +50,7 @@ def test_one_line_pipeline_as_typed(tmp_path, tiny_model, corpus):
     rec = json.loads(lines[0])
     assert rec["schema"] == "ssae.artifact/1" and rec["kind"] == "sae"
     cfg = json.load(open(os.path.join(rec["path"], "cfg.json")))
-    assert cfg["tilt"] == 500 and cfg["hook"] == "blocks.1.hook_resid_post"
+    assert cfg["tilt_ess"] == 0.5 and cfg["hook"] == "blocks.1.hook_resid_post"
 
 
 @pytest.mark.integration
