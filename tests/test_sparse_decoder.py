@@ -89,7 +89,7 @@ def test_training_steps_match_the_dense_path(tmp_path):
 
 def test_which_path():
     assert use_sparse("auto", "topk", 32, 4608, "cpu")
-    assert not use_sparse("auto", "topk", 1024, 4608, "cpu")  # too dense a code for the sparse path to win
+    assert not use_sparse("auto", "topk", 576, 4608, "cpu")  # too dense a code for the sparse path to win
     assert not use_sparse("auto", "topk", 32, 4608, "cuda")
     assert not use_sparse("auto", "relu", None, 4608, "cpu") and not use_sparse("sparse", "batchtopk", 32, 4608, "cpu")
     assert use_sparse("sparse", "topk", 1024, 4608, "cuda") and not use_sparse("dense", "topk", 32, 4608, "cpu")

@@ -88,7 +88,7 @@ class FitConfig:
     decoder: str = option("auto", choices=DECODERS,
                           help="topk: sparse decodes from the k active latents only (and takes the encoder's "
                                "gradient at them), dense uses full matrix products; auto: sparse on CPU when "
-                               "k <= d_sae/8, else dense. Equal up to float rounding.")
+                               "k < d_sae/8, else dense. Equal up to float rounding.")
     # set by the stage from its RunContext (--seed, --device)
     seed: int = option(0, cli=False)
     device: str = option("cpu", cli=False)
