@@ -339,16 +339,18 @@ class _Step(torch.autograd.Function):
 
 
 def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: bool = False,
-                 sparse: bool = False):
+                 sparse: bool = False, pre_out: torch.Tensor | None = None):
     """(f, pre-activations, top-k indices, top-k values) for normalised inputs; index/values are None
     for relu.  (x - b_dec) @ W_enc is computed as x @ W_enc - b_dec @ W_enc so that b_dec's gradient
     does not cost a batch x d_in x d_sae matmul; for TopK, ReLU is applied to the k selected values only
     (same output as top-k of ReLU(pre): rows with fewer than k positive entries just add zeros).
-    `sparse` (TopK): f is None and pre carries no gradient; the values get theirs through sparse.pre_at."""
+    `sparse` (TopK): f is None and pre carries no gradient; the values get theirs through sparse.pre_at;
+    `pre_out` a [batch, d_sae] float32 tensor to hold pre (reused across steps: a fresh one of that size
+    page-faults every step, 10% of a one-thread CPU step at d_sae 4608)."""
     if sparse:
         bias = sae.b_enc - sae.b_dec @ sae.W_enc
         with torch.no_grad():
-            pre = torch.addmm(bias, x, sae.W_enc)
+            pre = torch.addmm(bias, x, sae.W_enc, out=pre_out)
             index = pre.topk(sae.k, dim=-1, sorted=False).indices
         return None, pre, index, torch.relu(sparse_ops.pre_at(x, sae.W_enc, bias, pre, index))
     pre = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
@@ -368,9 +370,9 @@ def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: 
 
 
 def token_losses(sae: SAE, x: torch.Tensor, l1: float, l0: float = 0.0, bandwidth: float = 0.05,
-                 inference: bool = False, sparse: bool = False):
+                 inference: bool = False, sparse: bool = False, pre_out: torch.Tensor | None = None):
     """Per-token loss and mse, the residual, and encode_train's outputs (`sparse`: sparse.use_sparse)."""
-    f, pre, index, values = encode_train(sae, x, bandwidth, inference, sparse)
+    f, pre, index, values = encode_train(sae, x, bandwidth, inference, sparse, pre_out)
     x_hat = (sparse_ops.decode(index, values, sae.W_dec) if sparse else f @ sae.W_dec) + sae.b_dec
     err = x_hat.float() - x.float()
     mse = err.pow(2).mean(-1)
@@ -465,6 +467,7 @@ class Trainer:
         self.last_val: dict = {}
         self.log_path = os.path.join(folder, LOG)
         self.sparse = sparse_ops.use_sparse(cfg.decoder, sae.architecture, sae.k, sae.d_sae, self.device.type)
+        self.pre_out: torch.Tensor | None = None  # the sparse step's pre-activations, reused (encode_train)
 
     def _fold_acc(self) -> None:
         """Sum the ranks' local accumulators into rank 0's (so its checkpoint holds the job's)."""
@@ -531,8 +534,13 @@ class Trainer:
         l0 = (cfg.l0 or 0.0) if sae.architecture == "jumprelu" else 0.0
         dead = self.since_fired >= cfg.dead_tokens
         autocast = cfg.autocast and self.device.type == "cuda"
+        pre_out = None
+        if self.sparse and not autocast:  # (autocast computes pre in bfloat16, into a tensor of its own)
+            if self.pre_out is None or self.pre_out.shape[0] != len(x):
+                self.pre_out = torch.empty(len(x), sae.d_sae, device=self.device)
+            pre_out = self.pre_out
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth, sparse=self.sparse)
+            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth, sparse=self.sparse, pre_out=pre_out)
             losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
             if cfg.tilt_groups == "token":
                 losses = group_means(losses, token_ids)  # each token's type's mean loss in the batch
