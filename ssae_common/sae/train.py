@@ -403,7 +403,8 @@ def auxk_loss(sae: SAE, err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
     Live latents are masked to -1 and clamped to 0 after the top-k, so when fewer than aux_k are dead
     the extra picks add nothing (no need to count the dead ones on the host).  With `dp`, this rank's
     share of the global-batch loss (mean and variance over the global batch; the shares sum to it).
-    With the inputs `x`, the sparse path (encode_train's `sparse`: `pre` carries no gradient)."""
+    With the inputs `x`, the sparse path (encode_train's `sparse`: `pre` carries no gradient; live
+    latents are masked to -inf and their picks multiplied by 0)."""
     if x is None:
         masked = torch.relu(pre).masked_fill(~dead[None, :], -1.0)
         values, index = masked.topk(min(aux_k, sae.d_sae), dim=-1, sorted=False)
