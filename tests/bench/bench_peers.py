@@ -12,8 +12,9 @@ function from the weights each worker hands back.
 Rows: --store (an ssae activation store), else SmolLM2 blocks.6 activations of the shared general pool
 (harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  Everything else is each
 library's default: input scaling (ssae normalises, the others do not), decoder-bias start, SAELens's
-gradient clipping and decoder-norm rescaling.  AuxK is off or never triggers (every library's dead window
-is longer than the run).  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell peers);
+gradient clipping and decoder-norm rescaling.  AuxK is off in ssae and sparsify (their defaults); SAELens
+counts a latent dead after 1000 steps unfired and dictionary_learning after 10M tokens, so theirs does not
+start within the default 50 steps.  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell peers);
 a peer that is missing or fails to start is skipped with one line.
 """
 from __future__ import annotations
