@@ -28,6 +28,7 @@ ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
 FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning", "gemma_scope")  # of --init (sae.imports)
 B_DEC_INITS = ("median", "mean", "zero", "parent")
 TILT_GROUPS = ("none", "token")
+DECODERS = ("auto", "dense", "sparse")  # sae.sparse.use_sparse
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
@@ -84,6 +85,10 @@ class FitConfig:
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
     autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
+    decoder: str = option("auto", choices=DECODERS,
+                          help="topk: sparse decodes from the k active latents only (and takes the encoder's "
+                               "gradient at them), dense uses full matrix products; auto: sparse on CPU when "
+                               "k < d_sae/8, else dense. Equal up to float rounding.")
     # set by the stage from its RunContext (--seed, --device)
     seed: int = option(0, cli=False)
     device: str = option("cpu", cli=False)
@@ -127,6 +132,8 @@ class FitConfig:
             raise ConfigError("tilt_ess", self.tilt_ess, f"give --tilt ({self.tilt}) or --tilt-ess, not both")
         if self.tilt_groups != "none" and not (self.tilt or self.tilt_ess is not None):
             raise ConfigError("tilt_groups", self.tilt_groups, "needs --tilt or --tilt-ess (without one it is ERM)")
+        if self.architecture not in (None, "topk") and self.decoder == "sparse":
+            raise ConfigError("decoder", self.decoder, "only for --architecture topk (a fixed k per token)")
         if self.b_dec_init == "parent" and not self.init:
             raise ConfigError("b_dec_init", self.b_dec_init, "needs --init")
 

@@ -50,6 +50,7 @@ from ..core.errors import BadInput, Interrupted
 from ..core.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
 from ..core.progress import Progress
 from ..core.signals import StopFlag
+from . import sparse as sparse_ops
 from .autoencoder import SAE
 from .config import FitConfig
 from .term import group_means, solve_tilt, tilted_loss, tilt_weights
@@ -337,11 +338,21 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), g_threshold.reshape(-1, pre.shape[-1]).sum(0), None
 
 
-def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: bool = False):
+def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: bool = False,
+                 sparse: bool = False, pre_out: torch.Tensor | None = None):
     """(f, pre-activations, top-k indices, top-k values) for normalised inputs; index/values are None
     for relu.  (x - b_dec) @ W_enc is computed as x @ W_enc - b_dec @ W_enc so that b_dec's gradient
     does not cost a batch x d_in x d_sae matmul; for TopK, ReLU is applied to the k selected values only
-    (same output as top-k of ReLU(pre): rows with fewer than k positive entries just add zeros)."""
+    (same output as top-k of ReLU(pre): rows with fewer than k positive entries just add zeros).
+    `sparse` (TopK): f is None and pre carries no gradient; the values get theirs through sparse.pre_at;
+    `pre_out` a [batch, d_sae] float32 tensor to hold pre (reused across steps: a fresh one of that size
+    page-faults every step, 10% of a one-thread CPU step at d_sae 4608)."""
+    if sparse:
+        bias = sae.b_enc - sae.b_dec @ sae.W_enc
+        with torch.no_grad():
+            pre = torch.addmm(bias, x, sae.W_enc, out=pre_out)
+            index = pre.topk(sae.k, dim=-1, sorted=False).indices
+        return None, pre, index, torch.relu(sparse_ops.pre_at(x, sae.W_enc, bias, pre, index))
     pre = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
     if sae.architecture == "jumprelu":
         return _JumpReLU.apply(pre, sae.threshold.to(pre.dtype), bandwidth), pre, None, None
@@ -359,10 +370,10 @@ def encode_train(sae: SAE, x: torch.Tensor, bandwidth: float = 0.05, inference: 
 
 
 def token_losses(sae: SAE, x: torch.Tensor, l1: float, l0: float = 0.0, bandwidth: float = 0.05,
-                 inference: bool = False):
-    """Per-token loss and mse, the residual, and encode_train's outputs."""
-    f, pre, index, values = encode_train(sae, x, bandwidth, inference)
-    x_hat = f @ sae.W_dec + sae.b_dec
+                 inference: bool = False, sparse: bool = False, pre_out: torch.Tensor | None = None):
+    """Per-token loss and mse, the residual, and encode_train's outputs (`sparse`: sparse.use_sparse)."""
+    f, pre, index, values = encode_train(sae, x, bandwidth, inference, sparse, pre_out)
+    x_hat = (sparse_ops.decode(index, values, sae.W_dec) if sparse else f @ sae.W_dec) + sae.b_dec
     err = x_hat.float() - x.float()
     mse = err.pow(2).mean(-1)
     loss = mse
@@ -380,22 +391,30 @@ def active(sae: SAE, enc) -> tuple[torch.Tensor, torch.Tensor]:
         on = f > 0
         return on.sum(-1), on.sum(0, dtype=torch.float32)
     on = values > 0
-    counts = torch.zeros(sae.d_sae, dtype=torch.float32, device=f.device)
+    counts = torch.zeros(sae.d_sae, dtype=torch.float32, device=values.device)
     counts.index_add_(0, index.reshape(-1), on.reshape(-1).float())
     return on.sum(-1), counts
 
 
 def auxk_loss(sae: SAE, err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int,
-              dp: DataParallel | None = None, n_global: int | None = None) -> torch.Tensor:
+              dp: DataParallel | None = None, n_global: int | None = None, x: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """Reconstruct the residual from the top `aux_k` dead latents (normalised by the residual's variance).
     Live latents are masked to -1 and clamped to 0 after the top-k, so when fewer than aux_k are dead
     the extra picks add nothing (no need to count the dead ones on the host).  With `dp`, this rank's
-    share of the global-batch loss (mean and variance over the global batch; the shares sum to it)."""
-    masked = torch.relu(pre).masked_fill(~dead[None, :], -1.0)
-    values, index = masked.topk(min(aux_k, sae.d_sae), dim=-1, sorted=False)
-    f_aux = torch.zeros_like(pre).scatter(-1, index, values.clamp_min(0))
+    share of the global-batch loss (mean and variance over the global batch; the shares sum to it).
+    With the inputs `x`, the sparse path (encode_train's `sparse`: `pre` carries no gradient; live
+    latents are masked to -inf and their picks multiplied by 0)."""
+    if x is None:
+        masked = torch.relu(pre).masked_fill(~dead[None, :], -1.0)
+        values, index = masked.topk(min(aux_k, sae.d_sae), dim=-1, sorted=False)
+        recon = torch.zeros_like(pre).scatter(-1, index, values.clamp_min(0)) @ sae.W_dec
+    else:
+        index = pre.masked_fill(~dead[None, :], -torch.inf).topk(min(aux_k, sae.d_sae), dim=-1, sorted=False).indices
+        bias = sae.b_enc - sae.b_dec @ sae.W_enc
+        values = torch.relu(sparse_ops.pre_at(x, sae.W_enc, bias, pre, index)) * dead[index]
+        recon = sparse_ops.decode(index, values, sae.W_dec)
     residual = -err.detach()
-    recon = f_aux @ sae.W_dec
     if dp is None or not dp.active:
         denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return (recon.float() - residual).pow(2).sum(-1).mean() / denom
@@ -414,10 +433,12 @@ def batch_tilt(cfg: FitConfig, losses: torch.Tensor) -> float | torch.Tensor:
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
     """Validation metrics on normalised rows."""
+    sparse = sparse_ops.use_sparse(cfg.decoder, sae.architecture, sae.k, sae.d_sae, x.device.type)
     losses, mses, l0s = [], [], []
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
     for s in range(0, len(x), batch):
-        loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1, cfg.l0 or 0.0, cfg.bandwidth, inference=True)
+        loss, mse, _, enc = token_losses(sae, x[s:s + batch], cfg.l1, cfg.l0 or 0.0, cfg.bandwidth, inference=True,
+                                          sparse=sparse)
         l0, fired_now = active(sae, enc)
         losses.append(loss)
         mses.append(mse)
@@ -446,6 +467,8 @@ class Trainer:
         self.val = torch.from_numpy(val).to(self.device) * sae.act_scale if len(val) else None
         self.last_val: dict = {}
         self.log_path = os.path.join(folder, LOG)
+        self.sparse = sparse_ops.use_sparse(cfg.decoder, sae.architecture, sae.k, sae.d_sae, self.device.type)
+        self.pre_out: torch.Tensor | None = None  # the sparse step's pre-activations, reused (encode_train)
 
     def _fold_acc(self) -> None:
         """Sum the ranks' local accumulators into rank 0's (so its checkpoint holds the job's)."""
@@ -512,14 +535,19 @@ class Trainer:
         l0 = (cfg.l0 or 0.0) if sae.architecture == "jumprelu" else 0.0
         dead = self.since_fired >= cfg.dead_tokens
         autocast = cfg.autocast and self.device.type == "cuda"
+        pre_out = None
+        if self.sparse and not autocast:  # (autocast computes pre in bfloat16, into a tensor of its own)
+            if self.pre_out is None or self.pre_out.shape[0] != len(x):
+                self.pre_out = torch.empty(len(x), sae.d_sae, device=self.device)
+            pre_out = self.pre_out
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth)
+            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth, sparse=self.sparse, pre_out=pre_out)
             losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
             if cfg.tilt_groups == "token":
                 losses = group_means(losses, token_ids)  # each token's type's mean loss in the batch
             tilt = batch_tilt(cfg, losses)
             objective = tilted_loss(losses, tilt)
-            aux = (auxk_loss(sae, err, enc[1], dead, cfg.aux_k, dp, cfg.batch_size)
+            aux = (auxk_loss(sae, err, enc[1], dead, cfg.aux_k, dp, cfg.batch_size, x if self.sparse else None)
                    if use_aux and bool(dead.any()) else None)
             total = objective + cfg.aux_coefficient * aux if aux is not None else objective
         self.opt.zero_grad()
