@@ -32,6 +32,11 @@ DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
 DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
+# the options ssae-fit takes as a comma-separated list (with --seed): one SAE per combination, one read of
+# the data per seed (sae.stage.fit_sweep); the short names label each SAE's folder under -o
+SWEEPS = {"tilt": "tilt", "tilt_ess": "ess", "k": "k"}
+# options that change how a fit runs, not what it trains: kept out of the configuration hash
+RUN_ONLY = ("allow_init_mismatch", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class FitConfig:
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
     autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
+    prefetch: bool = option(
+        True, help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
+                   "copied asynchronously); the batches are the same either way.")
     # set by the stage from its RunContext (--seed, --device)
     seed: int = option(0, cli=False)
     device: str = option("cpu", cli=False)
