@@ -119,7 +119,7 @@ def _combinations(sweep: dict, seed: int) -> list[dict]:
             raise ConfigError(f, sweep[f], "give distinct values")
     axes = [tuple(sweep[f]) for f in fields]
     combos = [dict(zip(fields, values)) for values in itertools.product(*axes)]
-    return [{"seed": seed, **c} for c in combos]
+    return [{**c, "seed": c.get("seed", seed)} for c in combos]
 
 
 def value_text(value) -> str:
