@@ -86,12 +86,12 @@ class FitConfig:
     val_every: int = option(1000, min=1, help="Steps between validation records.")
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
     checkpoint_every: int = option(1000, min=1, help="Steps between checkpoints.")
-    shuffle_rows: int = option(32768, min=1,
-                               help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
-    autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
     prefetch: bool = option(
         True, help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
                    "copied asynchronously); the batches are the same either way.")
+    shuffle_rows: int = option(32768, min=1,
+                               help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
+    autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
     # set by the stage from its RunContext (--seed, --device)
     seed: int = option(0, cli=False)
     device: str = option("cpu", cli=False)

@@ -162,11 +162,12 @@ def fit_seconds(args: list[str]) -> tuple[float, float]:
 
 def sweep_vs_one(tmp: str, repeats: int) -> dict:
     """Whole `ssae-fit` runs, `--tilt SWEEP_TILTS` (5 SAEs, one call) against `--tilt 0` (one SAE), same
-    store and settings, taking turns (the order swapped every round), at each SWEEP_SIZES size."""
+    store and settings, taking turns (the order swapped every round), at each SWEEP_SIZES size; and the
+    one SAE with --no-prefetch (what building batches in the background saves)."""
     print(f"\n5-value tilt sweep (--tilt {SWEEP_TILTS}) from one ssae-fit call against one SAE (--tilt 0), "
           f"whole runs, {repeats} interleaved rounds, mean seconds:", flush=True)
     print(f"{'size':>11} {'one SAE wall':>13} {'sweep wall':>11} {'wall ratio':>11} {'one SAE CPU':>12} "
-          f"{'sweep CPU':>10} {'CPU ratio':>10}", flush=True)
+          f"{'sweep CPU':>10} {'CPU ratio':>10} {'one, no prefetch':>17} {'off/on wall':>13}", flush=True)
     out = {}
     for label, rows, size, finetune in SWEEP_SIZES:
         store = make_store(os.path.join(tmp, f"sweep{rows}.h5"), rows, seed=2)
@@ -176,17 +177,20 @@ def sweep_vs_one(tmp: str, repeats: int) -> dict:
             fit_seconds([store, *size[:4], "--train-tokens", "8192", "--batch-size", "4096", "-o", parent])
             args += ["--init", parent, "--lr", "3e-4"]
         runs = {"one": [*args, "--tilt", "0", "-o", os.path.join(tmp, "one")],
-                "sweep": [*args, "--tilt", SWEEP_TILTS, "-o", os.path.join(tmp, "sweep")]}
+                "sweep": [*args, "--tilt", SWEEP_TILTS, "-o", os.path.join(tmp, "sweep")],
+                "no prefetch": [*args, "--tilt", "0", "--no-prefetch", "-o", os.path.join(tmp, "one")]}
         times = {name: [] for name in runs}
         for r in range(repeats):
             for name in (runs if r % 2 == 0 else reversed(list(runs))):
                 times[name].append(fit_seconds(runs[name]))
         mean = {name: np.mean(np.array(t), axis=0) for name, t in times.items()}
         ratio = mean["sweep"] / mean["one"]
+        off = mean["no prefetch"][0] / mean["one"][0]
         out[label] = {"one_wall_cpu": mean["one"].tolist(), "sweep_wall_cpu": mean["sweep"].tolist(),
-                      "ratio_wall_cpu": ratio.tolist()}
+                      "ratio_wall_cpu": ratio.tolist(), "no_prefetch_wall_cpu": mean["no prefetch"].tolist()}
         print(f"{label:>11} {mean['one'][0]:>13.1f} {mean['sweep'][0]:>11.1f} {ratio[0]:>10.2f}x "
-              f"{mean['one'][1]:>12.1f} {mean['sweep'][1]:>10.1f} {ratio[1]:>9.2f}x", flush=True)
+              f"{mean['one'][1]:>12.1f} {mean['sweep'][1]:>10.1f} {ratio[1]:>9.2f}x "
+              f"{mean['no prefetch'][0]:>17.1f} {off:>13.3f}", flush=True)
         os.remove(store)
     return out
 
