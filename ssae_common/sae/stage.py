@@ -5,6 +5,11 @@ tilted ERM, from scratch or finetuned from a parent SAE (`FitConfig.init`).
     from ssae_common.sae import FitConfig, fit
     record = fit(FitConfig(k=4, d_sae=64, tilt=500), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
 
+Several SAEs from one read of the data (a sweep; one record each):
+
+    records = fit_sweep(FitConfig(k=4, d_sae=64), ["acts.h5"], sweep={"tilt": (0, 500), "seed": (0, 1)},
+                        out="saes", context=RunContext(device_spec="cpu"))
+
 Under torchrun the same call trains data-parallel (sae.train.DataParallel); rank 0 writes the output.
 """
 from __future__ import annotations

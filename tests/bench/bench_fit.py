@@ -145,11 +145,11 @@ SWEEP_SIZES = [
 ]
 
 
-def fit_seconds(args: list[str]) -> tuple[float, float]:
+def fit_seconds(args: list[str], device: str = "cpu") -> tuple[float, float]:
     """Wall and CPU seconds (user + system) of one whole `ssae-fit` run in a child process."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "ssae_tools.fit", *args, "-q", "--force", "--device", "cpu"],
+        proc = subprocess.Popen([sys.executable, "-m", "ssae_tools.fit", *args, "-q", "--force", "--device", device],
                                 stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -160,12 +160,12 @@ def fit_seconds(args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def sweep_vs_one(tmp: str, repeats: int) -> dict:
+def sweep_vs_one(tmp: str, repeats: int, device: str = "cpu") -> dict:
     """Whole `ssae-fit` runs, `--tilt SWEEP_TILTS` (5 SAEs, one call) against `--tilt 0` (one SAE), same
     store and settings, taking turns (the order swapped every round), at each SWEEP_SIZES size; and the
     one SAE with --no-prefetch (what building batches in the background saves)."""
     print(f"\n5-value tilt sweep (--tilt {SWEEP_TILTS}) from one ssae-fit call against one SAE (--tilt 0), "
-          f"whole runs, {repeats} interleaved rounds, mean seconds:", flush=True)
+          f"whole runs on {device}, {repeats} interleaved rounds, mean seconds:", flush=True)
     print(f"{'size':>11} {'one SAE wall':>13} {'sweep wall':>11} {'wall ratio':>11} {'one SAE CPU':>12} "
           f"{'sweep CPU':>10} {'CPU ratio':>10} {'one, no prefetch':>17} {'off/on wall':>13}", flush=True)
     out = {}
@@ -174,7 +174,7 @@ def sweep_vs_one(tmp: str, repeats: int) -> dict:
         args = [store, *size]
         if finetune:
             parent = os.path.join(tmp, f"parent{rows}")
-            fit_seconds([store, *size[:4], "--train-tokens", "8192", "--batch-size", "4096", "-o", parent])
+            fit_seconds([store, *size[:4], "--train-tokens", "8192", "--batch-size", "4096", "-o", parent], device)
             args += ["--init", parent, "--lr", "3e-4"]
         runs = {"one": [*args, "--tilt", "0", "-o", os.path.join(tmp, "one")],
                 "sweep": [*args, "--tilt", SWEEP_TILTS, "-o", os.path.join(tmp, "sweep")],
@@ -182,7 +182,7 @@ def sweep_vs_one(tmp: str, repeats: int) -> dict:
         times = {name: [] for name in runs}
         for r in range(repeats):
             for name in (runs if r % 2 == 0 else reversed(list(runs))):
-                times[name].append(fit_seconds(runs[name]))
+                times[name].append(fit_seconds(runs[name], device))
         mean = {name: np.mean(np.array(t), axis=0) for name, t in times.items()}
         ratio = mean["sweep"] / mean["one"]
         off = mean["no prefetch"][0] / mean["one"][0]
@@ -203,10 +203,11 @@ def main() -> None:
     ap.add_argument("--throughput-only", action="store_true", help="skip the peak-memory and sweep comparisons")
     ap.add_argument("--sweep-only", action="store_true", help="only the tilt sweep against one SAE")
     ap.add_argument("--sweep-repeats", type=int, default=2, help="interleaved rounds of the sweep comparison")
+    ap.add_argument("--sweep-device", default="cpu", help="--device of the sweep comparison's fits (cpu, cuda)")
     args = ap.parse_args()
     if args.sweep_only:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps({"sweep": sweep_vs_one(tmp, args.sweep_repeats)}))
+            print(json.dumps({"sweep": sweep_vs_one(tmp, args.sweep_repeats, args.sweep_device)}))
         return
     steps = 2 if args.quick else 5
     threads = torch.get_num_threads()
@@ -255,7 +256,7 @@ def main() -> None:
             os.remove(path)
         a, b = sizes
         print(f"\npeak memory ratio ({b} vs {a} rows, {b // a}x the data): {mem[b] / mem[a]:.3f}")
-        sweep = sweep_vs_one(tmp, 1 if args.quick else args.sweep_repeats)
+        sweep = sweep_vs_one(tmp, 1 if args.quick else args.sweep_repeats, args.sweep_device)
     print(json.dumps({"throughput": results, "peak_rss_mib": mem, "sweep": sweep}))
 
 
