@@ -104,7 +104,8 @@ def test_prefetch_does_not_change_the_batches_or_the_sae(store, tmp_path):
     st.close()
     run([store, *FAST, "--k", "4", "--tilt", "500", "-o", tmp_path / "on"])
     run([store, *FAST, "--k", "4", "--tilt", "500", "--no-prefetch", "-o", tmp_path / "off"])
-    assert_same_sae(tmp_path / "on", tmp_path / "off")
+    assert_same_sae(tmp_path / "on", tmp_path / "off")  # cfg.json too: how batches are built is not in the hash
+    assert "prefetch" not in json.load(open(tmp_path / "on" / "cfg.json"))["config"]
 
 
 class StopAfter:

@@ -2,7 +2,7 @@
 variant (--tilt 500, --tilt-ess 0.1, --tilt-ess 0.1 --tilt-groups token; ratio to ERM: the overhead), the
 share of this machine's measured float32 matmul FLOP/s achieved (12 * d_in * d_sae FLOPs per token per
 step), peak memory of whole `ssae-fit` runs over two store sizes, and the time of a 5-value tilt sweep
-from one `ssae-fit` call against one SAE (whole runs, the paper's SSAE finetuning size and a small one).
+from one `ssae-fit` call against one SAE (whole runs, the paper's SSAE finetuning size and this bench's).
 
     make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick] [--sweep-only])
 
@@ -138,10 +138,11 @@ def peak_rss_of_fit(store: str, out: str) -> tuple[float, float]:
 
 
 SWEEP_TILTS = "0,1,10,100,500"
-# (label, store rows, ssae-fit size options, finetuned from a parent of that size)
+# (label, store rows, ssae-fit size options, finetuned from a parent of that size): the paper's SSAE finetuning
+# (d_sae 2304 = 4 x 576, batch 4096, 100k tokens) and this bench's default (8x expansion, batch 2048), 20 steps
 SWEEP_SIZES = [
     ("paper SSAE", 131072, ["--d-sae", "2304", "--k", "32", "--batch-size", "4096", "--train-tokens", "100000"], True),
-    ("small", 65536, ["--d-sae", "1152", "--k", "32", "--batch-size", "1024", "--train-tokens", "40960"], False),
+    ("bench", 65536, ["--d-sae", "4608", "--k", "32", "--batch-size", "2048", "--train-tokens", "40960"], False),
 ]
 
 
