@@ -46,6 +46,11 @@ EVERY := --model $(MODEL) --device $(DEVICE)
 P := $(PAPER)
 # run a tool with its stderr in OUTPUT.log (shown on failure)
 logged = mkdir -p $(dir $(2)) && { $(1); } 2> $(2).log || { tail -n 20 $(2).log >&2; exit 1; }
+# a Make list as ssae-fit's comma-separated one: a sweep trains every SAE of a rule in one call, from one
+# read of the data per seed, into folders named by a template (-o DIR/x-t{tilt}; values as ssae-fit
+# writes them: 0 500 1e9 0.5, so write the variables' values that way, not 1e3 or 5e2)
+comma := ,
+commas = $(subst $() ,$(comma),$(strip $(1)))
 
 SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.json))
 SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
@@ -90,20 +95,22 @@ $(P)/acts/indomain.h5:
 	mkdir -p $(@D)
 	$(call logged,ssae-harvest $(INDOMAIN) $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
 
-# SSAE = GSAE finetuned on a recipe's text, with ERM (t0) or TERM
+# SSAE = GSAE finetuned on a recipe's text, with ERM (t0) or TERM: every tilt of a recipe in one ssae-fit
 define ssae_rule
-$(P)/ssae/$(1)-t$(2)/cfg.json: $(P)/acts/$(1).h5 $(P)/gsae/cfg.json
-	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $(2) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(foreach t,$(TILTS),$(P)/ssae/$(1)-t$(t)/cfg.json) &: $(P)/acts/$(1).h5 $(P)/gsae/cfg.json
+	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $$(call commas,$(TILTS)) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(P)/ssae/$(1)-t{tilt} > /dev/null,$(P)/ssae/$(1))
 endef
-$(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(eval $(call ssae_rule,$(r),$(t)))))
+$(foreach r,$(RECIPES),$(eval $(call ssae_rule,$(r))))
 
 $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json: $(P)/eval/%/metrics.json: $(P)/gsae/cfg.json $(SSAES)
 	$(call logged,ssae-eval $(P)/gsae $(dir $(SSAES)) --baseline $(P)/gsae --docs $(if $(filter physics,$*),$(TEST),$(OOD_TEST)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
 
-# L0 sweep for the Pareto curves: GSAEs at several k, each with its SSAE (dense+TracIn text, t = 500)
+# L0 sweep for the Pareto curves: GSAEs at several k (one ssae-fit), each with its SSAE (dense+TracIn text,
+# t = 500; one call each: every k has its own parent)
+$(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json) &: $(P)/general.h5
+	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(call commas,$(K_SWEEP)) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(P)/sweep/gsae-k{k} > /dev/null,$(P)/sweep/gsae)
+
 define sweep_rule
-$(P)/sweep/gsae-k$(1)/cfg.json: $(P)/general.h5
-	$$(call logged,ssae-fit $$< $(FIT_ARGS) --k $(1) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 $(P)/sweep/ssae-k$(1)/cfg.json: $(P)/acts/dense_tracin.h5 $(P)/sweep/gsae-k$(1)/cfg.json
 	$$(call logged,ssae-fit $$< --init $(P)/sweep/gsae-k$(1) --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 endef
@@ -162,8 +169,6 @@ TILT_LR ?= 3e-4
 TILT_EVAL_TOKENS ?= $(EVAL_TOKENS)
 TILT_TAIL_TOKENS ?= $(EVAL_TOKENS)
 
-tilt_base = $(if $(filter ess%,$(1)),--tilt-ess $(patsubst ess%,%,$(1)),--tilt $(patsubst t%,%,$(1)))
-tilt_flags = $(if $(filter erm,$(1)),,$(if $(filter type-%,$(1)),--tilt-groups token $(call tilt_base,$(patsubst type-%,%,$(1))),$(call tilt_base,$(1))))
 TILT_EVALS := $(foreach s,$(TILT_SEEDS),$(P)/tilt/tail-s$(s)/metrics.json $(P)/tilt/eval-s$(s)/metrics.json)
 
 .PHONY: paper-tilt
@@ -174,11 +179,17 @@ paper-tilt: $(P)/tilt/tables.txt
 $(P)/tilt/tables.txt: $(TILT_EVALS)
 	$(PY) -m ssae_tools.tables $^ > $@
 
+# One ssae-fit per kind of setting (erm, t<T>, ess<F>, type-t<T>, type-ess<F>) over its values and the seeds:
+# the settings of a seed share every batch.  tilt_values: the values of kind $(1) in TILT_SETTINGS
+tilt_values = $(patsubst $(1)%,%,$(filter $(1)%,$(filter-out $(if $(filter type-%,$(1)),,type-%),$(TILT_SETTINGS))))
+TILT_DEPS := $(P)/acts/$(TILT_RECIPE).h5 $(TILT_GSAE)/cfg.json
+# $(1): the kind, $(2): its flags and values, $(3): the folder name template
 define tilt_rule
-$(P)/tilt/s$(2)/$(1)/cfg.json: $(P)/acts/$(TILT_RECIPE).h5 $(TILT_GSAE)/cfg.json
-	$$(call logged,ssae-fit $$< --init $(TILT_GSAE) $(call tilt_flags,$(1)) --train-tokens $(TILT_TOKENS) --lr $(TILT_LR) --batch-size $(TILT_BATCH) --seed $(2) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(foreach s,$(TILT_SEEDS),$(foreach v,$(or $(call tilt_values,$(1)),_),$(P)/tilt/s$(s)/$(1)$(v:_=)/cfg.json)) &: $(TILT_DEPS)
+	$$(call logged,ssae-fit $$< --init $(TILT_GSAE) $(2)--train-tokens $(TILT_TOKENS) --lr $(TILT_LR) --batch-size $(TILT_BATCH) --seed $$(call commas,$(TILT_SEEDS)) --device $(DEVICE) --force -o $(P)/tilt/s{seed}/$(3) > /dev/null,$(P)/tilt/$(1))
 endef
-$(foreach s,$(TILT_SEEDS),$(foreach t,$(TILT_SETTINGS),$(eval $(call tilt_rule,$(t),$(s)))))
+$(if $(filter erm,$(TILT_SETTINGS)),$(eval $(call tilt_rule,erm,,erm)))
+$(foreach kind,t ess type-t type-ess,$(if $(call tilt_values,$(kind)),$(eval $(call tilt_rule,$(kind),$(if $(filter type-%,$(kind)),--tilt-groups token )$(if $(filter %ess,$(kind)),--tilt-ess,--tilt) $$(call commas,$(call tilt_values,$(kind))) ,$(kind){$(if $(filter %ess,$(kind)),tilt_ess,tilt)}))))
 
 # the held-out text's activations (ssae-harvest never reads past what it needs)
 $(P)/acts/tilt-test.h5:

@@ -13,19 +13,35 @@ def make(*args, cwd=ROOT):
     return subprocess.run(["make", "-C", "shell", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def fit_outputs(line: str) -> list[str]:
+    """The SAE folders of one ssae-fit command line: its -o, a {field} template filled with every
+    combination of the listed values (ssae_common.sae.stage)."""
+    import itertools
+
+    out = re.search(r"-o (\S+)", line).group(1)
+    lists = {field: re.search(rf"--{flag} (\S+)", line) for field, flag in
+             (("tilt", "tilt"), ("tilt_ess", "tilt-ess"), ("k", "k"), ("seed", "seed"))}
+    lists = {field: m.group(1).split(",") for field, m in lists.items() if m}
+    return sorted({out.format(**dict(zip(lists, values))) for values in itertools.product(*lists.values())})
+
+
 def test_paper_grid_covers_the_experiments(tmp_path):
     p = make("-n", "--assume-old=setup", "paper", f"PAPER={tmp_path}")
     assert p.returncode == 0, p.stderr
     cmds = p.stdout
-    fits = re.findall(r"ssae-fit .*?-o (\S+)", cmds)
+    calls = re.findall(r"ssae-fit .*?-o \S+", cmds)
+    fits = [f for call in calls for f in fit_outputs(call)]
     ssaes = sorted(os.path.basename(f) for f in fits if "/ssae/" in f)
     grid = [f"{r}-t{t}" for r in ("bm25", "dense", "dense_tracin", "indomain") for t in ("0", "500", "1e9")]
     assert ssaes == sorted(grid + ["medical-t0", "medical-t500"])
-    assert sum("/sweep/" in f for f in fits) == 6
+    assert sum("-o " + str(tmp_path / "ssae") in c and "--tilt 0,500,1e9" in c for c in calls) == 4  # one per recipe
+    assert sorted(os.path.basename(f) for f in fits if "/sweep/" in f) == sorted(
+        [f"gsae-k{k}" for k in (8, 16, 64)] + [f"ssae-k{k}" for k in (8, 16, 64)])
+    assert sum("--k 8,16,64" in c for c in calls) == 1  # the GSAEs of the k sweep in one call
     assert "--rerank tracin" in cmds and "--method dense" in cmds and "--method bm25" in cmds
     evals = [e for e in re.findall(r"ssae-eval .*", cmds) if "/tilt/" not in e]
     assert len(evals) == 3 and all("--baseline" in e for e in evals)
-    assert len(re.findall(r"ssae-fit .*-o \S+/tilt/", cmds)) == 20  # the TERM sweep is part of the paper
+    assert len([f for f in fits if "/tilt/" in f]) == 20  # the TERM sweep is part of the paper
     assert "mmlu_physics_questions" in cmds or "physics_test.txt" in cmds
     assert re.search(r"ssae-shift .*--ablate auto", cmds)
     assert "--exclude" in cmds  # the test set never leaks into training text
@@ -35,14 +51,16 @@ def test_tilt_sweep_grid(tmp_path):
     """paper-tilt: every TERM setting finetuned from one GSAE on one text with one budget, per seed."""
     p = make("-n", "--assume-old=setup", "paper-tilt", f"PAPER={tmp_path}", "TILT_SEEDS=0 1")
     assert p.returncode == 0, p.stderr
-    fits = {m.group(2): m.group(1) for m in re.finditer(r"ssae-fit (.*?) -o (\S+/tilt/\S+)", p.stdout)}
+    calls = re.findall(r"ssae-fit .*?-o \S+/tilt/\S+", p.stdout)
+    fits = {f: call for call in calls for f in fit_outputs(call)}
     assert len(fits) == 20 and {os.path.basename(os.path.dirname(f)) for f in fits} == {"s0", "s1"}
-    flags = {os.path.basename(f): re.sub(r" --seed \d", "", a) for f, a in fits.items()}
-    expected = {"erm": "", "t1": "--tilt 1 ", "t1e9": "--tilt 1e9 ", "ess0.01": "--tilt-ess 0.01 ",
-                "type-ess0.1": "--tilt-groups token --tilt-ess 0.1 "}
+    assert len(calls) == 4 and all("--seed 0,1 " in c for c in calls)  # erm, t<T>, ess<F>, type-ess<F>
+    flags = {os.path.basename(f): re.sub(" +", " ", a) for f, a in fits.items()}
+    expected = {"erm": "", "t1": "--tilt 1,10,100,500,1e9 ", "t1e9": "--tilt 1,10,100,500,1e9 ",
+                "ess0.01": "--tilt-ess 0.5,0.1,0.01 ", "type-ess0.1": "--tilt-groups token --tilt-ess 0.1 "}
     for name, flag in expected.items():
-        assert f"--init {tmp_path}/gsae {flag}--train-tokens" in re.sub(" +", " ", flags[name]), flags[name]
-    assert len({" ".join(re.sub(r"--(tilt|tilt-ess|tilt-groups) \S+", "", a).split()) for a in fits.values()}) == 2
+        assert f"--init {tmp_path}/gsae {flag}--train-tokens" in flags[name], flags[name]
+    assert len({" ".join(re.sub(r"--(tilt|tilt-ess|tilt-groups) \S+|-o \S+", "", a).split()) for a in calls}) == 1
     evals = re.findall(r"ssae-eval .*", p.stdout)
     assert len(evals) == 4 and all("--baseline" in e and e.count("/tilt/s") == 10 for e in evals)
     assert sum("--activations" in e for e in evals) == 2 and sum("--docs" in e for e in evals) == 2
@@ -56,9 +74,12 @@ def test_rerun_with_nothing_changed_does_nothing(tmp_path):
         m = re.search(r"-o ([^\s;]+)", line)
         if m and str(tmp_path) in m.group(1):
             path = m.group(1)
-            outputs.append(path if path.endswith((".h5", ".jsonl", ".json")) else os.path.join(path, "cfg.json"))
-            if "ssae-eval" in line:
-                outputs[-1] = os.path.join(path, "metrics.json")
+            if "ssae-fit" in line:
+                outputs += [os.path.join(f, "cfg.json") for f in fit_outputs(line)]
+            elif "ssae-eval" in line:
+                outputs.append(os.path.join(path, "metrics.json"))
+            else:
+                outputs.append(path if path.endswith((".h5", ".jsonl", ".json")) else os.path.join(path, "cfg.json"))
     assert len(outputs) >= 30
     for path in outputs:  # in the order make would build them
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -114,7 +135,7 @@ def test_paper_runs_end_to_end_on_a_tiny_grid(tmp_path, tiny_model):
     for name in ("gsae *", "bm25-t500", "dense_tracin-t500", "gsae-k2", "ssae-k2"):
         assert re.search(rf"^{re.escape(name)}\s", tables, re.M), name
     assert re.search(r"^shift\+retrain:", tables, re.M) and re.search(r"^original\s", tables, re.M)
-    for log in ("general.h5.log", "gsae.log", "ssae/bm25-t500.log", "eval/physics.log", "shift/shift.json.log"):
+    for log in ("general.h5.log", "gsae.log", "ssae/bm25.log", "eval/physics.log", "shift/shift.json.log"):
         assert (paper / log).exists(), log
     again = subprocess.run(["make", "-C", "shell", "-q", *args, str(paper / "tables.txt")], cwd=ROOT)
     assert again.returncode == 0  # up to date: a rerun does nothing

@@ -187,6 +187,7 @@ class Common(RunContext):
 
     verbose: int = 0
     config_file: str | None = None
+    seeds: tuple[int, ...] = ()  # every --seed of a tool that takes a list (ssae_command(seed_list=True))
     stdout: IO[str] = field(default=sys.stdout, repr=False)
 
     def emit(self, record: dict) -> None:
@@ -194,13 +195,44 @@ class Common(RunContext):
         write_record(self.stdout, record)
 
 
-def common_options(f: Callable) -> Callable:
+class ListOf(click.ParamType):
+    """A comma-separated list of numbers (`0,10,500`) as a tuple; empty items and repeats are refused.
+    A config file may give a list, or a single number."""
+
+    def __init__(self, base: type):
+        self.base = base
+        self.name = f"{base.__name__}[,{base.__name__}...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = value if isinstance(value, list) else [value] if isinstance(value, (int, float)) else \
+            str(value).split(",")
+        values = []
+        for item in items:
+            text = str(item).strip()
+            if not text:
+                self.fail(f"{value!r}: an empty item (give a comma-separated list, e.g. 0,10,500)", param, ctx)
+            try:
+                values.append(self.base(text))
+            except ValueError:
+                self.fail(f"{text!r} is not a valid {self.base.__name__}", param, ctx)
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            self.fail(f"{value!r}: {', '.join(repeated)} given twice", param, ctx)
+        return tuple(values)
+
+
+def common_options(f: Callable, seed_list: bool = False) -> Callable:
+    seed = (click.option("--seed", type=ListOf(int), default="0", show_default=True,
+                         help="Random seed; a comma-separated list trains one output per seed.") if seed_list else
+            click.option("--seed", type=int, default=0, show_default=True, help="Random seed."))
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
                      expose_value=True, callback=_load_config,
                      help="JSON or TOML file of option values (top level, or a table named after the tool)."),
         click.option("--device", "device_spec", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        seed,
         click.option("--force", is_flag=True, help="Overwrite existing outputs."),
         click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr."),
         click.option("--verbose", "-v", count=True, help="More logging (repeat for debug)."),
@@ -323,22 +355,24 @@ def scope_environment(cmd: click.Command, tool: str) -> click.Command:
     return cmd
 
 
-def ssae_command(tool: str, **command_kwargs):
+def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
     """Decorate a tool's main function: click command with the shared options and error handling.
 
-    The function gets `common: Common` as its first argument.
+    The function gets `common: Common` as its first argument.  With `seed_list`, --seed takes a
+    comma-separated list: `common.seeds` holds it, `common.seed` its first value.
     """
 
     def decorate(f: Callable) -> click.Command:
         @functools.wraps(f)
         def run(config_file, device_spec, seed, force, quiet, verbose, **kwargs):
             setup_logging(tool, quiet, verbose)
+            seeds = seed if isinstance(seed, tuple) else (seed,)
             with _StdoutGuard() as data:
-                common = Common(tool=tool, device_spec=device_spec, seed=seed, quiet=quiet, verbose=verbose,
-                                force=force, config_file=config_file, stdout=data)
+                common = Common(tool=tool, device_spec=device_spec, seed=seeds[0], quiet=quiet, verbose=verbose,
+                                force=force, config_file=config_file, stdout=data, seeds=seeds)
                 try:
                     check_environment(tool)
-                    seed_everything(seed)
+                    seed_everything(seeds[0])
                     return f(common, **kwargs)
                 except Interrupted as e:
                     log.warning("%s", e)
@@ -368,7 +402,7 @@ def ssae_command(tool: str, **command_kwargs):
                         traceback.print_exc(file=sys.stderr)
                     _fail(tool, f"{type(e).__name__}: {e} (rerun with -v for the traceback)", EXIT_FAILURE)
 
-        run = common_options(run)
+        run = common_options(run, seed_list)
         command_kwargs.setdefault("context_settings", {})
         command_kwargs["context_settings"].setdefault("help_option_names", ["-h", "--help"])
         cmd = click.command(name=f"ssae-{tool}", cls=SsaeCommand, **command_kwargs)(run)
@@ -378,11 +412,13 @@ def ssae_command(tool: str, **command_kwargs):
     return decorate
 
 
-def config_options(cls, *, skip: tuple[str, ...] = (), name: str = "config"):
+def config_options(cls, *, skip: tuple[str, ...] = (), name: str = "config", lists: tuple[str, ...] = ()):
     """Generate a tool's click options from a stage config dataclass (ssae_common.core.config) and hand
     the function one `cls` instance as `name` instead of the separate values.
 
-    Fields in `skip`, or declared with cli=False, get no option (the tool sets them itself)."""
+    Fields in `skip`, or declared with cli=False, get no option (the tool sets them itself).  Fields in
+    `lists` take a comma-separated list (ListOf): the instance holds each one's first value, and the
+    function also gets `sweep`, {field: every value given} for those set."""
     specs = {n: s for n, s in option_specs(cls).items() if s.cli and n not in skip}
     types = field_types(cls)
     defaults = {f.name: f for f in dataclasses.fields(cls)}
@@ -394,23 +430,28 @@ def config_options(cls, *, skip: tuple[str, ...] = (), name: str = "config"):
             for n, spec in specs.items():
                 if spec.multiple and n in values:
                     values[n] = tuple(values[n])
+            if lists:
+                kwargs["sweep"] = {n: values[n] for n in lists if values.get(n) is not None}
+                values.update({n: v[0] for n, v in kwargs["sweep"].items()})
             kwargs[name] = cls(**values)
             return f(*args, **kwargs)
 
         for n in reversed(list(specs)):
-            wrapper = _click_option(n, specs[n], types[n], defaults[n])(wrapper)
+            wrapper = _click_option(n, specs[n], types[n], defaults[n], n in lists)(wrapper)
         wrapper.__ssae_flags__ = {**getattr(f, "__ssae_flags__", {}), **{n: flag_name(n, s) for n, s in specs.items()}}
         return wrapper
 
     return decorate
 
 
-def _click_option(name: str, spec, annotation, fld) -> Callable:
+def _click_option(name: str, spec, annotation, fld, listed: bool = False) -> Callable:
     flag = flag_name(name, spec)
     default = fld.default if fld.default is not dataclasses.MISSING else (
         fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None)
     base = _base_type(annotation)
     help_text = spec.help
+    if listed:
+        help_text = f"{help_text} A comma-separated list: one output per combination.".strip()
     if spec.derived:
         help_text = f"{help_text} [default: {spec.derived}]".strip()
     kwargs = {"default": default, "help": help_text, "show_default": default is not None and not spec.derived
@@ -426,6 +467,8 @@ def _click_option(name: str, spec, annotation, fld) -> Callable:
         off = "--" + (spec.negative or "no-" + flag[2:])
         decls = [f"{flag}/{off}"]
         kwargs["show_default"] = True
+    elif listed:
+        kwargs["type"] = ListOf(base)
     elif spec.multiple:
         kwargs.update(multiple=True, default=tuple(default or ()), type=base if base in (int, float) else str)
     elif spec.nargs:

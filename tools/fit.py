@@ -2,26 +2,32 @@
 from scratch or finetuned from a general SAE (--init).  Under torchrun it trains data-parallel
 (ssae_common.sae.train.DataParallel); rank 0 writes the output and prints the record.
 
+--tilt, --tilt-ess, --k and --seed take comma-separated lists: every combination is one SAE, all trained
+from one read of the data per seed (ssae_common.sae.stage.fit_sweep), one record each.
+
 The options are the fields of ssae_common.sae.config.FitConfig; the work is ssae_common.sae.stage.fit."""
 from __future__ import annotations
 
 import click
 
-from ssae_common.sae.config import FitConfig
+from ssae_common.sae.config import SWEEPS, FitConfig
 from ssae_tools.base import config_options, ssae_command
 
 
-@ssae_command("fit")
+@ssae_command("fit", seed_list=True)
 @click.argument("activations", nargs=-1)
-@config_options(FitConfig)
-@click.option("-o", "--out", default=None, help="Output SAE folder (default: under $SSAE_WORKDIR, named by a hash).")
-def main(common, activations, config, out):
+@config_options(FitConfig, lists=tuple(SWEEPS))
+@click.option("-o", "--out", default=None,
+              help="Output SAE folder (default: under $SSAE_WORKDIR, named by a hash); for several SAEs, the "
+                   "folder that holds one per combination, named like tilt500-k32 by the listed options.")
+def main(common, activations, config, sweep, out):
     """Train an SAE on ACTIVATIONS (.h5 paths, or ssae.artifact/1 records on stdin)."""
     from ssae_common.core.records import resolve_artifacts
-    from ssae_common.sae.stage import fit
+    from ssae_common.sae.stage import fit_sweep
 
-    record = fit(config, resolve_artifacts(activations, "activations"), out=out, context=common)
-    if record is not None:  # under torchrun only rank 0 writes and reports
+    records = fit_sweep(config, resolve_artifacts(activations, "activations"), sweep={**sweep, "seed": common.seeds},
+                        out=out, context=common)
+    for record in records:  # under torchrun only rank 0 writes and reports
         common.emit(record)
 
 

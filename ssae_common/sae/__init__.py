@@ -2,13 +2,13 @@
 other libraries' SAEs.  Importing the package is light: `fit` and `SAE` (torch) load on first use."""
 from .config import FitConfig
 
-__all__ = ["FitConfig", "fit", "SAE"]
+__all__ = ["FitConfig", "fit", "fit_sweep", "SAE"]
 
 
 def __getattr__(name):
-    if name == "fit":
-        from .stage import fit
-        return fit
+    if name in ("fit", "fit_sweep"):
+        from . import stage
+        return getattr(stage, name)
     if name == "SAE":
         from .autoencoder import SAE
         return SAE

@@ -33,6 +33,11 @@ DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
 DEAD_TOKENS_CAP = 10_000_000
 DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
+# the options ssae-fit takes as a comma-separated list (with --seed): one SAE per combination, one read of
+# the data per seed (sae.stage.fit_sweep); the short names label each SAE's folder under -o
+SWEEPS = {"tilt": "tilt", "tilt_ess": "ess", "k": "k"}
+# options that change how a fit runs, not what it trains: kept out of the configuration hash
+RUN_ONLY = ("allow_init_mismatch", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class FitConfig:
     val_every: int = option(1000, min=1, help="Steps between validation records.")
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
     checkpoint_every: int = option(1000, min=1, help="Steps between checkpoints.")
+    prefetch: bool = option(
+        True, help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
+                   "copied asynchronously); the batches are the same either way.")
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
     autocast: bool = option(False, help="bfloat16 autocast on CUDA.")

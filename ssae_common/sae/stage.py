@@ -5,19 +5,26 @@ tilted ERM, from scratch or finetuned from a parent SAE (`FitConfig.init`).
     from ssae_common.sae import FitConfig, fit
     record = fit(FitConfig(k=4, d_sae=64, tilt=500), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
 
+Several SAEs from one read of the data (a sweep; one record each):
+
+    records = fit_sweep(FitConfig(k=4, d_sae=64), ["acts.h5"], sweep={"tilt": (0, 500), "seed": (0, 1)},
+                        out="saes", context=RunContext(device_spec="cpu"))
+
 Under torchrun the same call trains data-parallel (sae.train.DataParallel); rank 0 writes the output.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 from ..core.config import ConfigError, replace, to_dict
+from ..core.errors import BadInput
 from ..core.outputs import default_output, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record
 from ..core.runtime import RunContext
-from .config import FitConfig
+from .config import RUN_ONLY, SWEEPS, FitConfig
 
 log = logging.getLogger("ssae")
 MARKER = "cfg.json"  # present once an SAE folder is complete
@@ -28,10 +35,27 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
     """Train an SAE on the activation stores `activations` (.h5 paths) into the folder `out` (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and the resolved config, and reused when a complete
     one is there).  Returns the sae artifact record; None on the ranks other than 0 of a torchrun job."""
+    records = fit_sweep(config, activations, out=out, context=context)
+    return records[0] if records else None
+
+
+def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None = None, out: str | None = None,
+              context: RunContext) -> list[dict]:
+    """Train one SAE per combination of `sweep`, {field: values} for the SWEEPS fields and "seed" (the
+    cartesian product, in the order given; a field not in it keeps `config`'s value, the seed the
+    context's).  Each SAE is the one `fit` with its options trains.  The SAEs of one seed share every
+    batch: each step's batch is read and built once, then each SAE takes its step (train.train_saes).
+
+    With one combination this is `fit`.  With several, `out` is the folder holding one SAE folder per
+    combination, named by the fields with several values (tilt500-seed1), or a name template with
+    {tilt}, {tilt_ess}, {k} and {seed} (runs/ssae-t{tilt}); without `out`, each goes where `fit` with its
+    options would put it (a complete one there is reused).  Returns the artifact records (none on the
+    ranks other than 0 of a torchrun job)."""
     from ..data.activations import open_stores, store_fingerprint
     from .imports import import_sae
-    from .train import Parent, parent_sha256, train_sae
+    from .train import Parent, Run, parent_sha256, train_saes
 
+    combos = _combinations(sweep or {}, context.seed)
     config.check()
     stores = open_stores(activations)
     try:
@@ -40,6 +64,8 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
     finally:
         for s in stores:
             s.close()
+    if len(combos) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput(f"a sweep of {len(combos)} SAEs under torchrun is not supported: run one ssae-fit per SAE")
 
     parent = None
     if config.init:
@@ -49,25 +75,79 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
                                                    f"({activations[0]})")
         _check_parent_source(sae, config, model, hook, activations[0])
         parent = Parent(config.init, fmt, parent_sha256(config.init), sae)
-    cfg = replace(config.resolve(d_in, n_rows, parent.sae if parent else None),
-                  seed=context.seed, device=context.device)
-
     inputs = [{"path": os.path.abspath(p), "fingerprint": store_fingerprint(p)} for p in activations]
-    # --allow-init-mismatch permits, it does not change what is trained: kept out of the hash
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "allow_init_mismatch"}
-    resolved = context.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
-    digest = config_hash(resolved)
+
+    varied = [f for f in combos[0] if len({c[f] for c in combos}) > 1]
+    runs, records = [], []
+    for combo in combos:  # every combination is checked before any is trained
+        seed = combo.pop("seed")
+        ctx = replace(context, seed=seed)
+        cfg = replace(replace(config, **combo).resolve(d_in, n_rows, parent.sae if parent else None),
+                      seed=seed, device=context.device)
+        settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
+        resolved = ctx.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
+        digest = config_hash(resolved)
+        names = {"tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess, "k": cfg.k, "seed": seed}
+        where = _member(out, names, varied if len(combos) > 1 else [])
+        if where is None:
+            where, reuse = _default_output(digest, context.force)
+            if reuse:
+                records.append(where)
+                continue
+        records.append(where)
+        extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess,
+                 "tilt_groups": cfg.tilt_groups, "l1_coefficient": cfg.l1,
+                 **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
+                 "parent": parent.record() if parent else None, "seed": seed, "inputs": inputs,
+                 "config": resolved, "created_by": created_by(context.program)}
+        runs.append(Run(cfg, where, resolved, digest, extra, parent))
+    if len({os.path.abspath(r) for r in records}) < len(records):
+        raise BadInput(f"-o {out}: names the same folder for several SAEs (give a placeholder for every listed "
+                       "option, e.g. {tilt})")
+    written = train_saes(activations, runs, force=context.force, quiet=context.quiet) if runs else []
+    if runs and written[0] is None:  # a torchrun rank other than 0
+        return []
+    return [sae_artifact(path) for path in records] if main_rank() else []
+
+
+def _combinations(sweep: dict, seed: int) -> list[dict]:
+    """Every combination of the swept values ({field: value}, seed included), the first field varying
+    slowest."""
+    import itertools
+
+    fields = [f for f in (*SWEEPS, "seed") if f in sweep]
+    unknown = sorted(set(sweep) - set(fields))
+    if unknown:
+        raise ConfigError(unknown[0], sweep[unknown[0]], "does not take a list")
+    for f in fields:
+        if not sweep[f] or len(set(sweep[f])) < len(sweep[f]):
+            raise ConfigError(f, sweep[f], "give distinct values")
+    axes = [tuple(sweep[f]) for f in fields]
+    combos = [dict(zip(fields, values)) for values in itertools.product(*axes)]
+    return [{**c, "seed": c.get("seed", seed)} for c in combos]
+
+
+def value_text(value) -> str:
+    """A value as a folder name shows it: 500.0 -> 500, 1e9 -> 1e9, 0.5 -> 0.5, None -> none."""
+    if isinstance(value, float):
+        return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{value:g}")
+    return "none" if value is None else str(value)
+
+
+def _member(out: str | None, values: dict, varied: list[str]) -> str | None:
+    """Where one SAE goes: `out` with its {field} placeholders filled by `values`; else with several SAEs
+    out/<the varied fields and values> (tilt500-seed1), with one `out` itself; None without `out`."""
     if out is None:
-        out, reuse = _default_output(digest, context.force)
-        if reuse:
-            return sae_artifact(out) if main_rank() else None
-    extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess, "tilt_groups": cfg.tilt_groups,
-             "l1_coefficient": cfg.l1, **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
-             "parent": parent.record() if parent else None, "seed": context.seed, "inputs": inputs,
-             "config": resolved, "created_by": created_by(context.program)}
-    written = train_sae(activations, cfg, out, parent=parent, resolved=resolved, config_digest=digest,
-                        extra_cfg=extra, force=context.force, quiet=context.quiet)
-    return sae_artifact(written) if written is not None else None
+        return None
+    if "{" in out:
+        try:
+            return out.format(**{f: value_text(v) for f, v in values.items()})
+        except (KeyError, ValueError, IndexError) as e:
+            raise BadInput(f"-o {out}: a bad name template ({type(e).__name__}: {e}); its placeholders are "
+                           "{tilt}, {tilt_ess}, {k} and {seed}") from None
+    if not varied:
+        return out
+    return os.path.join(out, "-".join(f"{SWEEPS.get(f, f)}{value_text(values[f])}" for f in varied))
 
 
 def _check_parent_source(sae, config: FitConfig, model: str, hook: str, where: str) -> None:

@@ -32,12 +32,14 @@ the global max and sum).  Rank 0 initialises, reads/writes checkpoints, logs and
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -618,55 +620,126 @@ class Trainer:
         return rec
 
     def run(self, stop: StopFlag, quiet: bool = False) -> None:
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu" and self.cfg.batch_size * self.sae.d_in * self.sae.d_sae < SMALL_STEP:
-            torch.set_num_threads(1)  # tiny matmuls: thread start-up and spinning cost more than they give
-        try:
-            self._run(stop, quiet)
-        finally:
-            torch.set_num_threads(threads)
+        """Train from `self.step` to the budget (train_together, alone)."""
+        train_together([self], stop, quiet)
 
-    def _run(self, stop: StopFlag, quiet: bool) -> None:
-        cfg, dp = self.cfg, self.dp
-        total = cfg.steps
-        lo, hi = dp.bounds(cfg.batch_size)
-        pin = self.device.type == "cuda"
-        with Progress("fit", total=total * cfg.batch_size, unit="tokens", quiet=quiet or not dp.is_main) as progress:
-            progress.done = self.step * cfg.batch_size
-            while self.step < total:
-                ids = None
-                if self.stream.tokens:  # every rank keeps the global batch's ids (the tilt is global)
-                    rows, ids = self.stream.batch_with_tokens(self.step)
-                    ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-                else:
-                    rows = self.stream.batch(self.step)
-                rows = torch.from_numpy(rows[lo:hi])
-                if pin:  # an asynchronous copy (from pageable memory it would wait for the GPU)
-                    rows = rows.pin_memory()
-                self.train_step(rows.to(self.device, non_blocking=True) * self.sae.act_scale, ids)
-                last = self.step == total
-                val_now = self.step % cfg.val_every == 0 or last
-                if self.step % cfg.log_every == 0 or val_now:
-                    rec = self.log_record(val_now)
+
+class Batches:
+    """Each step's batch on the device: this rank's rows of the global batch and (for --tilt-groups token)
+    the global batch's token ids, built once for every SAE trained on it.  With `prefetch`, the next
+    step's batch is built on the host in a background thread while the current step trains (on CUDA in
+    pinned memory, so that its copy to the device is asynchronous).  The batches are the stream's, in its
+    order, prefetch or not."""
+
+    def __init__(self, stream: ActivationStream, rows: tuple[int, int], device: torch.device, prefetch: bool,
+                 steps: int):
+        self.stream, self.rows, self.device, self.steps = stream, rows, device, steps
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssae-batch") if prefetch else None
+        self._next: tuple[int, Future] | None = None
+
+    def _host(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = None
+        if self.stream.tokens:  # every rank keeps the global batch's ids (the tilt is global)
+            rows, ids = self.stream.batch_with_tokens(step)
+            ids = torch.from_numpy(ids)
+        else:
+            rows = self.stream.batch(step)
+        lo, hi = self.rows
+        rows = torch.from_numpy(rows[lo:hi])
+        if self.device.type == "cuda":  # an asynchronous copy (from pageable memory it would wait for the GPU)
+            rows, ids = rows.pin_memory(), (ids.pin_memory() if ids is not None else None)
+        return rows, ids
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == step:
+            rows, ids = ahead[1].result()
+        else:
+            if ahead is not None:  # the stream builds one batch at a time
+                _settle(ahead[1])
+            rows, ids = self._host(step)
+        if self._pool is not None and step + 1 < self.steps:
+            self._next = (step + 1, self._pool.submit(self._host, step + 1))
+        return (rows.to(self.device, non_blocking=True),
+                ids.to(self.device, non_blocking=True) if ids is not None else None)
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._next is not None:
+            _settle(self._next[1])
+            self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _settle(future: Future) -> None:
+    """Wait for a batch no longer wanted (an error in it is for the step that would have used it)."""
+    with contextlib.suppress(BaseException):
+        future.result()
+
+
+def train_together(trainers: list[Trainer], stop: StopFlag, quiet: bool = False) -> None:
+    """Train `trainers`, SAEs on one stream with one budget, to the end: each step's batch is built once
+    (Batches), then every trainer at that step takes its step on it, in order.  A trainer resumed at a
+    later step than the others waits for them.  Each checkpoints as its config says; a stop saves all."""
+    first = trainers[0]
+    threads = torch.get_num_threads()
+    if first.device.type == "cpu" and all(
+            t.cfg.batch_size * t.sae.d_in * t.sae.d_sae < SMALL_STEP for t in trainers):
+        torch.set_num_threads(1)  # tiny matmuls: thread start-up and spinning cost more than they give
+    try:
+        _train_together(trainers, stop, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_together(trainers: list[Trainer], stop: StopFlag, quiet: bool) -> None:
+    first = trainers[0]
+    cfg, dp = first.cfg, first.dp
+    total, batch = cfg.steps, cfg.batch_size
+    with Batches(first.stream, dp.bounds(batch), first.device, cfg.prefetch, total) as batches, \
+            Progress("fit", total=total * batch * len(trainers), unit="tokens",
+                     quiet=quiet or not dp.is_main) as progress:
+        progress.done = sum(t.step for t in trainers) * batch
+        while any(t.step < total for t in trainers):
+            step = min(t.step for t in trainers)
+            rows, ids = batches.get(step)
+            for t in trainers:
+                if t.step != step:
+                    continue
+                t.train_step(rows * t.sae.act_scale, ids)
+                last = t.step == total
+                val_now = t.step % t.cfg.val_every == 0 or last
+                if t.step % t.cfg.log_every == 0 or val_now:
+                    rec = t.log_record(val_now)
                     if rec is not None:
                         progress.update(0, loss=f"{rec['loss']:.4g}", mse=f"{rec['mse']:.4g}", l0=f"{rec['l0']:.1f}")
-                progress.update(cfg.batch_size)
-                if self.step % cfg.checkpoint_every == 0 and not last:
-                    self.save_checkpoint()
-                if not last:
-                    self._check_stop(stop)
+                progress.update(batch)
+                if t.step % t.cfg.checkpoint_every == 0 and not last:
+                    t.save_checkpoint()
+            if any(t.step < total for t in trainers):
+                _check_stop(stop, trainers)
 
-    def _check_stop(self, stop) -> None:
-        if not self.dp.active:
-            stop.check(self.save_checkpoint)
-            return
-        mine = bool(getattr(stop, "requested", False))
-        if self.dp.any(mine):  # every rank stops at the same step, so the checkpoint's collectives match
-            if mine:
-                stop.check(self.save_checkpoint)
-            self.save_checkpoint()
-            raise Interrupted("interrupted (another rank received the signal); checkpoint saved, rerun the same "
-                              "command to resume")
+
+def _check_stop(stop, trainers: list[Trainer]) -> None:
+    """On a stop request (on any rank): every trainer saves its checkpoint, then Interrupted."""
+    def save() -> None:
+        for t in trainers:
+            t.save_checkpoint()
+
+    dp = trainers[0].dp
+    if not dp.active:
+        stop.check(save)
+        return
+    mine = bool(getattr(stop, "requested", False))
+    if dp.any(mine):  # every rank stops at the same step, so the checkpoint's collectives match
+        if mine:
+            stop.check(save)
+        save()
+        raise Interrupted("interrupted (another rank received the signal); checkpoint saved, rerun the same "
+                          "command to resume")
 
 
 # --- the whole fit --------------------------------------------------------------------------------
@@ -681,6 +754,22 @@ class Parent:
         return {"path": os.path.abspath(self.path), "sha256": self.sha256, "format": self.format}
 
 
+@dataclass
+class Run:
+    """One SAE to train: its resolved config, its output folder, the resolved configuration and its hash
+    (which identify a checkpoint to resume), what else goes into its cfg.json, and its parent."""
+    cfg: FitConfig
+    out: str
+    resolved: dict
+    digest: str
+    extra_cfg: dict
+    parent: Parent | None = None
+
+
+# what the SAEs trained on one stream must share (they may differ in the rest: tilt, tilt_ess, k, ...)
+SHARED = ("seed", "batch_size", "train_tokens", "shuffle_rows", "val_tokens", "tilt_groups", "device", "prefetch")
+
+
 def train_sae(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = None, resolved: dict,
               config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
               stop: StopFlag | None = None) -> str | None:
@@ -688,98 +777,138 @@ def train_sae(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | No
     resolved `cfg` (FitConfig.resolve).  Returns `out`, or None on the ranks other than 0 of a torchrun
     job.  `resolved` and `config_digest` identify the configuration of a checkpoint to resume;
     `extra_cfg` goes into cfg.json."""
+    return train_saes(paths, [Run(cfg, out, resolved, config_digest, extra_cfg, parent)], force=force, quiet=quiet,
+                      stop=stop)[0]
+
+
+def train_saes(paths: list[str], runs: list[Run], *, force: bool = False, quiet: bool = False,
+               stop: StopFlag | None = None) -> list[str | None]:
+    """Train every run as train_sae would, the runs of one seed together from one stream: each step's
+    batch is read and built once, then each SAE takes its step (train_together).  Every output is
+    checked before any training.  Returns the outputs, in order (None on the ranks other than 0)."""
     from ..data.activations import open_stores
 
-    if not cfg.is_resolved:
-        raise ValueError("train_sae needs a resolved FitConfig (FitConfig.resolve)")
-    cfg.check()
+    groups: dict[int, list[Run]] = {}
+    for run in runs:
+        if not run.cfg.is_resolved:
+            raise ValueError("train_saes needs resolved FitConfigs (FitConfig.resolve)")
+        run.cfg.check()
+        groups.setdefault(run.cfg.seed, []).append(run)
+    for group in groups.values():
+        differ = [f for f in SHARED if len({getattr(r.cfg, f) for r in group}) > 1]
+        if differ:
+            raise ValueError(f"SAEs trained together must share {', '.join(differ)}")
     stores = open_stores(paths)
-    # one writer per output: a second fit of the same OUT must not train on (and resume) the live partial;
-    # under torchrun rank 0 writes, so it alone holds the lock
-    lock = exclusive(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
-        with lock:
-            return _fit(stores, cfg, out, parent, resolved, config_digest, extra_cfg, force, quiet, stop)
+        # one writer per output: a second fit of the same OUT must not train on (and resume) the live partial;
+        # under torchrun rank 0 writes, so it alone holds the lock
+        with contextlib.ExitStack() as locks:
+            if int(os.environ.get("RANK", "0")) == 0:
+                for run in runs:
+                    locks.enter_context(exclusive(run.out))
+            for run in runs:
+                check_target(run.out, force)
+            written = {}
+            for group in groups.values():
+                written.update(zip(map(id, group), _fit(stores, group, force, quiet, stop)))
+            return [written[id(run)] for run in runs]
     finally:
         for s in stores:
             s.close()
 
 
-def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extra_cfg, force, quiet, stop):
+def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: bool, stop) -> list[str | None]:
+    cfg = runs[0].cfg
     d_in = stores[0].d_model
-    if parent is not None and parent.sae.d_in != d_in:
-        raise ConfigError("init", parent.path, f"d_in {parent.sae.d_in} differs from the activations' d_model "
-                          f"{d_in} ({stores[0].path})")
+    for run in runs:
+        if run.parent is not None and run.parent.sae.d_in != d_in:
+            raise ConfigError("init", run.parent.path, f"d_in {run.parent.sae.d_in} differs from the activations' "
+                                                       f"d_model {d_in} ({stores[0].path})")
     dp = data_parallel(cfg.device)
+    if dp.active and len(runs) > 1:
+        raise BadInput(f"a sweep of {len(runs)} SAEs under torchrun is not supported: run one ssae-fit per SAE")
     if cfg.batch_size < dp.world:
         raise ConfigError("batch_size", cfg.batch_size, f"smaller than the number of ranks ({dp.world})")
-    check_target(out, force)
-    folder = partial_path(out)
     stream = ActivationStream(stores, cfg.batch_size, cfg.seed, shuffle_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens,
                               tokens=cfg.tilt_groups == "token")
-    created = False
+    created, trainers = [], []
     try:
-        # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to
-        # the other ranks (a bad input found there fails every rank with the same message)
-        start, error = None, None
-        if dp.is_main:
-            try:
-                resume = _resume_or_clear(folder, digest, force)
-                val = stream.validation()
-                if resume:
-                    log.info("resuming %s", folder)
-                    sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k)
-                    trainer = Trainer(cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
-                    state = trainer.read_checkpoint()
-                    trainer.load_state(state)
-                    trainer.val = torch.from_numpy(val).to(trainer.device) * trainer.sae.act_scale if len(val) else None
-                    start = {"resume": state} if dp.active else None
-                else:
-                    sample = stream.sample(min(32768, stream.n_train))
-                    sae = init_sae(cfg, d_in, sample, parent.sae if parent is not None else None)
-                    os.makedirs(folder)
-                    created = True
-                    with open(os.path.join(folder, STATE), "w") as f:
-                        json.dump({"config_hash": digest, "config": resolved}, f, indent=2, default=str)
-                    trainer = Trainer(cfg, sae, stream, folder, val, dp)
-                    if dp.active:
-                        start = {"init": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-                                 "act_scale": sae.act_scale}
-            except BadInput as e:
-                if not dp.active:
-                    raise
-                error = e
-        if dp.active:
-            start = dp.broadcast({"error": str(error)} if error is not None else start)
-            if error is not None:
-                raise error
-            if "error" in start:
-                raise BadInput(start["error"])
-            if not dp.is_main:
-                sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k)
-                trainer = Trainer(cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
-                if "resume" in start:
-                    trainer.load_state(start["resume"])
-                else:
-                    trainer.sae.load_state_dict(start["init"])
-                    trainer.sae.act_scale = float(start["act_scale"])
-            del start
+        val = sample = None  # read once for every SAE of the stream
+        for run in runs:
+            folder = partial_path(run.out)
+            # rank 0 decides whether to resume, reads the checkpoint or initialises, and hands the result to
+            # the other ranks (a bad input found there fails every rank with the same message)
+            start, error = None, None
+            if dp.is_main:
+                try:
+                    resume = _resume_or_clear(folder, run.digest, force)
+                    val = stream.validation() if val is None else val
+                    if resume:
+                        log.info("resuming %s", folder)
+                        sae = SAE(d_in, run.cfg.d_sae, run.cfg.architecture, run.cfg.k)
+                        trainer = Trainer(run.cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
+                        state = trainer.read_checkpoint()
+                        trainer.load_state(state)
+                        trainer.val = (torch.from_numpy(val).to(trainer.device) * trainer.sae.act_scale
+                                       if len(val) else None)
+                        start = {"resume": state} if dp.active else None
+                    else:
+                        sample = stream.sample(min(32768, stream.n_train)) if sample is None else sample
+                        # each SAE finetunes its own copy of the parent (init_sae changes it in place)
+                        parent = copy.deepcopy(run.parent.sae) if run.parent is not None else None
+                        sae = init_sae(run.cfg, d_in, sample, parent)
+                        os.makedirs(folder)
+                        created.append(folder)
+                        with open(os.path.join(folder, STATE), "w") as f:
+                            json.dump({"config_hash": run.digest, "config": run.resolved}, f, indent=2, default=str)
+                        trainer = Trainer(run.cfg, sae, stream, folder, val, dp)
+                        if dp.active:
+                            start = {"init": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+                                     "act_scale": sae.act_scale}
+                except BadInput as e:
+                    if not dp.active:
+                        raise
+                    error = e
+            if dp.active:
+                start = dp.broadcast({"error": str(error)} if error is not None else start)
+                if error is not None:
+                    raise error
+                if "error" in start:
+                    raise BadInput(start["error"])
+                if not dp.is_main:
+                    sae = SAE(d_in, run.cfg.d_sae, run.cfg.architecture, run.cfg.k)
+                    trainer = Trainer(run.cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
+                    if "resume" in start:
+                        trainer.load_state(start["resume"])
+                    else:
+                        trainer.sae.load_state_dict(start["init"])
+                        trainer.sae.act_scale = float(start["act_scale"])
+                del start
+            trainers.append(trainer)
+        del val, sample
         started = time.monotonic()
         if stop is None:
             with StopFlag() as flag:
-                trainer.run(flag, quiet)
+                train_together(trainers, flag, quiet)
         else:
-            trainer.run(stop, quiet)
+            train_together(trainers, stop, quiet)
         elapsed = time.monotonic() - started
     except BadInput:
-        if created:
+        for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
         stream.close()
     if not dp.is_main:
         dp.barrier()  # wait for rank 0's output, so the job ends when it is written
-        return None
+        return [None]
+    return [_write(run, trainer, stream, elapsed, dp, force) for run, trainer in zip(runs, trainers)]
+
+
+def _write(run: Run, trainer: Trainer, stream: ActivationStream, elapsed: float, dp: DataParallel,
+           force: bool) -> str:
+    """Write a trained SAE's folder from its trainer; its partial folder goes."""
+    cfg, out = run.cfg, run.out
     summary = {"steps": trainer.step, "tokens": trainer.step * cfg.batch_size, "train_rows": stream.n_train,
                "val_rows": stream.val_size, **trainer.last_val,
                "dead_fraction": float((trainer.since_fired >= cfg.dead_tokens).float().mean()),
@@ -789,9 +918,9 @@ def _fit(stores: list[ActivationStore], cfg, out, parent, resolved, digest, extr
     sae = trainer.sae.cpu()
     try:
         with atomic_dir(out, force) as tmp:
-            sae.save(tmp, **extra_cfg, training=summary)
-            shutil.copy(os.path.join(folder, LOG), os.path.join(tmp, LOG))
-        shutil.rmtree(folder, ignore_errors=True)
+            sae.save(tmp, **run.extra_cfg, training=summary)
+            shutil.copy(os.path.join(trainer.folder, LOG), os.path.join(tmp, LOG))
+        shutil.rmtree(trainer.folder, ignore_errors=True)
     finally:
         dp.barrier()
     log.info("wrote %s: %d steps, %d tokens%s", out, trainer.step, trainer.step * cfg.batch_size,

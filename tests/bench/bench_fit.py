@@ -1,9 +1,10 @@
 """Benchmark ssae-fit: training tokens/s (8x and 16x expansion at d_in = 576) of ERM against each TERM
 variant (--tilt 500, --tilt-ess 0.1, --tilt-ess 0.1 --tilt-groups token; ratio to ERM: the overhead), the
 share of this machine's measured float32 matmul FLOP/s achieved (12 * d_in * d_sae FLOPs per token per
-step), and peak memory of whole `ssae-fit` runs over two store sizes.
+step), peak memory of whole `ssae-fit` runs over two store sizes, and the time of a 5-value tilt sweep
+from one `ssae-fit` call against one SAE (whole runs, the paper's SSAE finetuning size and this bench's).
 
-    make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick])
+    make -C shell bench-fit          (or: python tests/bench/bench_fit.py [--quick] [--sweep-only])
 
 Reference numbers (matmul FLOP/s, the ERM rate) are measured in the same run, so ratios are comparable; the
 variants take turns step by step (train_rates), and the TERM computation is also timed alone.
@@ -136,13 +137,79 @@ def peak_rss_of_fit(store: str, out: str) -> tuple[float, float]:
     return float(r.stderr.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
+SWEEP_TILTS = "0,1,10,100,500"
+# (label, store rows, ssae-fit size options, finetuned from a parent of that size): the paper's SSAE finetuning
+# (d_sae 2304 = 4 x 576, batch 4096, 100k tokens) and this bench's default (8x expansion, batch 2048), 20 steps
+SWEEP_SIZES = [
+    ("paper SSAE", 131072, ["--d-sae", "2304", "--k", "32", "--batch-size", "4096", "--train-tokens", "100000"], True),
+    ("bench", 65536, ["--d-sae", "4608", "--k", "32", "--batch-size", "2048", "--train-tokens", "40960"], False),
+]
+
+
+def fit_seconds(args: list[str], device: str = "cpu") -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one whole `ssae-fit` run in a child process."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "ssae_tools.fit", *args, "-q", "--force", "--device", device],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(err.read().decode())
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def sweep_vs_one(tmp: str, repeats: int, device: str = "cpu") -> dict:
+    """Whole `ssae-fit` runs, `--tilt SWEEP_TILTS` (5 SAEs, one call) against `--tilt 0` (one SAE), same
+    store and settings, taking turns (the order swapped every round), at each SWEEP_SIZES size; and the
+    one SAE with --no-prefetch (what building batches in the background saves)."""
+    print(f"\n5-value tilt sweep (--tilt {SWEEP_TILTS}) from one ssae-fit call against one SAE (--tilt 0), "
+          f"whole runs on {device}, {repeats} interleaved rounds, mean seconds:", flush=True)
+    print(f"{'size':>11} {'one SAE wall':>13} {'sweep wall':>11} {'wall ratio':>11} {'one SAE CPU':>12} "
+          f"{'sweep CPU':>10} {'CPU ratio':>10} {'one, no prefetch':>17} {'off/on wall':>13}", flush=True)
+    out = {}
+    for label, rows, size, finetune in SWEEP_SIZES:
+        store = make_store(os.path.join(tmp, f"sweep{rows}.h5"), rows, seed=2)
+        args = [store, *size]
+        if finetune:
+            parent = os.path.join(tmp, f"parent{rows}")
+            fit_seconds([store, *size[:4], "--train-tokens", "8192", "--batch-size", "4096", "-o", parent], device)
+            args += ["--init", parent, "--lr", "3e-4"]
+        runs = {"one": [*args, "--tilt", "0", "-o", os.path.join(tmp, "one")],
+                "sweep": [*args, "--tilt", SWEEP_TILTS, "-o", os.path.join(tmp, "sweep")],
+                "no prefetch": [*args, "--tilt", "0", "--no-prefetch", "-o", os.path.join(tmp, "one")]}
+        times = {name: [] for name in runs}
+        for r in range(repeats):
+            for name in (runs if r % 2 == 0 else reversed(list(runs))):
+                times[name].append(fit_seconds(runs[name], device))
+        mean = {name: np.mean(np.array(t), axis=0) for name, t in times.items()}
+        ratio = mean["sweep"] / mean["one"]
+        off = mean["no prefetch"][0] / mean["one"][0]
+        out[label] = {"one_wall_cpu": mean["one"].tolist(), "sweep_wall_cpu": mean["sweep"].tolist(),
+                      "ratio_wall_cpu": ratio.tolist(), "no_prefetch_wall_cpu": mean["no prefetch"].tolist()}
+        print(f"{label:>11} {mean['one'][0]:>13.1f} {mean['sweep'][0]:>11.1f} {ratio[0]:>10.2f}x "
+              f"{mean['one'][1]:>12.1f} {mean['sweep'][1]:>10.1f} {ratio[1]:>9.2f}x "
+              f"{mean['no prefetch'][0]:>17.1f} {off:>13.3f}", flush=True)
+        os.remove(store)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller stores")
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory comparison")
-    ap.add_argument("--throughput-only", action="store_true", help="skip the peak-memory comparison")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the peak-memory and sweep comparisons")
+    ap.add_argument("--sweep-only", action="store_true", help="only the tilt sweep against one SAE")
+    ap.add_argument("--sweep-repeats", type=int, default=2, help="interleaved rounds of the sweep comparison")
+    ap.add_argument("--sweep-device", default="cpu", help="--device of the sweep comparison's fits (cpu, cuda)")
     args = ap.parse_args()
+    if args.sweep_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps({"sweep": sweep_vs_one(tmp, args.sweep_repeats, args.sweep_device)}))
+        return
     steps = 2 if args.quick else 5
     threads = torch.get_num_threads()
     print(f"# ssae-fit benchmark: CPU, torch {torch.__version__}, {threads} threads, d_in {D_IN}, "
@@ -190,7 +257,8 @@ def main() -> None:
             os.remove(path)
         a, b = sizes
         print(f"\npeak memory ratio ({b} vs {a} rows, {b // a}x the data): {mem[b] / mem[a]:.3f}")
-    print(json.dumps({"throughput": results, "peak_rss_mib": mem}))
+        sweep = sweep_vs_one(tmp, 1 if args.quick else args.sweep_repeats, args.sweep_device)
+    print(json.dumps({"throughput": results, "peak_rss_mib": mem, "sweep": sweep}))
 
 
 if __name__ == "__main__":
