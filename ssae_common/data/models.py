@@ -29,6 +29,7 @@ BUNDLED = {
 }
 BUNDLED_ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
 HOOK_LAYER = re.compile(r"^blocks\.(\d+)\.")
+RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 def cache_dir() -> str:
@@ -233,6 +234,43 @@ class LoadedModel:
             return None
         return layer + 1
 
+    def resume_layer(self, hook: str) -> int | None:
+        """The block a forward pass can resume from with `hook`'s output as its input: the residual stream
+        between blocks (blocks.L.hook_resid_pre -> L, blocks.L.hook_resid_post -> L + 1, n_layers after
+        the last block); None for hooks inside a block, whose output is not what the next block reads."""
+        m = RESID_HOOK.match(hook)
+        if m is None:
+            return None
+        return int(m.group(1)) + (m.group(2) == "post")
+
+    def split_run(self, tokens, hook: str):
+        """One full forward pass of a [batch, seq] token tensor -> (logits, activations at `hook`, Suffix).
+        The Suffix reruns only the layers above `hook` (from the residual that replaces the hook's output),
+        with the attention mask and positions this pass used; None when `hook` is not between blocks."""
+        import torch
+
+        start = self.resume_layer(hook)
+        got = {}
+
+        def grab(x, hook):
+            got["x"] = x.detach()
+            return x
+
+        def keep_kwargs(module, args, kwargs):
+            got["kwargs"] = dict(kwargs)
+
+        blocks = self.bridge.blocks
+        handle = blocks[start].register_forward_pre_hook(keep_kwargs, with_kwargs=True) \
+            if start is not None and start < len(blocks) else None
+        try:
+            with torch.no_grad():
+                logits = self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])
+        finally:
+            if handle is not None:
+                handle.remove()
+        suffix = None if start is None else Suffix(self.bridge, start, got.get("kwargs", {}))
+        return logits, got["x"], suffix
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -249,6 +287,35 @@ class LoadedModel:
         with torch.inference_mode():
             self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=self.stop_layer(hook))
         return got["x"]
+
+
+class Suffix:
+    """The layers above a residual hook: blocks[start:], the final norm and the unembedding, run on a
+    residual with the keyword arguments (attention mask, rotary position embeddings) that block `start`
+    received in the full pass that captured it. Its logits equal that pass's (tests/test_eval_split.py)."""
+
+    def __init__(self, bridge, start: int, block_kwargs: dict):
+        from transformers.cache_utils import Cache
+
+        self.bridge, self.start = bridge, start
+        # the full pass's KV cache must not be appended to by the reruns
+        self.block_kwargs = {k: None if isinstance(v, Cache) else v for k, v in block_kwargs.items()}
+        if "use_cache" in self.block_kwargs:
+            self.block_kwargs["use_cache"] = False
+
+    def __call__(self, resid, rows=None):
+        """Logits from `resid` ([batch, seq, d_model], the hook's replaced output); with `rows` (a
+        [batch, seq] bool mask) only those positions' logits, [n_rows, vocab], are unembedded."""
+        import torch
+
+        x = resid
+        with torch.no_grad():
+            for block in self.bridge.blocks[self.start:]:
+                out = block(x, **self.block_kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            if rows is not None:
+                x = x[rows]
+            return self.bridge.unembed(self.bridge.ln_final(x))
 
 
 class DocumentActivations(NamedTuple):
