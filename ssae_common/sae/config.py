@@ -83,7 +83,7 @@ class FitConfig:
     checkpoint_every: int = option(1000, min=1, help="Steps between checkpoints.")
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
-    autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
+    autocast: bool = option(True, help="bfloat16 autocast of the SAE forward on CUDA (CPU: never).")
     # set by the stage from its RunContext (--seed, --device)
     seed: int = option(0, cli=False)
     device: str = option("cpu", cli=False)
