@@ -64,7 +64,7 @@ def main() -> None:
                 with torch.no_grad():
                     mse = {n: float(train.token_losses(t.sae, val * t.sae.act_scale, 0.0, inference=True)[1].mean())
                            for n, t in trainers.items()}
-                print(f"{s + 1:>6}{mse['fp32']:>12.5f}{mse['bf16']:>12.5f}{mse['bf16'] / mse['fp32'] - 1:>+10.4f}",
+                print(f"{s + 1:>6}{mse['fp32']:>12.5f}{mse['bf16']:>12.5f}{mse['bf16'] / mse['fp32'] - 1:>+10.2e}",
                       flush=True)
         stream.close()
         store.close()

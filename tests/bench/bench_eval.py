@@ -139,6 +139,22 @@ def eval_seconds(lm, saes, batches, cfg, shared_prefix: bool) -> float:
         return time.perf_counter() - t
 
 
+def stacked_suffix(suffix, resid, pred, targets, n: int):
+    """The suffix run once on n residuals concatenated along the batch (n SAEs' splices in one pass): the
+    alternative to n suffix runs that this benchmark measures; the batch-sized keyword tensors (the
+    attention mask) are repeated, the broadcast ones (rotary embeddings) kept."""
+    import torch
+
+    from ssae_common.data.models import Suffix
+    from ssae_common.eval.splice import summed_ce
+
+    b = resid.shape[0]
+    kwargs = {k: v.repeat(n, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b
+              and b > 1 else v for k, v in suffix.block_kwargs.items()}
+    stacked = Suffix(suffix.bridge, suffix.start, kwargs)
+    return summed_ce(stacked(resid.repeat(n, 1, 1), pred.repeat(n, 1)), targets.repeat(n))
+
+
 def breakdown(lm, sae, batches, hook: str, n: int = 2) -> dict:
     """Seconds per batch (best of n) of each part of the eval step."""
     import torch
@@ -172,6 +188,7 @@ def breakdown(lm, sae, batches, hook: str, n: int = 2) -> dict:
         "suffix + unembed + CE (new per SAE)": lambda: summed_ce(
             replaced_pass(lm, b.tokens, hook, acts, suffix, b.splice_pos, pred)(x_hat), targets),
         "SAE encode + decode": lambda: sae(x_splice),
+        "suffix + unembed + CE, 2 SAEs as one batch": lambda: stacked_suffix(suffix, resid, pred, targets, 2),
     }
     times = {}
     with torch.no_grad():
@@ -196,6 +213,8 @@ def sae_scaling(args, tmp: str) -> None:
     hook = DEFAULT_HOOK if lm.n_layers > 6 else "blocks.0.hook_resid_post"
     cfg = DocsEvalConfig(hook=hook, context_size=args.context_size, batch_size=args.batch_size)
     batches = list(window_batches(lm, iter_docs([docs_file(tmp)]), cfg, token_budget=args.scaling_tokens))
+    if args.threads:  # one thread: on a busy shared machine, threads waiting for each other swamp the timing
+        torch.set_num_threads(args.threads)
     n_tokens = sum(int(b.act_pos.sum()) for b in batches)
     saes = [(f"s{i}", random_topk_sae(lm.d_model, i)) for i in range(max(args.n_saes))]
     times: dict = {}
@@ -208,6 +227,7 @@ def sae_scaling(args, tmp: str) -> None:
                 times[(n, shared)] = min(times.get((n, shared), float("inf")), sec)
         parts = breakdown(lm, saes[0][1], batches, hook)
     print(f"\nSAEs per eval: {len(batches)} batches, {n_tokens} evaluated tokens, hook {hook} "
+          f"torch threads {torch.get_num_threads()}, "
           f"(layer {lm.resume_layer(hook)} of {lm.n_layers} resumes), best of {args.rounds} interleaved rounds")
     print(f"{'SAEs':>5}{'shared s':>10}{'tok/s':>9}{'whole s':>10}{'tok/s':>9}{'ratio':>8}"
           f"{'13 single evals s':>19}{'ratio':>8}")
@@ -225,6 +245,8 @@ def sae_scaling(args, tmp: str) -> None:
         print(f"  {name:<44}{sec:>8.3f} s")
     full, suf, sae = (secs["whole pass, hook replaced (old per SAE)"], secs["suffix + unembed + CE (new per SAE)"],
                       secs["SAE encode + decode"])
+    stacked = secs["suffix + unembed + CE, 2 SAEs as one batch"] / 2
+    print(f"  2 SAEs' splices as one batch: {stacked:.3f} s per SAE, {stacked / suf:.3f} x a suffix run of its own")
     for n in args.n_saes:
         model = (full + (n + 1) * suf + n * sae) / ((n + 2) * full + n * sae)
         print(f"  predicted ratio for {n:>2} SAEs from these parts: (whole + {n + 1} x suffix + {n} x SAE) / "
@@ -271,6 +293,7 @@ def main():
     p.add_argument("--skip-throughput", action="store_true", help="skip the bare-against-spliced comparison")
     p.add_argument("--n-saes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 13])
     p.add_argument("--scaling-tokens", type=int, default=1024, help="evaluated tokens for the SAE-count comparison")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the SAE-count comparison (0: torch's)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
