@@ -87,3 +87,28 @@ def test_metrics_equal_the_whole_pass_path(tiny_model, tmp_path, monkeypatch, ho
         for key in ("ce_clean", "ce_zero_ablation", "ce_spliced", "ce_recovered", "fvu", "mse", "l0"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["name"], key)
     assert split["saes"][1]["ce_spliced"] != pytest.approx(split["saes"][1]["ce_clean"], abs=1e-3)
+
+
+def test_a_suffix_that_does_not_reproduce_the_logits_falls_back(tiny_model, tmp_path, monkeypatch):
+    """A model whose logits are more than blocks + final norm + unembedding (soft-capping, say) is caught by
+    the first batch's check, and every pass is then a whole forward pass: the same numbers as that path."""
+    from ssae_common.data.models import Suffix
+
+    model = model_identity(tiny_model)
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(10, 40, seed=2))
+    os.makedirs(tmp_path / "rand")
+    random_sae(16, 48, 0).save(str(tmp_path / "rand"), model=model, hook="blocks.0.hook_resid_post")
+
+    def metrics(out):
+        r = invoke(eval_main, [str(tmp_path / "rand"), "--docs", docs, "--model", tiny_model, "--context-size", "24",
+                               "--device", "cpu", "-o", str(out)])
+        return json.loads((out / "metrics.json").read_text())["saes"][0], r.stderr
+
+    whole, log = metrics(tmp_path / "ok")
+    assert "does not reproduce" not in log
+    real_call = Suffix.__call__
+    monkeypatch.setattr(Suffix, "__call__", lambda self, resid, rows=None: real_call(self, resid, rows) * 1.01)
+    off, log = metrics(tmp_path / "off")
+    assert "does not reproduce" in log
+    for key in ("ce_clean", "ce_zero_ablation", "ce_spliced"):
+        assert off[key] == pytest.approx(whole[key], rel=1e-5)

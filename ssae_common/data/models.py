@@ -246,29 +246,30 @@ class LoadedModel:
     def split_run(self, tokens, hook: str):
         """One full forward pass of a [batch, seq] token tensor -> (logits, activations at `hook`, Suffix).
         The Suffix reruns only the layers above `hook` (from the residual that replaces the hook's output),
-        with the attention mask and positions this pass used; None when `hook` is not between blocks."""
+        each block with the arguments it got in this pass (attention mask, positions); None when `hook` is
+        not between blocks."""
         import torch
 
         start = self.resume_layer(hook)
-        got = {}
+        got, calls = {}, []
 
         def grab(x, hook):
             got["x"] = x.detach()
             return x
 
-        def keep_kwargs(module, args, kwargs):
-            got["kwargs"] = dict(kwargs)
+        def keep_arguments(module, args, kwargs):
+            calls.append((args[1:], dict(kwargs)))
 
         blocks = self.bridge.blocks
-        handle = blocks[start].register_forward_pre_hook(keep_kwargs, with_kwargs=True) \
-            if start is not None and start < len(blocks) else None
+        handles = [b.register_forward_pre_hook(keep_arguments, with_kwargs=True)
+                   for b in (blocks[start:] if start is not None else [])]
         try:
             with torch.no_grad():
                 logits = self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        suffix = None if start is None else Suffix(self.bridge, start, got.get("kwargs", {}))
+        suffix = None if start is None else Suffix(self.bridge, start, calls)
         return logits, got["x"], suffix
 
     def tokenize(self, text: str) -> list[int]:
@@ -291,17 +292,17 @@ class LoadedModel:
 
 class Suffix:
     """The layers above a residual hook: blocks[start:], the final norm and the unembedding, run on a
-    residual with the keyword arguments (attention mask, rotary position embeddings) that block `start`
-    received in the full pass that captured it. Its logits equal that pass's (tests/test_eval_split.py)."""
+    residual with the other arguments each block received in the full pass that captured it (attention
+    masks, rotary embeddings: per block, as models with sliding-window layers differ by layer). Its logits
+    equal that pass's (tests/test_eval_split.py); `matches` checks it on a model."""
 
-    def __init__(self, bridge, start: int, block_kwargs: dict):
+    def __init__(self, bridge, start: int, calls: list[tuple[tuple, dict]]):
         from transformers.cache_utils import Cache
 
         self.bridge, self.start = bridge, start
         # the full pass's KV cache must not be appended to by the reruns
-        self.block_kwargs = {k: None if isinstance(v, Cache) else v for k, v in block_kwargs.items()}
-        if "use_cache" in self.block_kwargs:
-            self.block_kwargs["use_cache"] = False
+        self.calls = [(args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+                       | ({"use_cache": False} if "use_cache" in kwargs else {})) for args, kwargs in calls]
 
     def __call__(self, resid, rows=None):
         """Logits from `resid` ([batch, seq, d_model], the hook's replaced output); with `rows` (a
@@ -310,12 +311,19 @@ class Suffix:
 
         x = resid
         with torch.no_grad():
-            for block in self.bridge.blocks[self.start:]:
-                out = block(x, **self.block_kwargs)
+            for block, (args, kwargs) in zip(self.bridge.blocks[self.start:], self.calls):
+                out = block(x, *args, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
             if rows is not None:
                 x = x[rows]
             return self.bridge.unembed(self.bridge.ln_final(x))
+
+    def matches(self, resid, logits, rows) -> bool:
+        """Whether the rerun from the unchanged residual gives the full pass's `logits` at `rows` (to 1e-3
+        of their scale). A model doing more than blocks, final norm and unembedding (say, soft-capping
+        the logits) would not."""
+        want = logits[rows]
+        return bool((self(resid, rows) - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1))
 
 
 class DocumentActivations(NamedTuple):

@@ -149,9 +149,12 @@ def stacked_suffix(suffix, resid, pred, targets, n: int):
     from ssae_common.eval.splice import summed_ce
 
     b = resid.shape[0]
-    kwargs = {k: v.repeat(n, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b
-              and b > 1 else v for k, v in suffix.block_kwargs.items()}
-    stacked = Suffix(suffix.bridge, suffix.start, kwargs)
+
+    def repeat(v):
+        return v.repeat(n, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b > 1 else v
+
+    stacked = Suffix(suffix.bridge, suffix.start,
+                     [(args, {k: repeat(v) for k, v in kwargs.items()}) for args, kwargs in suffix.calls])
     return summed_ce(stacked(resid.repeat(n, 1, 1), pred.repeat(n, 1)), targets.repeat(n))
 
 
@@ -172,8 +175,8 @@ def breakdown(lm, sae, batches, hook: str, n: int = 2) -> dict:
 
     def suffix_blocks():
         x = resid
-        for block in lm.bridge.blocks[suffix.start:]:
-            out = block(x, **suffix.block_kwargs)
+        for block, (args, kwargs) in zip(lm.bridge.blocks[suffix.start:], suffix.calls):
+            out = block(x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
         blocks_out["x"] = x
 
