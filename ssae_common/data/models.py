@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from ..core.errors import BadInput
@@ -159,6 +159,8 @@ class LoadedModel:
     name: str
     path: str
     device: str
+    # hook -> whether Suffix reproduced this model's logits there (checked once per loaded model)
+    suffix_checked: dict = field(default_factory=dict)
 
     @property
     def d_model(self) -> int:

@@ -12,8 +12,8 @@ Documents are windowed exactly as ssae-harvest does (harvest.iter_windows: windo
 
 Passes 2 and 3 share the clean pass's prefix: when the hook is on the residual stream between blocks
 (hook_resid_pre / hook_resid_post), they rerun only the layers above it from the replaced residual
-(data.models.Suffix), and unembed only the positions that are scored; the first batch checks that the
-rerun reproduces the clean logits. Other hooks, or a model failing that check, fall back to a whole
+(data.models.Suffix), and unembed only the positions that are scored; the first batch of a loaded model
+at a hook checks that the rerun reproduces the clean logits. Other hooks, or a model failing that check, fall back to a whole
 forward pass each. Both give the same numbers to float rounding (tests/test_eval_split.py).
 
 Spliced positions are the real (non-padding) positions after BOS; BOS itself is left clean unless
@@ -148,11 +148,10 @@ def evaluate_docs(lm, saes: list, docs: Iterable, cfg: DocsEvalConfig, state, st
     budget = None if cfg.max_tokens is None else cfg.max_tokens - state.n_tokens
     if budget is not None and budget <= 0:
         return
-    shared = cfg.shared_prefix
+    shared = cfg.shared_prefix and lm.suffix_checked.get(cfg.hook, True)
     if shared and lm.resume_layer(cfg.hook) is None:
         log.info("%s is not between blocks: every spliced pass runs the whole model", cfg.hook)
         shared = False
-    checked = False
     batches = window_batches(lm, docs, cfg, skip_windows=state.done, token_budget=budget, counter=counter)
     with Progress("eval", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
         progress.done = state.n_tokens
@@ -161,12 +160,11 @@ def evaluate_docs(lm, saes: list, docs: Iterable, cfg: DocsEvalConfig, state, st
             real, act_pos, splice_pos = wb.real.to(device), wb.act_pos.to(device), wb.splice_pos.to(device)
             pred, targets = scored_positions(real), tokens[:, 1:][real[:, 1:]]
             logits, acts, suffix = lm.split_run(tokens, cfg.hook)
-            if shared and not checked:
-                checked = True
-                if not suffix.matches(acts, logits, pred):
+            if shared and cfg.hook not in lm.suffix_checked:  # the first batch of this model at this hook
+                shared = lm.suffix_checked[cfg.hook] = suffix.matches(acts, logits, pred)
+                if not shared:
                     log.warning("rerunning the layers above %s does not reproduce %s's logits: every spliced pass "
                                 "runs the whole model", cfg.hook, lm.name)
-                    shared = False
             ce, n_pred = summed_ce(logits[pred], targets)
             del logits
             state.lm.clean += ce

@@ -229,9 +229,9 @@ def sae_scaling(args, tmp: str) -> None:
                 sec = eval_seconds(lm, saes[:n], batches, cfg, shared)
                 times[(n, shared)] = min(times.get((n, shared), float("inf")), sec)
         parts = breakdown(lm, saes[0][1], batches, hook)
-    print(f"\nSAEs per eval: {len(batches)} batches, {n_tokens} evaluated tokens, hook {hook} "
-          f"torch threads {torch.get_num_threads()}, "
-          f"(layer {lm.resume_layer(hook)} of {lm.n_layers} resumes), best of {args.rounds} interleaved rounds")
+    print(f"\nSAEs per eval: {len(batches)} batches, {n_tokens} evaluated tokens, hook {hook} (the rerun starts at "
+          f"block {lm.resume_layer(hook)} of {lm.n_layers}), torch threads {torch.get_num_threads()}, best of "
+          f"{args.rounds} interleaved rounds")
     print(f"{'SAEs':>5}{'shared s':>10}{'tok/s':>9}{'whole s':>10}{'tok/s':>9}{'ratio':>8}"
           f"{'13 single evals s':>19}{'ratio':>8}")
     single = times[(min(args.n_saes), False)] / min(args.n_saes)  # one single-SAE eval, all passes whole
