@@ -47,6 +47,7 @@ SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "
 # SSAE_* variables read by other parts of the toolkit (not options); never taken for typos
 OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
              "SSAE_CACHE": "cache of converted models and corpus indexes (~/.cache/ssae)",
+             "SSAE_TF32": "0: float32 matmuls on CUDA in full precision, not TF32 (docs/scale.md)",
              "SSAE_DATA": "shell/demo.sh: the data folder", "SSAE_TOKENS": "shell/paper.mk: SSAE token budget"}
 EXIT_CODES = "0 success; 1 runtime failure; 2 usage or bad input; 75 interrupted after a checkpoint (rerun resumes)"
 

@@ -1,4 +1,4 @@
-"""Run-time settings every stage shares: device choice, seeding, SLURM array sharding."""
+"""Run-time settings every stage shares: device choice (and the CUDA defaults), seeding, SLURM array sharding."""
 from __future__ import annotations
 
 import os
@@ -28,19 +28,37 @@ def parse_shard(value: str | None) -> tuple[int, int]:
 
 
 def resolve_device(spec: str) -> str:
+    """The device of `--device SPEC`; a CUDA one gets the CUDA defaults (cuda_defaults) first."""
     import torch
 
     if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise BadInput(f"--device {spec}: CUDA is not available on this machine")
         if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
             raise BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        cuda_defaults()
         return spec
     if spec != "cpu":
         raise BadInput(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
     return spec
+
+
+def tf32_enabled() -> bool:
+    """SSAE_TF32: 1 (default) or 0."""
+    value = os.environ.get("SSAE_TF32", "1")
+    if value not in ("0", "1"):
+        raise BadInput(f"SSAE_TF32={value}: expected 0 (float32 matmuls in full precision) or 1 (TF32, the default)")
+    return value == "1"
+
+
+def cuda_defaults() -> None:
+    """Float32 matmuls on CUDA in TF32 (10-bit mantissa inputs, float32 accumulation: the tensor cores, as
+    sparsify and most trainers run), unless SSAE_TF32=0. CPU matmuls are not affected."""
+    import torch
+
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32_enabled() else "ieee"
 
 
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from ..core.errors import BadInput
@@ -29,6 +29,7 @@ BUNDLED = {
 }
 BUNDLED_ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
 HOOK_LAYER = re.compile(r"^blocks\.(\d+)\.")
+RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 def cache_dir() -> str:
@@ -158,6 +159,8 @@ class LoadedModel:
     name: str
     path: str
     device: str
+    # hook -> whether Suffix reproduced this model's logits there (checked once per loaded model)
+    suffix_checked: dict = field(default_factory=dict)
 
     @property
     def d_model(self) -> int:
@@ -233,6 +236,44 @@ class LoadedModel:
             return None
         return layer + 1
 
+    def resume_layer(self, hook: str) -> int | None:
+        """The block a forward pass can resume from with `hook`'s output as its input: the residual stream
+        between blocks (blocks.L.hook_resid_pre -> L, blocks.L.hook_resid_post -> L + 1, n_layers after
+        the last block); None for hooks inside a block, whose output is not what the next block reads."""
+        m = RESID_HOOK.match(hook)
+        if m is None:
+            return None
+        return int(m.group(1)) + (m.group(2) == "post")
+
+    def split_run(self, tokens, hook: str):
+        """One full forward pass of a [batch, seq] token tensor -> (logits, activations at `hook`, Suffix).
+        The Suffix reruns only the layers above `hook` (from the residual that replaces the hook's output),
+        each block with the arguments it got in this pass (attention mask, positions); None when `hook` is
+        not between blocks."""
+        import torch
+
+        start = self.resume_layer(hook)
+        got, calls = {}, []
+
+        def grab(x, hook):
+            got["x"] = x.detach()
+            return x
+
+        def keep_arguments(module, args, kwargs):
+            calls.append((args[1:], dict(kwargs)))
+
+        blocks = self.bridge.blocks
+        handles = [b.register_forward_pre_hook(keep_arguments, with_kwargs=True)
+                   for b in (blocks[start:] if start is not None else [])]
+        try:
+            with torch.no_grad():
+                logits = self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])
+        finally:
+            for handle in handles:
+                handle.remove()
+        suffix = None if start is None else Suffix(self.bridge, start, calls)
+        return logits, got["x"], suffix
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -249,6 +290,42 @@ class LoadedModel:
         with torch.inference_mode():
             self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=self.stop_layer(hook))
         return got["x"]
+
+
+class Suffix:
+    """The layers above a residual hook: blocks[start:], the final norm and the unembedding, run on a
+    residual with the other arguments each block received in the full pass that captured it (attention
+    masks, rotary embeddings: per block, as models with sliding-window layers differ by layer). Its logits
+    equal that pass's (tests/test_eval_split.py); `matches` checks it on a model."""
+
+    def __init__(self, bridge, start: int, calls: list[tuple[tuple, dict]]):
+        from transformers.cache_utils import Cache
+
+        self.bridge, self.start = bridge, start
+        # the full pass's KV cache must not be appended to by the reruns
+        self.calls = [(args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+                       | ({"use_cache": False} if "use_cache" in kwargs else {})) for args, kwargs in calls]
+
+    def __call__(self, resid, rows=None):
+        """Logits from `resid` ([batch, seq, d_model], the hook's replaced output); with `rows` (a
+        [batch, seq] bool mask) only those positions' logits, [n_rows, vocab], are unembedded."""
+        import torch
+
+        x = resid
+        with torch.no_grad():
+            for block, (args, kwargs) in zip(self.bridge.blocks[self.start:], self.calls):
+                out = block(x, *args, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            if rows is not None:
+                x = x[rows]
+            return self.bridge.unembed(self.bridge.ln_final(x))
+
+    def matches(self, resid, logits, rows) -> bool:
+        """Whether the rerun from the unchanged residual gives the full pass's `logits` at `rows` (to 1e-3
+        of their scale). A model doing more than blocks, final norm and unembedding (say, soft-capping
+        the logits) would not."""
+        want = logits[rows]
+        return bool((self(resid, rows) - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1))
 
 
 class DocumentActivations(NamedTuple):

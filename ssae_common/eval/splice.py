@@ -5,10 +5,16 @@ Documents are windowed exactly as ssae-harvest does (harvest.iter_windows: windo
 `context_size - 1` tokens after BOS). Per batch of windows:
 
 1. one clean forward pass with a capture hook gives the clean logits and the hook activations;
-2. one forward pass with the hook output zeroed at the spliced positions (zero ablation);
-3. per SAE, one forward pass with the hook output replaced by the SAE reconstruction of the clean
-   activations at the spliced positions (the run upstream of the hook is unchanged, so encoding the
-   captured activations once gives exactly what the hook sees).
+2. zero ablation: the hook output zeroed at the spliced positions;
+3. per SAE, the hook output replaced by the SAE reconstruction of the clean activations at the spliced
+   positions (the run upstream of the hook is unchanged, so encoding the captured activations once gives
+   exactly what the hook sees).
+
+Passes 2 and 3 share the clean pass's prefix: when the hook is on the residual stream between blocks
+(hook_resid_pre / hook_resid_post), they rerun only the layers above it from the replaced residual
+(data.models.Suffix), and unembed only the positions that are scored; the first batch of a loaded model
+at a hook checks that the rerun reproduces the clean logits. Other hooks, or a model failing that check, fall back to a whole
+forward pass each. Both give the same numbers to float rounding (tests/test_eval_split.py).
 
 Spliced positions are the real (non-padding) positions after BOS; BOS itself is left clean unless
 `splice_bos` (harvest drops BOS by default, so SAEs are not trained on it). The activation-based
@@ -37,6 +43,7 @@ class DocsEvalConfig:
     batch_size: int = 8
     max_tokens: int | None = None
     splice_bos: bool = False
+    shared_prefix: bool = True  # False: every pass a whole forward pass (the benchmark's reference)
 
 
 @dataclass
@@ -80,14 +87,24 @@ def window_batches(lm, docs: Iterable, cfg: DocsEvalConfig, skip_windows: int = 
             return
 
 
+def scored_positions(real: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the real positions that have a real successor, whose next-token loss is scored."""
+    pred = torch.zeros_like(real)
+    pred[:, :-1] = real[:, 1:]
+    return pred
+
+
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy (nats) over the real positions that have a real successor."""
-    valid = real[:, 1:]
-    picked = logits[:, :-1][valid].float()
-    if picked.shape[0] == 0:
+    pred = scored_positions(real)
+    return summed_ce(logits[pred], tokens[:, 1:][real[:, 1:]])
+
+
+def summed_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy of [n, vocab] logits against [n] targets, and n."""
+    if targets.shape[0] == 0:
         return 0.0, 0
-    nll = torch.nn.functional.cross_entropy(picked, tokens[:, 1:][valid], reduction="sum")
-    return float(nll), int(valid.sum())
+    return float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")), int(targets.shape[0])
 
 
 def _replace(mask: torch.Tensor, values: torch.Tensor | None):
@@ -101,22 +118,24 @@ def _replace(mask: torch.Tensor, values: torch.Tensor | None):
     return fn
 
 
-@torch.no_grad()
-def clean_run(lm, tokens: torch.Tensor, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
-    got = {}
+def replaced_pass(lm, tokens: torch.Tensor, hook: str, acts: torch.Tensor, suffix, mask: torch.Tensor,
+                  pred: torch.Tensor):
+    """A function of `values` (None: zeros) giving the [n_scored, vocab] logits at `pred` with the hook
+    output replaced at `mask`: through `suffix` from the captured activations `acts` when the hook splits
+    the model, else a whole forward pass."""
+    if suffix is None:
+        @torch.no_grad()
+        def full(values):
+            return lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(mask, values))])[pred]
 
-    def grab(x, hook):
-        got["x"] = x.detach()
-        return x
+        return full
 
-    logits = lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])
-    return logits, got["x"]
+    def rerun(values):
+        resid = acts.clone()
+        resid[mask] = 0 if values is None else values.to(resid.dtype)
+        return suffix(resid, pred)
 
-
-@torch.no_grad()
-def spliced_logits(lm, tokens: torch.Tensor, hook: str, mask: torch.Tensor, values: torch.Tensor | None):
-    """Logits with the hook output replaced at `mask` by `values` (None: zeros)."""
-    return lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(mask, values))])
+    return rerun
 
 
 @torch.no_grad()
@@ -129,28 +148,36 @@ def evaluate_docs(lm, saes: list, docs: Iterable, cfg: DocsEvalConfig, state, st
     budget = None if cfg.max_tokens is None else cfg.max_tokens - state.n_tokens
     if budget is not None and budget <= 0:
         return
+    shared = cfg.shared_prefix and lm.suffix_checked.get(cfg.hook, True)
+    if shared and lm.resume_layer(cfg.hook) is None:
+        log.info("%s is not between blocks: every spliced pass runs the whole model", cfg.hook)
+        shared = False
     batches = window_batches(lm, docs, cfg, skip_windows=state.done, token_budget=budget, counter=counter)
     with Progress("eval", total=cfg.max_tokens, unit="tokens", quiet=quiet) as progress:
         progress.done = state.n_tokens
         for wb in batches:
             tokens = wb.tokens.to(device)
             real, act_pos, splice_pos = wb.real.to(device), wb.act_pos.to(device), wb.splice_pos.to(device)
-            logits, acts = clean_run(lm, tokens, cfg.hook)
-            ce, n_pred = next_token_ce(logits, tokens, real)
+            pred, targets = scored_positions(real), tokens[:, 1:][real[:, 1:]]
+            logits, acts, suffix = lm.split_run(tokens, cfg.hook)
+            if shared and cfg.hook not in lm.suffix_checked:  # the first batch of this model at this hook
+                shared = lm.suffix_checked[cfg.hook] = suffix.matches(acts, logits, pred)
+                if not shared:
+                    log.warning("rerunning the layers above %s does not reproduce %s's logits: every spliced pass "
+                                "runs the whole model", cfg.hook, lm.name)
+            ce, n_pred = summed_ce(logits[pred], targets)
             del logits
             state.lm.clean += ce
             state.lm.n += n_pred
-            zero_logits = spliced_logits(lm, tokens, cfg.hook, splice_pos, None)
-            state.lm.zero += next_token_ce(zero_logits, tokens, real)[0]
-            del zero_logits
+            replaced = replaced_pass(lm, tokens, cfg.hook, acts, suffix if shared else None, splice_pos, pred)
+            state.lm.zero += summed_ce(replaced(None), targets)[0]
             x_splice = acts[splice_pos].float()
             token_ids = wb.tokens[wb.act_pos].numpy()
             # act_pos is a subset of splice_pos: pick the activation rows out of the spliced rows
             sub = act_pos[splice_pos]
             for name, sae in saes:
                 x_hat, f = sae(x_splice)
-                state.lm.spliced[name] += next_token_ce(
-                    spliced_logits(lm, tokens, cfg.hook, splice_pos, x_hat), tokens, real)[0]
+                state.lm.spliced[name] += summed_ce(replaced(x_hat), targets)[0]
                 state.acc[name].update(x_splice[sub], x_hat[sub], f[sub], token_ids)
             state.done += wb.n_windows
             state.n_tokens += len(token_ids)

@@ -92,7 +92,7 @@ class FitConfig:
                    "copied asynchronously); the batches are the same either way.")
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
-    autocast: bool = option(False, help="bfloat16 autocast on CUDA.")
+    autocast: bool = option(True, help="bfloat16 autocast of the SAE forward on CUDA (CPU: never).")
     decoder: str = option("auto", choices=DECODERS,
                           help="topk: sparse decodes from the k active latents only (and takes the encoder's "
                                "gradient at them), dense uses full matrix products; auto: sparse on CPU when "

@@ -1,0 +1,64 @@
+"""GPU defaults (TF32 switch, autocast default) and `make -C shell bench-gpu`'s CPU dry run."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from ssae_common.core.errors import BadInput
+from ssae_common.core.runtime import cuda_defaults
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "bench"))
+
+
+@pytest.fixture
+def restore_precision():
+    before = torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+def test_tf32_is_the_cuda_default_and_ssae_tf32_0_turns_it_off(monkeypatch, restore_precision):
+    cuda_defaults()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    monkeypatch.setenv("SSAE_TF32", "0")
+    cuda_defaults()
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    monkeypatch.setenv("SSAE_TF32", "off")
+    with pytest.raises(BadInput, match="SSAE_TF32=off"):
+        cuda_defaults()
+
+
+def test_autocast_is_on_by_default_and_cuda_only():
+    from ssae_common.sae.config import FitConfig
+
+    assert FitConfig().autocast is True  # sae/train.py applies it only when the device is CUDA
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_gpu_without_cuda_says_so():
+    import bench_gpu
+
+    with pytest.raises(SystemExit, match="no CUDA device.*--dry"):
+        bench_gpu.main([])
+
+
+def test_bench_gpu_dry_run_prints_the_table_and_writes_json(tmp_path, capsys):
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    result = bench_gpu.main(["--dry", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("bench "))
+    assert lines[header].split() == ["bench", "setting", "tokens/s", "TFLOP/s", "peak", "share", "of", "peak"]
+    body = lines[header + 1:]
+    assert [line.split()[0] for line in body] == ["fit", "fit", "harvest", "eval", "eval"]
+    assert all(line.endswith("%") for line in body)
+    saved = json.loads(out.read_text())
+    assert saved["dry"] is True and set(saved["peaks_flops"]) == {"bf16", "tf32", "fp32"}
+    assert all(v > 0 for v in saved["peaks_flops"].values())
+    assert len(saved["rows"]) == len(result["rows"]) == 5
+    for row in saved["rows"]:
+        # a rate from two run lengths is NaN when the machine's noise made the longer run no slower
+        assert row["peak"] in saved["peaks_flops"] and not row["flops"] <= 0 and not row["share"] <= 0
