@@ -163,3 +163,18 @@ def random_sae(d_in: int, d_sae: int, seed: int = 0, architecture: str = "relu",
     if dec_bias:
         sae.b_dec.data = torch.randn(d_in, generator=g) * 0.1
     return sae
+
+
+class StopAfter:
+    """A StopFlag stand-in that asks for a stop after `n` steps."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def check(self, save=None):
+        self.calls += 1
+        if self.calls >= self.n:
+            save()
+            from ssae_common.core.errors import Interrupted
+
+            raise Interrupted("test stop")

@@ -14,20 +14,7 @@ from ssae_common.core.errors import Interrupted
 from ssae_common.core.outputs import partial_path
 from ssae_common.sae.config import FitConfig
 from ssae_common.sae.train import CHECKPOINT, train_sae
-from helpers import make_store, sparse_data
-
-
-class StopAfter:
-    """A StopFlag stand-in that asks for a stop after `n` steps."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def check(self, save=None):
-        self.calls += 1
-        if self.calls >= self.n:
-            save()
-            raise Interrupted("test stop")
+from helpers import StopAfter, make_store, sparse_data
 
 
 def weights(folder):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import invoke, make_store, parse_records, sparse_data
+from helpers import StopAfter, invoke, make_store, parse_records, sparse_data
 from ssae_common.core.errors import Interrupted
 from ssae_common.core.outputs import partial_path
 from ssae_common.data.activations import ActivationStore
@@ -106,19 +106,6 @@ def test_prefetch_does_not_change_the_batches_or_the_sae(store, tmp_path):
     run([store, *FAST, "--k", "4", "--tilt", "500", "--no-prefetch", "-o", tmp_path / "off"])
     assert_same_sae(tmp_path / "on", tmp_path / "off")  # cfg.json too: how batches are built is not in the hash
     assert "prefetch" not in json.load(open(tmp_path / "on" / "cfg.json"))["config"]
-
-
-class StopAfter:
-    """A StopFlag stand-in that asks for a stop after `n` steps."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def check(self, save=None):
-        self.calls += 1
-        if self.calls >= self.n:
-            save()
-            raise Interrupted("test stop")
 
 
 def test_interrupted_sweep_resumes_every_sae_exactly(store, tmp_path):
