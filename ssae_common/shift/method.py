@@ -171,6 +171,23 @@ PROFESSION_WORDS = (
     r"anesthesiologists?", r"(?:neuro)?surgeons?", r"(?:neuro)?surger(?:y|ies)", r"(?:neuro)?surgical(?:ly)?",
     r"professors?", r"Prof\.?",  # the full Bias in Bios's usual pair is professor vs nurse
 )
+# --mask-specialties: the medical specialty, procedure and body-part words that tell a physician's bio from
+# a surgeon's once the titles are masked (made from the bundled physician/surgeon bios' most one-sided
+# words, plus the common specialty names). Crude on purpose: "hand", "face", "general", "family",
+# "internal" and "medicine" go in every sense.
+SPECIALTY_WORDS = (
+    r"operat(?:e|es|ed|ing|ion|ions|ive)", r"procedures?", r"(?:re)?construct(?:ive|ion|ions)", r"plastic",
+    r"cosmetic", r"aesthetic", r"orthop(?:a)?edic(?:s)?", r"orthop(?:a)?edist", r"trauma", r"spine|spinal",
+    r"vascular", r"(?:cardio)?thoracic", r"cardiac", r"cardiology|cardiologist", r"cardiovascular", r"neuro\w*",
+    r"transplant\w*", r"implants?", r"endoscop\w*", r"laparoscop\w*", r"arthroscop\w*", r"minimally",
+    r"invasive", r"bariatric", r"colorectal", r"oral", r"maxillofacial", r"dental", r"dentistry", r"tooth|teeth",
+    r"extractions?", r"BDS", r"MDS", r"FRCS", r"hand", r"hips?", r"knees?", r"shoulders?", r"elbows?",
+    r"joints?", r"breasts?", r"facial", r"face", r"tumou?rs?", r"cancer", r"oncology|oncologist", r"sports",
+    r"fractures?", r"injur(?:y|ies)", r"replacements?", r"otolaryngology|ENT", r"ophthalmolog\w*|eye",
+    r"urology|urologist", r"gynecolog\w*|obstetric\w*|OB/GYN|OBGYN", r"internal", r"medicine", r"family",
+    r"primary", r"pediatric\w*|paediatric\w*", r"psychiatr\w*", r"dermatolog\w*", r"infectious", r"emergency",
+    r"urgent", r"general",
+)
 MASK_TOKEN = "professional"
 
 
