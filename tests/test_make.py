@@ -20,7 +20,7 @@ def test_paper_grid_covers_the_experiments(tmp_path):
     fits = re.findall(r"ssae-fit .*?-o (\S+)", cmds)
     ssaes = sorted(os.path.basename(f) for f in fits if "/ssae/" in f)
     grid = [f"{r}-t{t}" for r in ("bm25", "dense", "dense_tracin", "indomain") for t in ("0", "500", "1e9")]
-    assert ssaes == sorted(grid + ["medical-t0", "medical-t500"])
+    assert ssaes == sorted(grid + ["medical-erm", "medical-ess0.5"])
     assert sum("/sweep/" in f for f in fits) == 6
     assert "--rerank tracin" in cmds and "--method dense" in cmds and "--method bm25" in cmds
     evals = [e for e in re.findall(r"ssae-eval .*", cmds) if "/tilt/" not in e]

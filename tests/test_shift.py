@@ -120,6 +120,13 @@ def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_pat
     # the table on stderr
     assert "shift+retrain:planted" in result.stderr and "worst" in result.stderr and "±" in result.stderr
     assert "check: the original probe's gender accuracy" in result.stderr
+    # the gender probe's test accuracy on the activations and with every latent ablated, per split and mean
+    left = report["gender_left"]["planted"]
+    assert set(detail["gender_test_accuracy"]) == {"activations", "every_latent_ablated"}
+    assert left["activations"] > 0.9 and 0 <= left["every_latent_ablated"] <= 1
+    assert left["activations"] == pytest.approx(np.mean([b["saes"][0]["gender_test_accuracy"]["activations"]
+                                                         for b in report["splits"]]))
+    assert "gender left in planted: a gender probe reaches" in result.stderr
 
 
 def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):

@@ -17,9 +17,9 @@ from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
-from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SPECIALTY_WORDS, SaeSpec, aggregate_rows, ablated_summary, build_cells,
-                     format_table, load_bios, mask_pattern, mask_text, paired_differences, parse_side,
-                     read_explanations, read_mask_words, run_shift)
+from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SPECIALTY_WORDS, SaeSpec, aggregate_rows, ablated_summary,
+                     build_cells, format_table, gender_left_summary, load_bios, mask_pattern, mask_text,
+                     paired_differences, parse_side, read_explanations, read_mask_words, run_shift)
 
 log = logging.getLogger("ssae")
 
@@ -102,7 +102,8 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
                   "mask": masked, "probe": config.probe, "cells": splits[0].counts, "ablation": config.ablation,
                   "attribution": ATTRIBUTION, "rows": aggregate_rows([b["rows"] for b in bodies]),
                   "differences": paired_differences([b["rows"] for b in bodies]),
-                  "ablated": ablated_summary([b["saes"] for b in bodies]), "splits": bodies}
+                  "ablated": ablated_summary([b["saes"] for b in bodies]),
+                  "gender_left": gender_left_summary([b["saes"] for b in bodies]), "splits": bodies}
         with atomic_file(out, force=context.force) as tmp:
             with open(tmp, "w") as f:
                 json.dump(report, f, indent=2)
