@@ -733,7 +733,8 @@ def format_table(report: dict) -> str:
         professions = report.get("professions", {})
         title = f"SHIFT, {','.join(professions.get('A', []))} vs {','.join(professions.get('B', []))}: " \
                 f"mean±sd over {len(report['splits'])} split(s), probe {report.get('probe')}"
-        text.append(title + ("; profession words masked" if report.get("mask") else ""))
+        mask = report.get("mask")
+        text.append(title + (f"; {mask['replacements']} words masked" if mask else ""))
     text += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
              for line in lines]
     original = next((r for r in rows if r["method"] == "original"), None)
