@@ -116,24 +116,25 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 # The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
 # (the bios are excluded, so no validation or test bio is trained on): ERM and TERM with SHIFT_TERM, a
 # tilt_flags setting of the TERM sweep below (default ess0.5, `--tilt-ess 0.5`: issue 12 found that a fixed
-# --tilt 500 trains the same SAE as ERM at this scale). Profession titles and specialty words masked, the
-# l2 probe and a 70/10/20 train/validation/test split per cell (the largest ambiguous training set that
-# leaves 10 validation and 20 test bios a cell), so that the original probe leans on gender; SHIFT_SEEDS
-# seeded splits, every number mean ± sd. --auto-min-drop 0: the gender signal is spread over many latents, so
+# --tilt 500 trains the same SAE as ERM at this scale). Profession titles masked and the l2 probe; on the
+# bundled bios also the specialty words and a 70/10/20 train/validation/test split per cell (the largest
+# ambiguous training set that leaves 10 validation and 20 test bios a cell), so that the original probe
+# leans on gender (docs/shift.md has the measurements); SHIFT_SEEDS seeded splits, every number mean ± sd.
+# --auto-min-drop 0: the gender signal is spread over many latents, so
 # `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
 # The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
 # physician and surgeon bios ("Having more than N years of diverse experiences ...", "accepts insurance"),
 # so nurse vs physician/surgeon is read from the template even with the titles masked (docs/shift.md).
 ifeq ($(BIOS),$(DATA)/bios/bias_in_bios_600.jsonl)
 SHIFT_PROFESSIONS ?= physician surgeon
-SHIFT_SPLIT ?= --test-fraction 0.2 --val-fraction 0.1
+SHIFT_BIOS_ARGS ?= --mask-specialties --test-fraction 0.2 --val-fraction 0.1
 else
 SHIFT_PROFESSIONS ?= $(PROFESSIONS)
 endif
 SHIFT_TERM ?= ess0.5
 SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
 SHIFT_SEEDS ?= 5
-SHIFT_ARGS ?= --mask-professions --mask-specialties --probe l2 $(SHIFT_SPLIT) --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
+SHIFT_ARGS ?= --mask-professions --probe l2 $(SHIFT_BIOS_ARGS) --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
 SHIFT_SSAES := $(P)/ssae/medical-erm/cfg.json $(P)/ssae/medical-$(SHIFT_TERM)/cfg.json
 
 $(P)/docs/medical.jsonl:
