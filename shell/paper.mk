@@ -121,34 +121,39 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 
 # ---- SHIFT (Table 1): begin -------------------------------------------------------------------------
 # The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
-# (the bios are excluded, so no validation or test bio is trained on): ERM (tilt 0) and TERM (tilt
-# SHIFT_TILT). Profession titles masked and a Marks-style probe, so that the original probe leans on gender;
-# SHIFT_SEEDS seeded splits, every number mean ± sd. --auto-min-drop 0: the gender signal is spread over many
-# latents, so `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
+# (the bios are excluded, so no validation or test bio is trained on): ERM and TERM with SHIFT_TERM, a
+# tilt_flags setting of the TERM sweep below (default ess0.5, `--tilt-ess 0.5`: issue 12 found that a fixed
+# --tilt 500 trains the same SAE as ERM at this scale). Profession titles masked and the l2 probe; on the
+# bundled bios also the specialty words and a 70/10/20 train/validation/test split per cell (the largest
+# ambiguous training set that leaves 10 validation and 20 test bios a cell), so that the original probe
+# leans on gender (docs/shift.md has the measurements); SHIFT_SEEDS seeded splits, every number mean ± sd.
+# --auto-min-drop 0: the gender signal is spread over many latents, so
+# `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
 # The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
 # physician and surgeon bios ("Having more than N years of diverse experiences ...", "accepts insurance"),
 # so nurse vs physician/surgeon is read from the template even with the titles masked (docs/shift.md).
 ifeq ($(BIOS),$(DATA)/bios/bias_in_bios_600.jsonl)
 SHIFT_PROFESSIONS ?= physician surgeon
+SHIFT_BIOS_ARGS ?= --mask-specialties --test-fraction 0.2 --val-fraction 0.1
 else
 SHIFT_PROFESSIONS ?= $(PROFESSIONS)
 endif
-SHIFT_TILT ?= 500
+SHIFT_TERM ?= ess0.5
 SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
 SHIFT_SEEDS ?= 5
-SHIFT_ARGS ?= --mask-professions --probe marks --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
-SHIFT_SSAES := $(P)/ssae/medical-t0/cfg.json $(P)/ssae/medical-t$(SHIFT_TILT)/cfg.json
+SHIFT_ARGS ?= --mask-professions --probe l2 $(SHIFT_BIOS_ARGS) --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
+SHIFT_SSAES := $(P)/ssae/medical-erm/cfg.json $(P)/ssae/medical-$(SHIFT_TERM)/cfg.json
 
 $(P)/docs/medical.jsonl:
 	mkdir -p $(@D)
 	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@ > /dev/null,$@)
 
-$(P)/ssae/medical-t%/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
-	$(call logged,ssae-fit $< --init $(P)/gsae --tilt $* --train-tokens $(SHIFT_SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+$(P)/ssae/medical-%/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
+	$(call logged,ssae-fit $< --init $(P)/gsae $(call tilt_flags,$*) --train-tokens $(SHIFT_SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
 
 $(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
 	mkdir -p $(@D)
-	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-t0 --sae ssae-term=$(P)/ssae/medical-t$(SHIFT_TILT) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
+	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-erm --sae ssae-term=$(P)/ssae/medical-$(SHIFT_TERM) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
 # ---- SHIFT (Table 1): end ---------------------------------------------------------------------------
 
 # ---- TERM tilt sweep (issue 12): `make -C shell paper-tilt` -----------------------------------------

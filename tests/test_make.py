@@ -33,7 +33,7 @@ def test_paper_grid_covers_the_experiments(tmp_path):
     fits = [f for call in calls for f in fit_outputs(call)]
     ssaes = sorted(os.path.basename(f) for f in fits if "/ssae/" in f)
     grid = [f"{r}-t{t}" for r in ("bm25", "dense", "dense_tracin", "indomain") for t in ("0", "500", "1e9")]
-    assert ssaes == sorted(grid + ["medical-t0", "medical-t500"])
+    assert ssaes == sorted(grid + ["medical-erm", "medical-ess0.5"])
     assert sum("-o " + str(tmp_path / "ssae") in c and "--tilt 0,500,1e9" in c for c in calls) == 4  # one per recipe
     assert sorted(os.path.basename(f) for f in fits if "/sweep/" in f) == sorted(
         [f"gsae-k{k}" for k in (8, 16, 64)] + [f"ssae-k{k}" for k in (8, 16, 64)])

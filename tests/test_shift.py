@@ -120,6 +120,13 @@ def test_auto_finds_planted_gender_latents_and_raises_worst_group(setup, tmp_pat
     # the table on stderr
     assert "shift+retrain:planted" in result.stderr and "worst" in result.stderr and "±" in result.stderr
     assert "check: the original probe's gender accuracy" in result.stderr
+    # the gender probe's test accuracy on the activations and with every latent ablated, per split and mean
+    left = report["gender_left"]["planted"]
+    assert set(detail["gender_test_accuracy"]) == {"activations", "every_latent_ablated"}
+    assert left["activations"] > 0.9 and 0 <= left["every_latent_ablated"] <= 1
+    assert left["activations"] == pytest.approx(np.mean([b["saes"][0]["gender_test_accuracy"]["activations"]
+                                                         for b in report["splits"]]))
+    assert "gender left in planted: a gender probe reaches" in result.stderr
 
 
 def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):
@@ -321,6 +328,26 @@ def test_masking_replaces_whole_profession_words_in_any_case():
     assert S.mask_text("She and he, Mrs. and Mr., her husband", pattern) == ("She and he, Mrs. and Mr., her husband", 0)
 
 
+def test_masking_specialty_words():
+    pattern = S.mask_pattern(S.SPECIALTY_WORDS)
+    cases = {
+        "She is an Orthopaedic specialist in knee and hip replacement, operating at Spine Center.": (
+            "She is an professional specialist in professional and professional professional, professional at "
+            "professional Center.", 6),
+        "Internal Medicine, OB/GYN, neurology; he treats tumors and sports injuries.": (
+            "professional professional, professional, professional; he treats professional and professional "
+            "professional.", 7),
+        # whole words only: Handel, Eyes, Generally, Orally stay
+        "Handel Eyes Generally Orally": ("Handel Eyes Generally Orally", 0),
+    }
+    for text, (expected, n) in cases.items():
+        assert S.mask_text(text, pattern) == (expected, n)
+    # the two lists together, as --mask-professions --mask-specialties gives them
+    both = S.mask_pattern(S.PROFESSION_WORDS + S.SPECIALTY_WORDS)
+    assert S.mask_text("Dr. Lee, a plastic surgeon; her husband", both) == (
+        "professional Lee, a professional professional; her husband", 3)
+
+
 def test_mask_words_file(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("# custom\nnurse\n\nsurgeons?\n")
@@ -353,6 +380,14 @@ def test_mask_option_changes_the_text_the_model_reads(setup, tmp_path):
     result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
                   "--mask-words", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s.json")])
     assert result.exit_code == 2 and "--mask-words" in result.stderr and "no such file" in result.stderr
+    # --mask-specialties adds its list to the file's (the synthetic bios have no specialty words: no more replaced)
+    result = run(["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
+                  "--mask-words", str(words), "--mask-specialties", "--seeds", "1", "--ablate", "0,1", "--force",
+                  "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["mask"]["words"] == ["nurse", "physician", "surgeon"] + list(S.SPECIALTY_WORDS)
+    assert report["config"]["mask_specialties"] is True
 
 
 def test_seeded_splits_are_disjoint_balanced_and_reproducible():

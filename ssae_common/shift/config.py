@@ -58,6 +58,10 @@ class ShiftConfig:
     mask_words: str | None = option(
         None, help="File of words to mask instead of the built-in list (one regular expression a line, "
                    "whole words, any case).")
+    mask_specialties: bool = option(
+        False, help="Also mask medical specialty, procedure and body-part words (surgery's cues once the "
+                    "titles are masked: orthopedic, plastic, spine, knee, internal medicine, ...; see "
+                    "docs/shift.md).")
     seeds: int = option(
         5, min=1, help="Seeded splits (seeds --seed, --seed + 1, ...): the whole experiment runs on each; "
                        "the table shows mean and sd.")

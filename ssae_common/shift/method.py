@@ -171,6 +171,23 @@ PROFESSION_WORDS = (
     r"anesthesiologists?", r"(?:neuro)?surgeons?", r"(?:neuro)?surger(?:y|ies)", r"(?:neuro)?surgical(?:ly)?",
     r"professors?", r"Prof\.?",  # the full Bias in Bios's usual pair is professor vs nurse
 )
+# --mask-specialties: the medical specialty, procedure and body-part words that tell a physician's bio from
+# a surgeon's once the titles are masked (made from the bundled physician/surgeon bios' most one-sided
+# words, plus the common specialty names). Crude on purpose: "hand", "face", "general", "family",
+# "internal" and "medicine" go in every sense.
+SPECIALTY_WORDS = (
+    r"operat(?:e|es|ed|ing|ion|ions|ive)", r"procedures?", r"(?:re)?construct(?:ive|ion|ions)", r"plastic",
+    r"cosmetic", r"aesthetic", r"orthop(?:a)?edic(?:s)?", r"orthop(?:a)?edist", r"trauma", r"spine|spinal",
+    r"vascular", r"(?:cardio)?thoracic", r"cardiac", r"cardiology|cardiologist", r"cardiovascular", r"neuro\w*",
+    r"transplant\w*", r"implants?", r"endoscop\w*", r"laparoscop\w*", r"arthroscop\w*", r"minimally",
+    r"invasive", r"bariatric", r"colorectal", r"oral", r"maxillofacial", r"dental", r"dentistry", r"tooth|teeth",
+    r"extractions?", r"BDS", r"MDS", r"FRCS", r"hand", r"hips?", r"knees?", r"shoulders?", r"elbows?",
+    r"joints?", r"breasts?", r"facial", r"face", r"tumou?rs?", r"cancer", r"oncology|oncologist", r"sports",
+    r"fractures?", r"injur(?:y|ies)", r"replacements?", r"otolaryngology|ENT", r"ophthalmolog\w*|eye",
+    r"urology|urologist", r"gynecolog\w*|obstetric\w*|OB/GYN|OBGYN", r"internal", r"medicine", r"family",
+    r"primary", r"pediatric\w*|paediatric\w*", r"psychiatr\w*", r"dermatolog\w*", r"infectious", r"emergency",
+    r"urgent", r"general",
+)
 MASK_TOKEN = "professional"
 
 
@@ -674,6 +691,19 @@ def ablated_summary(split_details: list[list[dict]], tokenizer_free_top: int = 6
     return {name: sorted(v.values(), key=lambda e: (-e["splits"], e["latent"])) for name, v in out.items()}
 
 
+def gender_left_summary(split_details: list[list[dict]]) -> dict[str, dict]:
+    """Per SAE, the mean and sd over splits of the gender probe's test accuracy on the activations and
+    with every latent ablated (`gender_test_accuracy` of each split's SAE details)."""
+    out: dict[str, dict] = {}
+    for name in [d["name"] for d in split_details[0]]:
+        values = [next(d for d in details if d["name"] == name)["gender_test_accuracy"] for details in split_details]
+        out[name] = {}
+        for key in ("activations", "every_latent_ablated"):
+            mean, sd = mean_sd(v[key] for v in values)
+            out[name][key], out[name][key + "_sd"] = mean, sd
+    return out
+
+
 def _pct(row: dict, name: str, key: str | None = None) -> str:
     value = row[name] if key is None else row[name][key]
     sd = row.get(name + "_sd")
@@ -703,7 +733,8 @@ def format_table(report: dict) -> str:
         professions = report.get("professions", {})
         title = f"SHIFT, {','.join(professions.get('A', []))} vs {','.join(professions.get('B', []))}: " \
                 f"mean±sd over {len(report['splits'])} split(s), probe {report.get('probe')}"
-        text.append(title + ("; profession words masked" if report.get("mask") else ""))
+        mask = report.get("mask")
+        text.append(title + (f"; {mask['replacements']} words masked" if mask else ""))
     text += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
              for line in lines]
     original = next((r for r in rows if r["method"] == "original"), None)
@@ -714,6 +745,10 @@ def format_table(report: dict) -> str:
     for d in report.get("differences", []):
         text.append(f"difference in worst group, {d['a']} - {d['b']}: {100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} "
                     "(mean ± sd over splits)")
+    for name, left in report.get("gender_left", {}).items():
+        text.append(f"gender left in {name}: a gender probe reaches {_pct(left, 'activations')} on the test set's "
+                    f"activations and {_pct(left, 'every_latent_ablated')} with every latent ablated (the error "
+                    "term: what no choice of latents removes)")
     for name, latents in report.get("ablated", {}).items():
         shown = "; ".join(f"{e['latent']} [{e['splits']}x] {' '.join(repr(t) for t in e['top_tokens'])}"
                           for e in latents[:12])
@@ -816,6 +851,12 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
                 steps.append({"latent": latent, "gender_auc": auc, "gender_accuracy": accuracy})
         max_ablated = max(max_ablated, len(chosen))
         x_abl = ablate_latents(x, stats.pooled, chosen, sae, ablate_to)
+        # what no choice of latents can remove: a gender probe retrained with every candidate ablated
+        # (the error term, plus latents outside the slice) against one on the activations
+        x_none = ablate_latents(x, stats.pooled, [int(j) for j in np.flatnonzero(mask)], sae, ablate_to)
+        gender_left = {"activations": gender_probe.accuracy(x[test], cells.gender[test]),
+                       "every_latent_ablated": LinearProbe.fit(x_none[balanced], cells.gender[balanced], cfg.probe_c,
+                                                               seed).accuracy(x_none[test], cells.gender[test])}
         retrained = LinearProbe.fit(x_abl[train], cells.label[train], cfg.probe_c, seed, cfg.probe)
         per_sae_rows.append(row(f"shift:{spec.name}", spec.name, evaluate(probe, x_abl[test], cells, test), chosen))
         per_sae_rows.append(row(f"shift+retrain:{spec.name}", spec.name,
@@ -832,7 +873,8 @@ def run_shift(acts: list, token_lists: list, cells: Cells, saes: list[SaeSpec], 
                         "architecture": sae.architecture, "latents_considered": int(mask.sum()),
                         "selection": "auto" if spec.latents is None else "list",
                         "ablated_latents": chosen, "selection_trace": steps, "selection_note": note,
-                        "clean_logit_max_abs_diff": max_diff, "top_latents": top})
+                        "clean_logit_max_abs_diff": max_diff, "gender_test_accuracy": gender_left,
+                        "top_latents": top})
 
     neuron_to = x[train].mean(0) if cfg.ablation == "mean" else np.zeros(x.shape[1])
     neuron_scores = neuron_attribution(probe, x[train], signs[train], neuron_to)

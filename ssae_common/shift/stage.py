@@ -17,9 +17,9 @@ from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
-from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SaeSpec, aggregate_rows, ablated_summary, build_cells,
-                     format_table, load_bios, mask_pattern, mask_text, paired_differences, parse_side,
-                     read_explanations, read_mask_words, run_shift)
+from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SPECIALTY_WORDS, SaeSpec, aggregate_rows, ablated_summary,
+                     build_cells, format_table, gender_left_summary, load_bios, mask_pattern, mask_text,
+                     paired_differences, parse_side, read_explanations, read_mask_words, run_shift)
 
 log = logging.getLogger("ssae")
 
@@ -49,7 +49,7 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
         pairing=config.pairing, top=config.top, auto_max=config.auto_max, auto_min_drop=config.auto_min_drop,
         show=config.show, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
         max_per_cell=config.max_per_cell, probe=config.probe, probe_c=config.probe_c,
-        mask_professions=config.mask_professions,
+        mask_professions=config.mask_professions, mask_specialties=config.mask_specialties,
         mask_words=None if config.mask_words is None else {"path": os.path.abspath(config.mask_words),
                                                            "sha256": input_fingerprint(config.mask_words)},
         seeds=config.seeds, context_size=config.context_size,
@@ -102,7 +102,8 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
                   "mask": masked, "probe": config.probe, "cells": splits[0].counts, "ablation": config.ablation,
                   "attribution": ATTRIBUTION, "rows": aggregate_rows([b["rows"] for b in bodies]),
                   "differences": paired_differences([b["rows"] for b in bodies]),
-                  "ablated": ablated_summary([b["saes"] for b in bodies]), "splits": bodies}
+                  "ablated": ablated_summary([b["saes"] for b in bodies]),
+                  "gender_left": gender_left_summary([b["saes"] for b in bodies]), "splits": bodies}
         with atomic_file(out, force=context.force) as tmp:
             with open(tmp, "w") as f:
                 json.dump(report, f, indent=2)
@@ -111,16 +112,22 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
 
 
 def _mask(bios, config: ShiftConfig) -> dict | None:
-    """Mask the profession words in place (--mask-professions or --mask-words); returns what was done."""
-    if config.mask_words is None and not config.mask_professions:
+    """Mask the profession words in place (--mask-professions or --mask-words, and --mask-specialties);
+    returns what was done."""
+    if config.mask_words is None and not config.mask_professions and not config.mask_specialties:
         return None
-    words = read_mask_words(config.mask_words) if config.mask_words else list(PROFESSION_WORDS)
+    if config.mask_words:
+        words = read_mask_words(config.mask_words)
+    else:
+        words = list(PROFESSION_WORDS) if config.mask_professions else []
+    if config.mask_specialties:
+        words += SPECIALTY_WORDS
     pattern = mask_pattern(words)
     replaced = 0
     for bio in bios:
         bio.text, n = mask_text(bio.text, pattern)
         replaced += n
-    log.info("masked %d profession words in %d bios", replaced, len(bios))
+    log.info("masked %d profession/specialty words in %d bios", replaced, len(bios))
     return {"words": words, "token": MASK_TOKEN, "replacements": replaced}
 
 
