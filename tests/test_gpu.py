@@ -30,10 +30,19 @@ def test_tf32_is_the_cuda_default_and_ssae_tf32_0_turns_it_off(monkeypatch, rest
         cuda_defaults()
 
 
-def test_autocast_is_on_by_default_and_cuda_only():
-    from ssae_common.sae.config import FitConfig
+def test_autocast_is_on_by_default_and_cuda_only(tmp_path):
+    import json
 
-    assert FitConfig().autocast is True  # sae/train.py applies it only when the device is CUDA
+    from helpers import make_store, sparse_data
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.sae import FitConfig, fit
+
+    assert FitConfig().autocast is True
+    store = make_store(tmp_path / "acts.h5", sparse_data(n=512))
+    record = fit(FitConfig(d_sae=16, k=2, batch_size=64, val_tokens=0), [str(store)], out=str(tmp_path / "sae"),
+                 context=RunContext(device_spec="cpu", quiet=True))
+    cfg = json.load(open(tmp_path / "sae" / "cfg.json"))
+    assert record["kind"] == "sae" and cfg["config"]["autocast"] is False  # what ran on the CPU
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -82,8 +82,10 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     for combo in combos:  # every combination is checked before any is trained
         seed = combo.pop("seed")
         ctx = replace(context, seed=seed)
+        # autocast acts on CUDA only: record (and hash) what the run does
         cfg = replace(replace(config, **combo).resolve(d_in, n_rows, parent.sae if parent else None),
-                      seed=seed, device=context.device)
+                      seed=seed, device=context.device,
+                      autocast=config.autocast and context.device.startswith("cuda"))
         settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
         resolved = ctx.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
         digest = config_hash(resolved)
