@@ -13,8 +13,8 @@ Documents are windowed exactly as ssae-harvest does (harvest.iter_windows: windo
 Passes 2 and 3 share the clean pass's prefix: when the hook is on the residual stream between blocks
 (hook_resid_pre / hook_resid_post), they rerun only the layers above it from the replaced residual
 (data.models.Suffix), and unembed only the positions that are scored; the first batch of a loaded model
-at a hook checks that the rerun reproduces the clean logits. Other hooks, or a model failing that check, fall back to a whole
-forward pass each. Both give the same numbers to float rounding (tests/test_eval_split.py).
+at a hook checks that the rerun reproduces the clean logits. Other hooks, or a model failing that check,
+fall back to a whole forward pass each. Both give the same numbers to float rounding (tests/test_eval_split.py).
 
 Spliced positions are the real (non-padding) positions after BOS; BOS itself is left clean unless
 `splice_bos` (harvest drops BOS by default, so SAEs are not trained on it). The activation-based
@@ -131,9 +131,7 @@ def replaced_pass(lm, tokens: torch.Tensor, hook: str, acts: torch.Tensor, suffi
         return full
 
     def rerun(values):
-        resid = acts.clone()
-        resid[mask] = 0 if values is None else values.to(resid.dtype)
-        return suffix(resid, pred)
+        return suffix(_replace(mask, values)(acts, hook), pred)
 
     return rerun
 
