@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,21 @@ def test_unrelated_ssae_variables_are_left_alone():
     from ssae_tools.base import check_environment
 
     check_environment("fit", {"SSAE_WORKDIR": "w", "SSAE_MY_OWN_SCRIPT_SETTING": "x", "SSAE_FIT_K": "4"})
+
+
+def test_the_toolkits_own_variables_are_accepted():
+    """Every SSAE_* name the Makefiles, scripts, benchmarks and docs use (bench-peers exports
+    SSAE_PEERS_PYTHON) passes the typo check, so exporting it never makes a tool exit 2."""
+    import re
+
+    from ssae_tools.base import check_environment
+
+    root = Path(__file__).resolve().parent.parent
+    files = [p for d in ("shell", "tests/bench", "docs") for p in (root / d).rglob("*") if p.is_file()]
+    names = {m for p in files + [root / "README.md"] for m in re.findall(r"\bSSAE_[A-Z0-9_]*[A-Z0-9]\b", p.read_text(errors="ignore"))}
+    assert "SSAE_PEERS_PYTHON" in names
+    for name in sorted(names):
+        check_environment("fit", {name: "1"})
 
 
 # --------------------------------------------------------------------------- permissions

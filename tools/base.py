@@ -48,7 +48,8 @@ SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "
 OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
              "SSAE_CACHE": "cache of converted models and corpus indexes (~/.cache/ssae)",
              "SSAE_TF32": "0: float32 matmuls on CUDA in full precision, not TF32 (docs/scale.md)",
-             "SSAE_DATA": "shell/demo.sh: the data folder", "SSAE_TOKENS": "shell/paper.mk: SSAE token budget"}
+             "SSAE_DATA": "shell/demo.sh: the data folder", "SSAE_TOKENS": "shell/paper.mk: SSAE token budget",
+             "SSAE_PEERS_PYTHON": "bench-peers and the format round trips: the peers venv's python"}
 EXIT_CODES = "0 success; 1 runtime failure; 2 usage or bad input; 75 interrupted after a checkpoint (rerun resumes)"
 
 
