@@ -130,7 +130,7 @@ echo "soak: uninterrupted harvest ${t_harvest} s, fit ${t_fit} s" >&2
 total=0; identical=0; differ=0; killed=0
 printf 'tool\tsignal\tpoint\tfirst_rc\treruns\tresult\n'
 for tool in $TOOLS; do
-  if [ $tool = harvest ]; then cmd=("${HARVEST[@]}"); ref=$ref_h5; out="$work/trial.h5"
+  if [ "$tool" = harvest ]; then cmd=("${HARVEST[@]}"); ref=$ref_h5; out="$work/trial.h5"
   else cmd=("${FIT[@]}"); ref=$ref_sae; out="$work/trial-sae"; fi
   for sig in TERM KILL; do
     for ((i = 0; i < TRIALS; i++)); do
@@ -145,7 +145,7 @@ for tool in $TOOLS; do
       if py -c "import sys; sys.exit(0 if $f < 0.1 else 1)"; then
         sleep "$(py -c "print($f / 0.1 * 2)")"
       else
-        wait_for $tool "$out" "$ref" "$f" "$pid"
+        wait_for "$tool" "$out" "$ref" "$f" "$pid"
       fi
       delay=$f
       kill -s "$sig" "$pid" 2> /dev/null || true
@@ -157,7 +157,7 @@ for tool in $TOOLS; do
         "${cmd[@]}" -o "$out" > /dev/null 2>> "$work/soak.stderr" || true
       done
       total=$((total + 1))
-      if [ -e "$out" ] && why=$(same $tool "$ref" "$out" 2>&1); then
+      if [ -e "$out" ] && why=$(same "$tool" "$ref" "$out" 2>&1); then
         identical=$((identical + 1)); result=identical
       else
         differ=$((differ + 1)); result="DIFFERS: ${why:-no output}"

@@ -1,6 +1,7 @@
 """GPU defaults (TF32 switch, autocast default) and `make -C shell bench-gpu`'s CPU dry run."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -62,12 +63,30 @@ def test_bench_gpu_dry_run_prints_the_table_and_writes_json(tmp_path, capsys):
     header = next(i for i, line in enumerate(lines) if line.startswith("bench "))
     assert lines[header].split() == ["bench", "setting", "tokens/s", "TFLOP/s", "peak", "share", "of", "peak"]
     body = lines[header + 1:]
-    assert [line.split()[0] for line in body] == ["fit", "fit", "harvest", "eval", "eval"]
+    assert [line.split()[0] for line in body] == ["fit", "fit", "fit", "harvest", "eval", "eval"]
+    assert [re.split(r"\s{2,}", line)[1].split(", ")[-2:] for line in body[:3]] == [
+        ["autocast bf16", "dense decoder"], ["autocast bf16", "sparse decoder"], ["--no-autocast", "dense decoder"]]
     assert all(line.endswith("%") for line in body)
     saved = json.loads(out.read_text())
     assert saved["dry"] is True and set(saved["peaks_flops"]) == {"bf16", "tf32", "fp32"}
     assert all(v > 0 for v in saved["peaks_flops"].values())
-    assert len(saved["rows"]) == len(result["rows"]) == 5
+    assert len(saved["rows"]) == len(result["rows"]) == 6 and saved["weights"] == "random"
     for row in saved["rows"]:
         # a rate from two run lengths is NaN when the machine's noise made the longer run no slower
         assert row["peak"] in saved["peaks_flops"] and not row["flops"] <= 0 and not row["share"] <= 0
+
+
+def test_bench_gpu_random_weights_needs_only_the_config_and_tokenizer(tmp_path, capsys):
+    import bench_gpu
+    from helpers import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=4, d_model=32)
+    weights = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
+    assert weights
+    for name in weights:  # what shell/offline_pack.py carries: no weights
+        os.remove(os.path.join(folder, name))
+    result = bench_gpu.main(["--dry", "--model", folder, "--random-weights", "--hook", "blocks.2.hook_resid_post"])
+    assert result["weights"] == "random" and result["model"] == folder and result["hook"] == "blocks.2.hook_resid_post"
+    assert [r["bench"] for r in result["rows"]] == ["fit", "fit", "fit", "harvest", "eval", "eval"]
+    with pytest.raises(SystemExit, match="--random-weights needs --model FOLDER holding a config.json"):
+        bench_gpu.main(["--dry", "--model", str(tmp_path), "--random-weights"])

@@ -38,7 +38,7 @@ def history(tmp_path):
 
 
 def test_scripts_pass_shellcheck():
-    scripts = sorted(glob.glob(os.path.join(SLURM, "*"))) + [os.path.join(ROOT, "shell", "demo.sh")]
+    scripts = sorted(glob.glob(os.path.join(SLURM, "*"))) + sorted(glob.glob(os.path.join(ROOT, "shell", "*.sh")))
     scripts += sorted(glob.glob(os.path.join(ROOT, "shell", "examples", "*.sh")))
     p = subprocess.run([os.path.join(BIN, "shellcheck"), "-x", *scripts], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

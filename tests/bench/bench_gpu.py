@@ -3,12 +3,18 @@ the same device in the same run (bf16 and TF32 / strict float32 GEMMs).
 
     make -C shell bench-gpu                       (python tests/bench/bench_gpu.py [--out results.json])
     python tests/bench/bench_gpu.py --dry         the same code path on the CPU, tiny sizes (tests/test_gpu.py)
+    python tests/bench/bench_gpu.py --model FOLDER --random-weights
+                                                  a randomly initialised model of FOLDER's config.json (and its
+                                                  tokenizer): the same shapes, so the same time, without the
+                                                  weights (shell/offline-bench.sh, where they cannot travel)
 
 Each figure runs the package's own entry points with the defaults a user gets on CUDA (TF32 matmuls,
 bfloat16 autocast in ssae-fit; docs/scale.md), and ssae-fit also with --no-autocast:
 - fit: whole `fit()` runs (data stream, steps, checkpoints) of two lengths; tokens/s is the difference of
-  tokens over the difference of seconds, so start-up (store, model, output) cancels. FLOPs: the dense
-  count, 12 x d_in x d_sae per token (a sparse decoder does fewer: the share is then an upper bound).
+  tokens over the difference of seconds, so start-up (store, model, output) cancels. With autocast, dense
+  and sparse decoder (`--decoder`; auto is dense on CUDA until this row says otherwise), and without
+  autocast. FLOPs: the dense count, 12 x d_in x d_sae per token (the sparse step does about a third of it,
+  so its share is an upper bound).
 - harvest: whole `harvest()` runs of two lengths, the same difference; FLOPs: 2 x the weights of the
   layers up to the hook + attention, per token.
 - eval: evaluate_docs over the same pre-cut batches with 1, 4 and 13 random TopK SAEs (the shared-prefix
@@ -108,17 +114,17 @@ def bench_fit(device: str, size: dict, tmp: str) -> list[dict]:
     store = make_store(os.path.join(tmp, "fit.h5"), size["store_rows"])
     batch, d_sae = size["fit_batch"], size["d_sae"]
     rows = []
-    for autocast in (True, False):
-        def run(steps, autocast=autocast):
+    for autocast, decoder in ((True, "dense"), (True, "sparse"), (False, "dense")):
+        def run(steps, autocast=autocast, decoder=decoder):
             cfg = FitConfig(architecture="topk", d_sae=d_sae, k=32, batch_size=batch, train_tokens=steps * batch,
-                            val_tokens=0, autocast=autocast)
-            fit(cfg, [store], out=os.path.join(tmp, f"sae-{autocast}-{steps}"),
+                            val_tokens=0, autocast=autocast, decoder=decoder)
+            fit(cfg, [store], out=os.path.join(tmp, f"sae-{autocast}-{decoder}-{steps}"),
                 context=RunContext(device_spec=device, quiet=True, force=True))
 
         rate = batch * two_lengths(run, *size["fit_steps"])
         use_bf16 = autocast and device.startswith("cuda")  # autocast is CUDA-only
         rows.append(dict(bench="fit", setting=f"topk d_sae {d_sae} k 32 batch {batch}, "
-                                              f"{'autocast bf16' if autocast else '--no-autocast'}",
+                                              f"{'autocast bf16' if autocast else '--no-autocast'}, {decoder} decoder",
                          tokens_per_s=rate, flops=rate * 12 * D_IN * d_sae, peak="bf16" if use_bf16 else fp32_name()))
     return rows
 
@@ -171,6 +177,21 @@ def bench_eval(device: str, size: dict, tmp: str, hook: str, lm) -> list[dict]:
     return rows
 
 
+def random_weights_model(config_folder: str, folder: str) -> str:
+    """A model folder with `config_folder`'s config.json and tokenizer files and random weights (seed 0)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(config_folder):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy(os.path.join(config_folder, name), folder)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder)).save_pretrained(folder)
+    return folder
+
+
 def fp32_name() -> str:
     from ssae_common.core.runtime import tf32_enabled
 
@@ -191,7 +212,15 @@ def main(argv=None) -> dict:
     p.add_argument("--dry", action="store_true", help="run on the CPU with a tiny model and tiny sizes")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--device", default="cuda", help="the CUDA device (default cuda)")
+    p.add_argument("--model", default=None, help="model alias, folder or name (default: smollm2; --dry: a tiny "
+                                                 "random Llama)")
+    p.add_argument("--hook", default=None, help="hook to harvest and evaluate at (default: the toolkit's)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model is a folder with config.json and tokenizer files: time a randomly initialised "
+                        "model of that config (same shapes and time; the weights need not be there)")
     args = p.parse_args(argv)
+    if args.random_weights and not (args.model and os.path.isfile(os.path.join(args.model, "config.json"))):
+        sys.exit("bench-gpu: --random-weights needs --model FOLDER holding a config.json")
     if not args.dry and not torch.cuda.is_available():
         sys.exit("bench-gpu: no CUDA device here (torch.cuda.is_available() is False, torch "
                  f"{torch.__version__}); run it on a GPU machine with a CUDA build of torch, or pass --dry "
@@ -203,14 +232,19 @@ def main(argv=None) -> dict:
     device = "cpu" if args.dry else resolve_device(args.device)  # CUDA: the TF32 default is set here
     size = SIZES["dry" if args.dry else "gpu"]
     with tempfile.TemporaryDirectory(prefix="bench-gpu.") as tmp:
-        if args.dry:
+        from ssae_common.data.config import DEFAULT_HOOK
+
+        if args.random_weights:
+            model = random_weights_model(args.model, os.path.join(tmp, "random-weights"))
+        elif args.model:
+            model = args.model
+        elif args.dry:
             from helpers import make_tiny_model
 
-            model, hook = make_tiny_model(os.path.join(tmp, "tiny"), n_layers=4, d_model=32), "blocks.1.hook_resid_post"
+            model = make_tiny_model(os.path.join(tmp, "tiny"), n_layers=4, d_model=32)
         else:
-            from ssae_common.data.config import DEFAULT_HOOK
-
-            model, hook = "smollm2", DEFAULT_HOOK
+            model = "smollm2"
+        hook = args.hook or ("blocks.1.hook_resid_post" if args.dry and not args.model else DEFAULT_HOOK)
         t0 = time.perf_counter()
         peaks = {"bf16": gemm_peak(device, torch.bfloat16, size["gemm"], size["gemm_seconds"]),
                  "tf32": gemm_peak(device, torch.float32, size["gemm"], size["gemm_seconds"], tf32=True),
@@ -226,7 +260,9 @@ def main(argv=None) -> dict:
         for r in rows:
             r["share"] = r["flops"] / peaks[r["peak"]]
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu (dry run)"
-    result = {"device": name, "torch": torch.__version__, "dry": args.dry, "model": model if not args.dry else "tiny",
+    shown = args.model or ("tiny" if args.dry else model)
+    result = {"device": name, "torch": torch.__version__, "dry": args.dry, "model": shown,
+              "weights": "random" if args.random_weights or (args.dry and not args.model) else "trained",
               "hook": hook, "tf32": fp32_name() == "tf32", "peaks_flops": peaks, "rows": rows,
               "seconds": seconds}
     print(f"bench-gpu on {name}, torch {torch.__version__}; seconds: "
