@@ -449,3 +449,30 @@ def test_retrieve_to_harvest_in_a_real_shell_pipe(tmp_path, tiny_model):
     assert p.returncode == 0, p.stderr
     [rec] = parse_records(p.stdout)
     assert rec["kind"] == "activations" and rec["n_docs"] == 12
+
+
+def test_a_reinstalled_gguf_links_its_earlier_conversion(tmp_path, monkeypatch):
+    """The same GGUF bytes with a new mtime (a reinstalled wheel) reuse the cached conversion (a link),
+    instead of de-quantising into another 0.5 GB folder; other bytes of the same size convert anew."""
+    from ssae_common.core.outputs import sha256_file
+    from ssae_common.data import models
+
+    def convert(*args, **kwargs):
+        raise RuntimeError("would convert")
+
+    monkeypatch.setenv("SSAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", convert)
+    gguf = tmp_path / "M.gguf"
+    gguf.write_bytes(b"gguf bytes")
+    os.utime(gguf, (2, 2))
+    earlier = tmp_path / "cache" / "models" / "M-10-1"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    (earlier / "source.txt").write_text(f"/old/venv/M.gguf\nsha256 {sha256_file(str(gguf))}\n")
+    got = models.convert_gguf(str(gguf))
+    assert got == str(tmp_path / "cache" / "models" / "M-10-2") and os.path.realpath(got) == str(earlier)
+    assert models.convert_gguf(str(gguf)) == got
+    gguf.write_bytes(b"GGUF BYTES")
+    os.utime(gguf, (3, 3))
+    with pytest.raises(RuntimeError, match="would convert"):
+        models.convert_gguf(str(gguf))

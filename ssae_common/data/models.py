@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
+import glob
 import importlib.util
 import logging
 import os
@@ -66,17 +67,37 @@ def _lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _converted(stem: str, size: int, digest: str) -> str | None:
+    """A cached conversion of a GGUF file with these bytes (its source.txt records their sha256)."""
+    for folder in sorted(glob.glob(os.path.join(cache_dir(), glob.escape(f"{stem}-{size}-") + "*"))):
+        source = os.path.join(folder, "source.txt")
+        if os.path.islink(folder) or not all(map(os.path.exists, (os.path.join(folder, "config.json"), source))):
+            continue
+        with open(source) as f:
+            if f"sha256 {digest}" in f.read().splitlines():
+                return folder
+    return None
+
+
 def convert_gguf(gguf_path: str) -> str:
     """De-quantise a GGUF file once into a cached model folder (safetensors + tokenizer) and return it."""
     from ..core.outputs import sha256_file
 
     st = os.stat(gguf_path)
-    key = f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{st.st_size}-{int(st.st_mtime)}"
+    stem = os.path.basename(gguf_path).removesuffix(".gguf")
+    key = f"{stem}-{st.st_size}-{int(st.st_mtime)}"
     target = os.path.join(cache_dir(), key)
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     with _lock(target + ".lock"):
         if os.path.exists(os.path.join(target, "config.json")):
+            return target
+        digest = sha256_file(gguf_path)
+        same = _converted(stem, st.st_size, digest)
+        if same:  # the same file reinstalled (a new mtime): link, not another 0.5 GB copy
+            if os.path.islink(target):
+                os.unlink(target)
+            os.symlink(os.path.basename(same), target)
             return target
         log.info("converting %s into %s (once)", gguf_path, target)
         import torch
@@ -97,7 +118,7 @@ def convert_gguf(gguf_path: str) -> str:
             fresh.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "source.txt"), "w") as f:
-                f.write(f"{gguf_path}\nsha256 {sha256_file(gguf_path)}\n")
+                f.write(f"{gguf_path}\nsha256 {digest}\n")
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
