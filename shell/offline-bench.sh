@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks on a machine without network, from this checkout and the pack that
 # `make -C shell offline-pack` builds (shell/offline_pack.py): installs the pack's wheels into a scratch
-# folder, runs bench-gpu (tests/bench/bench_gpu.py) on a randomly initialised model of the packed config
-# (SmolLM2-135M's shapes: the same time as its weights), then the 5-value tilt sweep against one SAE
-# (tests/bench/bench_fit.py --sweep-only). Logs and JSON go to OUT_DIR.
+# folder, runs the 5-value tilt sweep against one SAE (tests/bench/bench_fit.py --sweep-only), then
+# bench-gpu (tests/bench/bench_gpu.py) on a randomly initialised model of the packed config (SmolLM2-135M's
+# shapes: the same time as its weights), each within its own time limit, so that a slow one still leaves
+# the other its turn. Logs and JSON go to OUT_DIR; the exit status is the first failure's.
 #
 #   bash shell/offline-bench.sh [OUT_DIR]         (default: $OUT, else ./offline-bench)
 #   PACK=.offline-pack PYTHON=python3             the defaults
+#   SWEEP_SECONDS=240 GPU_SECONDS=330             the time limits (a device call allows 600 s in all)
 #   DRY=1                                         on the CPU at tiny sizes: checks the setup, times nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,8 @@ if [[ ${DRY:-0} == 1 ]]; then
     gpu+=(--dry)
     sweep=(--sweep-only --sweep-device cpu --sweep-repeats 1)
 fi
-set -o pipefail
-"$py" tests/bench/bench_gpu.py "${gpu[@]}" 2>&1 | tee "$out/bench-gpu.log"
-"$py" tests/bench/bench_fit.py "${sweep[@]}" 2>&1 | tee "$out/sweep.log"
+status=0
+timeout "${SWEEP_SECONDS:-240}" "$py" tests/bench/bench_fit.py "${sweep[@]}" 2>&1 | tee "$out/sweep.log" || status=$?
+timeout "${GPU_SECONDS:-330}" "$py" tests/bench/bench_gpu.py "${gpu[@]}" 2>&1 | tee "$out/bench-gpu.log" \
+    || { rc=$?; [[ $status != 0 ]] || status=$rc; }
+exit "$status"

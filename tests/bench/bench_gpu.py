@@ -121,6 +121,7 @@ def bench_fit(device: str, size: dict, tmp: str) -> list[dict]:
             fit(cfg, [store], out=os.path.join(tmp, f"sae-{autocast}-{decoder}-{steps}"),
                 context=RunContext(device_spec=device, quiet=True, force=True))
 
+        run(size["fit_steps"][0])  # warm-up: the first run of a setting also pays for its kernels' set-up
         rate = batch * two_lengths(run, *size["fit_steps"])
         use_bf16 = autocast and device.startswith("cuda")  # autocast is CUDA-only
         rows.append(dict(bench="fit", setting=f"topk d_sae {d_sae} k 32 batch {batch}, "
@@ -255,10 +256,13 @@ def main(argv=None) -> dict:
                             ("harvest", lambda: bench_harvest(device, size, tmp, model, hook, lm)),
                             ("eval", lambda: bench_eval(device, size, tmp, hook, lm))):
             t1 = time.perf_counter()
-            rows += bench()
+            done = bench()
             seconds[name] = time.perf_counter() - t1
-        for r in rows:
-            r["share"] = r["flops"] / peaks[r["peak"]]
+            for r in done:  # also as they come, so a run stopped at a time limit keeps what it measured
+                r["share"] = r["flops"] / peaks[r["peak"]]
+                print(f"{name} ({seconds[name]:.0f} s): {r['setting']}: {r['tokens_per_s']:.0f} tokens/s, "
+                      f"{100 * r['share']:.1f}% of the {r['peak']} peak", file=sys.stderr, flush=True)
+            rows += done
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu (dry run)"
     shown = args.model or ("tiny" if args.dry else model)
     result = {"device": name, "torch": torch.__version__, "dry": args.dry, "model": shown,
