@@ -53,7 +53,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     ranks other than 0 of a torchrun job)."""
     from ..data.activations import open_stores, store_fingerprint
     from .imports import import_sae
-    from .train import Parent, Run, parent_sha256, train_saes
+    from .train import Parent, Run, parent_sha256, refuse_sweep_under_torchrun, train_saes
 
     combos = _combinations(sweep or {}, context.seed)
     config.check()
@@ -64,8 +64,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     finally:
         for s in stores:
             s.close()
-    if len(combos) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise BadInput(f"a sweep of {len(combos)} SAEs under torchrun is not supported: run one ssae-fit per SAE")
+    refuse_sweep_under_torchrun(len(combos))  # before the parent is read
 
     parent = None
     if config.init:

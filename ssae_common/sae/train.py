@@ -770,6 +770,12 @@ class Run:
 SHARED = ("seed", "batch_size", "train_tokens", "shuffle_rows", "val_tokens", "tilt_groups", "device", "prefetch")
 
 
+def refuse_sweep_under_torchrun(n_saes: int) -> None:
+    """Several SAEs in one call train in one process: a torchrun job (WORLD_SIZE > 1) is refused."""
+    if n_saes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput(f"a sweep of {n_saes} SAEs under torchrun is not supported: run one ssae-fit per SAE")
+
+
 def train_sae(paths: list[str], cfg: FitConfig, out: str, *, parent: Parent | None = None, resolved: dict,
               config_digest: str, extra_cfg: dict, force: bool = False, quiet: bool = False,
               stop: StopFlag | None = None) -> str | None:
@@ -788,6 +794,7 @@ def train_saes(paths: list[str], runs: list[Run], *, force: bool = False, quiet:
     checked before any training.  Returns the outputs, in order (None on the ranks other than 0)."""
     from ..data.activations import open_stores
 
+    refuse_sweep_under_torchrun(len(runs))
     groups: dict[int, list[Run]] = {}
     for run in runs:
         if not run.cfg.is_resolved:
@@ -825,8 +832,6 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
             raise ConfigError("init", run.parent.path, f"d_in {run.parent.sae.d_in} differs from the activations' "
                                                        f"d_model {d_in} ({stores[0].path})")
     dp = data_parallel(cfg.device)
-    if dp.active and len(runs) > 1:
-        raise BadInput(f"a sweep of {len(runs)} SAEs under torchrun is not supported: run one ssae-fit per SAE")
     if cfg.batch_size < dp.world:
         raise ConfigError("batch_size", cfg.batch_size, f"smaller than the number of ranks ({dp.world})")
     stream = ActivationStream(stores, cfg.batch_size, cfg.seed, shuffle_rows=cfg.shuffle_rows, val_rows=cfg.val_tokens,
