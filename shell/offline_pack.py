@@ -129,9 +129,16 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(ROOT, ".offline-pack"), help="the pack folder (replaced)")
     p.add_argument("--max-mib", type=float, default=None, help="fail when the pack is larger than this")
     args = p.parse_args(argv)
-    if not re.fullmatch(r"3\.\d+", args.python_version):
-        raise SystemExit(f"offline-pack: --python-version {args.python_version!r}: expected major.minor, e.g. 3.12")
-    have = read_have(args.have)
+    try:  # bad input: one line, exit 2, nothing written
+        if not re.fullmatch(r"3\.\d+", args.python_version):
+            raise SystemExit(f"offline-pack: --python-version {args.python_version!r}: expected major.minor, "
+                             "e.g. 3.12")
+        if not os.path.isfile(args.have):
+            raise SystemExit(f"offline-pack: --have {args.have}: no such file")
+        have = read_have(args.have)
+    except SystemExit as e:
+        print(e.code, file=sys.stderr)
+        sys.exit(2)
     carry = to_carry(imported_distributions(), have, args.python_version)
 
     from ssae_common.core.outputs import sha256_file

@@ -56,3 +56,14 @@ def test_offline_bench_without_a_pack_says_what_to_run(tmp_path):
     assert p.returncode == 2 and not (tmp_path / "out").exists()
     assert p.stderr.strip() == (f"offline-bench: no {tmp_path / 'none'}/manifest.json (run make -C shell "
                                 "offline-pack, and bring the pack)")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--python-version", "3"], "offline-pack: --python-version '3': expected major.minor, e.g. 3.12"),
+    (["--have", "/no/such/have.txt"], "offline-pack: --have /no/such/have.txt: no such file"),
+])
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys, args, line):
+    with pytest.raises(SystemExit) as e:
+        offline_pack.main([*args, "--out", str(tmp_path / "pack")])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == line
+    assert not (tmp_path / "pack").exists()
