@@ -1,4 +1,4 @@
-"""Sparse autoencoders in the `ssae.sae/1` directory format (DESIGN.md).
+"""Sparse autoencoders in the `ssae.sae/1` directory format (docs/formats.md).
 
     pre   = ((x * act_scale) - b_dec) @ W_enc + b_enc
     f     = act(pre)
