@@ -166,6 +166,8 @@ def test_group_fractions_only_for_matryoshka():
 
 
 def test_matryoshka_fits_evaluates_exports_and_finetunes_through_the_tools(tmp_path):
+    """ssae-fit, ssae-eval, ssae-export --to saelens and ssae-fit --init on a Matryoshka BatchTopK SAE."""
+    from ssae_tools.eval import main as eval_main
     from ssae_tools.export import main as export_main
     from ssae_tools.fit import main as fit_main
 
@@ -181,6 +183,11 @@ def test_matryoshka_fits_evaluates_exports_and_finetunes_through_the_tools(tmp_p
     assert cfg["training"]["val_fvu"] < 0.6
     sae = SAE.load(str(out))
     assert float(sae.threshold.min()) > 0 and bool((sae.threshold == sae.threshold[0]).all())
+
+    evaluated = json.loads(invoke(eval_main, [out, "--activations", store, "-o", tmp_path / "eval", "-q"],
+                                  code=0).stdout)
+    metrics = json.load(open(evaluated["path"]))["saes"][0]
+    assert metrics["architecture"] == "matryoshka-batchtopk" and metrics["fvu"] < 0.6 and 1 < metrics["l0"] < 12
 
     exported = tmp_path / "sl"
     invoke(export_main, [out, "--to", "saelens", "-o", exported, "-q"], code=0)
@@ -198,3 +205,22 @@ def test_matryoshka_fits_evaluates_exports_and_finetunes_through_the_tools(tmp_p
     r = invoke(fit_main, [store, "--init", out, "--group-fraction", "0.5", "--group-fraction", "0.5",
                           "-o", tmp_path / "bad", *fast], code=2)
     assert "--group-fraction 0.5,0.5: the parent has groups of [12, 36] latents" in r.stderr
+
+
+def test_architecture_names_are_compared_only_inside_the_registry():
+    """What differs between architectures lives in their modules: nowhere else compares an architecture with
+    a name (`architecture == "topk"`, `architecture in ("topk", ...)`)."""
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ssae_common")
+    pattern = re.compile(r"architecture\s*(==|!=|(not )?in)\s*[(\[]?\s*[\"']")
+    found = []
+    for folder, _, files in os.walk(root):
+        if os.path.join("sae", "architectures") in folder:
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name), encoding="utf-8").read()
+                found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert not found

@@ -61,14 +61,16 @@ def main() -> None:
     saes = {}
     for arch in ARCHITECTURES:
         out = os.path.join(args.workdir, f"{arch}-d{args.d_sae}-k{args.k}-b{args.batch_size}-s{args.steps}-{tag}")
-        records = tool("fit", train, "--architecture", arch, "--k", str(args.k), "--d-sae", str(args.d_sae),
-                       "--batch-size", str(args.batch_size), "--train-tokens", str(args.steps * args.batch_size),
-                       "--val-tokens", "2048", "--seed", args.seeds, "-o", out)
-        saes[arch] = [r["path"] for r in records]
+        if not os.path.isdir(out):
+            tool("fit", train, "--architecture", arch, "--k", str(args.k), "--d-sae", str(args.d_sae),
+                 "--batch-size", str(args.batch_size), "--train-tokens", str(args.steps * args.batch_size),
+                 "--val-tokens", "2048", "--seed", args.seeds, "-o", out)
+        saes[arch] = sorted(os.path.join(folder, name) for folder in [out] for name in [""] + os.listdir(out)
+                            if os.path.exists(os.path.join(folder, name, "cfg.json")))
     paths = [p for arch in ARCHITECTURES for p in saes[arch]]
     record = tool("eval", *paths, "--activations", test, "-o", os.path.join(args.workdir, f"eval-{len(paths)}-{tag}"),
                   "--force")[0]
-    metrics = {s["path"]: s for s in json.load(open(os.path.join(record["path"], "metrics.json")))["saes"]}
+    metrics = {s["path"]: s for s in json.load(open(record["path"]))["saes"]}
     table(args, saes, metrics, test)
 
 
