@@ -242,8 +242,18 @@ def check_hook_name(spec: str, hook: str, flag: str = "--hook") -> None:
     ok = m is not None and (n_layers is None or int(m.group(1)) < n_layers) \
         and not (parallel and m.group(2) == "hook_resid_mid")
     if not ok:
-        raise BadInput(f"{flag} {hook}: not a hook of {model_identity(spec)}; valid: "
-                       f"{valid_hooks_text(n_layers, parallel)}")
+        raise BadInput(f"{flag} {hook}: not a hook of {model_identity(spec)}{_close_hook(hook, n_layers, parallel)}; "
+                       f"valid: {valid_hooks_text(n_layers, parallel)}")
+
+
+def _close_hook(hook: str, n_layers: int | None, parallel: bool) -> str:
+    """" (did you mean ...?)" for a near miss (a typo), else nothing."""
+    import difflib
+
+    names = [f"blocks.{layer}.{kind}" for layer in range(n_layers or 64) for kind in HOOK_KINDS
+             if not (parallel and kind == "hook_resid_mid")]
+    close = difflib.get_close_matches(hook, names, n=3, cutoff=0.85)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def resolve_model_dtype(model_dtype: str, device: str, spec: str) -> str:
@@ -346,7 +356,8 @@ class LoadedModel:
         if SAE_HOOK.match(hook) and hook in self.bridge.hook_dict:
             return self.bridge.hook_dict[hook].name
         parallel = not any(n.endswith("hook_resid_mid") for n in self.hook_names())
-        raise BadInput(f"--hook {hook}: not a hook of {self.name}; valid: {valid_hooks_text(self.n_layers, parallel)}")
+        raise BadInput(f"--hook {hook}: not a hook of {self.name}{_close_hook(hook, self.n_layers, parallel)}; "
+                       f"valid: {valid_hooks_text(self.n_layers, parallel)}")
 
     def hook_shape(self, hook: str) -> tuple[int, ...]:
         """Per token, the shape of `hook`'s output: (n_heads, d_head) for attn.hook_z, else (d_model,)."""
