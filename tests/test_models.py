@@ -324,3 +324,38 @@ def test_model_dtype_bfloat16_on_cpu_is_recorded_and_within_bf16_rounding(llama3
     assert 0 < rel.mean() < 4 * 2.0 ** -8
     r = run(harvest_main, [data["docs"], "--model", llama3, "--model-dtype", "float64", "-o", tmp_path / "x.h5"], code=2)
     assert "--model-dtype" in r.stderr
+
+
+def bf16_vs_fp32(docs: str, folder, model: str = "smollm2", hook: str = "blocks.6.hook_resid_post",
+                 max_tokens: int = 2048) -> dict:
+    """Harvest the same tokens with the model in float32 and in bfloat16 (stored as float32) -> relative
+    differences: per element |bf16 - fp32| / |fp32| (elements above 1e-2 of the row's scale), and per token
+    ||bf16 - fp32|| / ||fp32||."""
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        out = os.path.join(folder, f"{dtype}.h5")
+        run(harvest_main, [docs, "--model", model, "--hook", hook, "--model-dtype", dtype, "--dtype", "float32",
+                           "--max-tokens", max_tokens, "--device", "cpu", "-o", out])
+        with ActivationStore(out) as store:
+            rows[dtype] = store.rows(0, store.n_tokens).astype(np.float64)
+    full, half = rows["float32"], rows["bfloat16"]
+    scale = np.abs(full).max(axis=1, keepdims=True)
+    big = np.abs(full) > 1e-2 * scale
+    element = (np.abs(half - full) / np.abs(full))[big]
+    token = np.linalg.norm(half - full, axis=1) / np.linalg.norm(full, axis=1)
+    return {"tokens": len(full), "element_mean": float(element.mean()), "element_median": float(np.median(element)),
+            "element_max": float(element.max()), "token_mean": float(token.mean()), "token_max": float(token.max())}
+
+
+@pytest.mark.integration
+def test_bfloat16_harvest_of_smollm2_is_within_a_few_bf16_roundings(shared_data, tmp_path):
+    import gzip
+
+    with gzip.open(os.path.join(shared_data, "general", "pool.jsonl.gz"), "rt") as f:
+        docs = [json.loads(line) for _, line in zip(range(40), f)]
+    path = write_jsonl(str(tmp_path / "docs.jsonl"), docs)
+    stats = bf16_vs_fp32(path, str(tmp_path))
+    print(json.dumps(stats))
+    assert stats["tokens"] == 2048
+    # seven layers computed in bf16: a few roundings (2^-8 relative each) compound, not one
+    assert stats["element_median"] < 4 * 2.0 ** -8 and stats["token_mean"] < 4 * 2.0 ** -8
