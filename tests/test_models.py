@@ -359,3 +359,24 @@ def test_bfloat16_harvest_of_smollm2_is_within_a_few_bf16_roundings(shared_data,
     assert stats["tokens"] == 2048
     # seven layers computed in bf16: a few roundings (2^-8 relative each) compound, not one
     assert stats["element_median"] < 4 * 2.0 ** -8 and stats["token_mean"] < 4 * 2.0 ** -8
+
+
+def test_two_names_of_one_residual_point_agree(llama3, data, tmp_path):
+    """blocks.0.hook_resid_post and blocks.1.hook_resid_pre hold the same values: an SAE of one is
+    evaluated at the other; a different point is refused."""
+    rows = {}
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"):
+        out = tmp_path / f"{hook}.h5"
+        run(harvest_main, [data["docs"], "--model", llama3, "--hook", hook, "--dtype", "float32",
+                           "--context-size", 16, "-o", out])
+        with ActivationStore(str(out)) as store:
+            rows[hook] = (store.rows(0, store.n_tokens), store.hook_module)
+    assert np.array_equal(rows["blocks.0.hook_resid_post"][0], rows["blocks.1.hook_resid_pre"][0])
+    assert [m for _, m in rows.values()] == ["blocks.0.hook_out", "blocks.1.hook_in"]
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    identity_sae(32).save(str(sae), model=model_identity(llama3), hook="blocks.0.hook_resid_post")
+    args = [sae, "--docs", data["docs"], "--context-size", 16]
+    run(eval_main, [*args, "--hook", "blocks.1.hook_resid_pre", "-o", tmp_path / "ev"])
+    r = run(eval_main, [*args, "--hook", "blocks.1.hook_resid_post", "-o", tmp_path / "ev2"], code=2)
+    assert "at hook 'blocks.0.hook_resid_post'" in r.stderr

@@ -268,6 +268,20 @@ def resolve_model_dtype(model_dtype: str, device: str, spec: str) -> str:
     saved = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     return saved if saved in MODEL_DTYPES else "float32"
 
+def hook_point(hook: str) -> str:
+    """One name per point of the model: blocks.L.hook_resid_pre is what blocks.(L-1).hook_resid_post
+    outputs (the same values), so it is named that way; other hooks are their own point."""
+    m = RESID_HOOK.match(hook)
+    if m and m.group(2) == "pre" and int(m.group(1)) > 0:
+        return f"blocks.{int(m.group(1)) - 1}.hook_resid_post"
+    return hook
+
+
+def same_hook(a: str, b: str) -> bool:
+    """Whether two hook names are one point (blocks.5.hook_resid_post and blocks.6.hook_resid_pre are)."""
+    return hook_point(a) == hook_point(b)
+
+
 def hook_layer(hook: str) -> int | None:
     m = HOOK_LAYER.match(hook)
     return int(m.group(1)) if m else None

@@ -128,13 +128,13 @@ def _same(a: str, b: str) -> bool:
 def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str, allow_model_mismatch: bool) -> None:
     """Refuse an SAE recorded at another hook, or on another model (names compared through the alias table:
     SAELens's gpt2-small is gpt2) unless `allow_model_mismatch`."""
-    from ..data.models import same_model
+    from ..data.models import same_hook, same_model
 
     sae_model, sae_hook = cfg.get("model"), cfg.get("hook")
     if not sae_model or not sae_hook:
         log.warning("%s records no model or hook: cannot check it matches %s", path, where)
         return
-    if sae_hook != hook:
+    if not same_hook(sae_hook, hook):
         raise BadInput(f"{path}: SAE was trained on model {sae_model!r} at hook {sae_hook!r}, "
                        f"but {where} is model {model!r} at hook {hook!r}")
     if not same_model(sae_model, model):

@@ -159,12 +159,13 @@ def _check_parent_source(sae, config: FitConfig, model: str, hook: str, where: s
     """Refuse to finetune a parent trained on another model or hook, or on windows with(out) a BOS these
     lack (same width is not the same space), unless told to (--allow-init-mismatch); what a parent does
     not record is taken as it is."""
-    from ..data.models import same_model
+    from ..data.models import same_hook, same_model
 
     recorded = {k: sae.cfg.get(k) for k in ("model", "hook", "prepend_bos")}
     wanted = {"model": model, "hook": hook, "prepend_bos": prepend_bos}
     differ = [k for k in recorded if recorded[k] is not None and wanted[k] is not None and recorded[k] != wanted[k]
-              and not (k == "model" and same_model(recorded[k], wanted[k]))]
+              and not (k == "model" and same_model(recorded[k], wanted[k]))
+              and not (k == "hook" and same_hook(recorded[k], wanted[k]))]
     if not differ:
         return
     what = " and ".join(f"{k} {recorded[k]!r}" for k in differ)
