@@ -52,7 +52,8 @@ def make_tiny_model(folder: str, n_layers: int = 2, d_model: int = 16, seed: int
 
 # Tiny configurations of the model families a researcher brings, each with its family's special tokens:
 # (config class, model class, special tokens, config fields). Every one has 3 layers, d_model 32, 4 heads
-# of 8 (Gemma 2: of 16, so that attn.hook_z is wider than d_model); the sliding windows (Gemma 2/3, Mistral) are shorter than a test window so that they matter.
+# of 8 (Gemma 2: of 16, so that attn.hook_z is wider than d_model); the sliding windows (Gemma 2/3,
+# Mistral) are shorter than a test window so that they matter.
 FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(bos="<|endoftext|>", eos="<|endoftext|>"),
              dict(n_embd=32, n_layer=3, n_head=4, n_positions=256)),

@@ -111,7 +111,7 @@ def assert_relative_close(a, b, rtol=1e-5):
 
 
 def test_family_through_every_tool(family, data, tmp_path):
-    name, model, lm, folder = family["name"], family["model"], family["lm"], family["folder"]
+    name, model, lm = family["name"], family["model"], family["lm"]
     arch, bos, has_mid, shares = FAMILY_FACTS[name]
     assert type(lm.bridge.original_model).__name__ == arch
     assert lm.prepends_bos and lm.tokenizer.convert_ids_to_tokens(lm.bos_token_id) == bos.split(" ")[0]
@@ -236,8 +236,8 @@ def test_attn_hook_z_harvests_fits_and_evaluates(which, request, data, tmp_path)
 
 def test_hook_resid_mid_is_refused_where_attention_and_mlp_run_in_parallel(data, tmp_path):
     model = make_family_model(str(tmp_path / "neox"), "gpt_neox")
-    r = run(harvest_main, [data["docs"], "--model", model, "--hook", "blocks.1.hook_resid_mid", "-o", tmp_path / "a.h5"],
-            code=2)
+    r = run(harvest_main, [data["docs"], "--model", model, "--hook", "blocks.1.hook_resid_mid",
+                           "-o", tmp_path / "a.h5"], code=2)
     assert r.stderr.strip().endswith("valid: blocks.L.{hook_resid_pre, hook_resid_post, hook_mlp_out, attn.hook_z} "
                                      "for L in 0..2")
     assert "loading model" not in r.stderr and not (tmp_path / "a.h5").exists()
@@ -289,7 +289,8 @@ def test_bos_is_recorded_and_honoured(llama3, data, tmp_path):
     hook = f"blocks.{LAYER}.hook_resid_post"
     run(harvest_main, [data["docs"], "--model", llama3, "--hook", hook, "--no-bos", "--context-size", 16,
                        "-o", tmp_path / "nobos.h5"])
-    run(harvest_main, [data["docs"], "--model", llama3, "--hook", hook, "--context-size", 16, "-o", tmp_path / "bos.h5"])
+    run(harvest_main, [data["docs"], "--model", llama3, "--hook", hook, "--context-size", 16,
+                       "-o", tmp_path / "bos.h5"])
     with ActivationStore(str(tmp_path / "nobos.h5")) as nobos, ActivationStore(str(tmp_path / "bos.h5")) as bos:
         assert nobos.prepend_bos is False and bos.prepend_bos is True
         assert nobos.position(0, 3).tolist() == [0, 1, 2] and bos.position(0, 3).tolist() == [1, 2, 3]
@@ -322,7 +323,8 @@ def test_model_dtype_bfloat16_on_cpu_is_recorded_and_within_bf16_rounding(llama3
     rel = np.linalg.norm(half - full, axis=1) / np.linalg.norm(full, axis=1)
     # a few bf16 roundings (2^-8 relative each) through three small layers
     assert 0 < rel.mean() < 4 * 2.0 ** -8
-    r = run(harvest_main, [data["docs"], "--model", llama3, "--model-dtype", "float64", "-o", tmp_path / "x.h5"], code=2)
+    r = run(harvest_main, [data["docs"], "--model", llama3, "--model-dtype", "float64", "-o", tmp_path / "x.h5"],
+            code=2)
     assert "--model-dtype" in r.stderr
 
 

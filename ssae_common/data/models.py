@@ -451,7 +451,8 @@ class Suffix:
     """The layers above a residual hook: blocks[start:], the final norm and the unembedding, run on a
     residual with the other arguments each block received in the full pass that captured it (attention
     masks, rotary embeddings: per block, as models with sliding-window layers differ by layer), then the
-    final logit soft-capping of models that have one (Gemma 2). Its logits equal that pass's (tests/test_eval_split.py); `matches` checks it on a model."""
+    final logit soft-capping of models that have one (Gemma 2). Its logits equal that pass's
+    (tests/test_eval_split.py, tests/test_models.py); `matches` checks it on a model."""
 
     def __init__(self, bridge, start: int, calls: list[tuple[tuple, dict]]):
         from transformers.cache_utils import Cache
