@@ -32,7 +32,7 @@ def _sae(architecture: str, act_scale: float = 2.5, seed: int = 0) -> SAE:
         sae.threshold.data = torch.rand(24, generator=torch.Generator().manual_seed(seed)) * 0.3
     elif architecture in ("batchtopk", "matryoshka-batchtopk"):
         sae.threshold.data.fill_(0.1)
-    sae.cfg = {"model": "synthetic-lm", "hook": HOOK}
+    sae.cfg = {"model": "synthetic-lm", "hook": HOOK, "prepend_bos": False}
     return sae
 
 
@@ -123,7 +123,7 @@ def test_round_trip_through_the_real_library(round_trips, architecture, to):
     assert back.architecture == ("jumprelu" if architecture in WRITTEN_AS_JUMPRELU else architecture)
     assert np.abs(_recon(back, x) - reference).max() < 1e-4
     if to == "saelens":  # SAELens keeps the metadata through its own save
-        assert (back.model, back.hook) == ("synthetic-lm", HOOK)
+        assert (back.model, back.hook, back.cfg["prepend_bos"]) == ("synthetic-lm", HOOK, False)
 
 
 DL_SCRIPT = """
@@ -255,6 +255,7 @@ def test_saelens_export_follows_the_documented_layout(tmp_path, architecture):
     assert cfg["architecture"] == ("standard" if architecture == "relu" else
                                    "jumprelu" if architecture in WRITTEN_AS_JUMPRELU else architecture)
     assert cfg["metadata"]["sae_lens_version"].startswith("6.") and cfg["metadata"]["hook_name"] == HOOK
+    assert cfg["metadata"]["prepend_bos"] is False and load_any(str(out)).cfg["prepend_bos"] is False
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["apply_b_dec_to_input"]) == (16, 24, "float32", True)
     x = _x()
     assert np.abs(_numpy_saelens(out, x) - _recon(sae, x)).max() < 1e-4  # act_scale 2.5 folded in

@@ -232,6 +232,16 @@ def test_attn_hook_z_harvests_fits_and_evaluates(which, request, data, tmp_path)
     assert saes["identity"]["ce_spliced"] == pytest.approx(saes["identity"]["ce_clean"], rel=1e-6)
     assert saes["identity"]["ce_spliced"] != pytest.approx(saes["identity"]["ce_zero_ablation"], rel=1e-3)
     assert saes["sae"]["d_in"] == width
+    # shift and TracIn read the same hook with the heads concatenated as harvest stored them
+    run(shift_main, ["--data", data["bios"], "--professions", "nurse", "physician,surgeon", "--sae", tmp_path / "sae",
+                     "--ablate", "0-3", "--seeds", 1, "-o", tmp_path / "shift.json"])
+    report = json.loads((tmp_path / "shift.json").read_text())
+    assert report["config"]["hook"] == hook and report["rows"]
+    result = run(retrieve_main, [data["seeds"], "--corpus", data["docs"], "--top-k", 3, "--rerank", "tracin",
+                                 "--sae", tmp_path / "sae", "--rerank-pool", 2, "-o", tmp_path / "near.jsonl"])
+    assert [r["method"] for r in parse_records((tmp_path / "near.jsonl").read_text())] == ["bm25+tracin"] * 3
+    provenance = json.loads((tmp_path / "near.jsonl.provenance.json").read_text())["config"]
+    assert provenance["model_dtype"] == "float32"  # --model-dtype auto, resolved as it ran on the CPU
 
 
 def test_hook_resid_mid_is_refused_where_attention_and_mlp_run_in_parallel(data, tmp_path):

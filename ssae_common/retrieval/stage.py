@@ -28,7 +28,7 @@ from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
 from ..data.config import DEFAULT_MODEL
-from ..data.models import load_tokenizer, model_identity
+from ..data.models import load_tokenizer, model_identity, resolve_model_dtype
 from . import engines as R
 from .config import RetrieveConfig
 
@@ -61,7 +61,11 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
             exclusions.add(rec["id"], rec["text"])
     params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
         stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
-    resolved = _resolved(config, context, params, seed_docs)
+    lm_spec, hook, saes, model_dtype = config.model, config.hook, [], None
+    if config.rerank == "tracin":  # the SAEs are checked before the corpus pass
+        saes, lm_spec, hook = _load_saes(config, context)
+        model_dtype = resolve_model_dtype(config.model_dtype, context.device, lm_spec)
+    resolved = _resolved(config, context, params, seed_docs, model_dtype)
 
     store = R.CorpusStore.open_or_build(list(config.corpus), config.text_field, quiet=context.quiet)
     queries = [r["text"] for r in seed_docs]
@@ -69,9 +73,6 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
     order = combined.ranking.positions
     first_score = dict(zip(order.tolist(), combined.ranking.scores.tolist()))
 
-    lm_spec, hook, saes = config.model, config.hook, []
-    if config.rerank == "tracin":
-        saes, lm_spec, hook = _load_saes(config, context)
     count_tokens = None
     if config.budget_tokens is not None:
         tokenizer = load_tokenizer(lm_spec or DEFAULT_MODEL)
@@ -86,7 +87,7 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
                            int(config.budget_tokens * scale) if config.budget_tokens else None, count_tokens)
     final_scores = {p: first_score[p] for p in kept}
     if config.rerank == "tracin":
-        kept, final_scores = _tracin(config, context, saes, lm_spec, hook, store, kept, queries)
+        kept, final_scores = _tracin(config, context, saes, lm_spec, hook, model_dtype, store, kept, queries)
         kept, _ = R.select(store, kept, R.Exclusions(), config.top_k, config.budget_tokens, count_tokens)
     _log_summary(config, seed_docs, order, stats, kept)
 
@@ -150,8 +151,10 @@ def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
     return [rec for rec, _ in seed_docs]
 
 
-def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict]) -> dict:
-    """The provenance's config: what decides the output (not batch sizes); model and hook as given."""
+def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict],
+              model_dtype: str | None) -> dict:
+    """The provenance's config: what decides the output (not batch sizes); model and hook as given, the
+    model's dtype (TracIn) resolved as it runs."""
     sparse, dense = config.method != "dense", config.method != "bm25"
     return context.resolved(
         corpus=R.corpus_fingerprint(config.corpus, config.text_field)["inputs"], text_field=config.text_field,
@@ -161,7 +164,7 @@ def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: li
         depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens,
         max_tokens_per_doc=config.max_tokens_per_doc if config.budget_tokens else None, exclude=list(config.exclude),
         include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
-        model=config.model, hook=config.hook, model_dtype=config.model_dtype if config.rerank == "tracin" else None,
+        model=config.model, hook=config.hook, model_dtype=model_dtype,
         rerank_pool=config.rerank_pool,
         tracin_normalize=config.tracin_normalize, context_size=config.context_size,
         seeds=[{"id": r["id"]} for r in seed_docs])
@@ -200,8 +203,8 @@ def _load_saes(config: RetrieveConfig, context: RunContext):
     return saes, model, hook
 
 
-def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hook: str, store, kept: list[int],
-            queries: list[str]) -> tuple[list[int], dict[int, float]]:
+def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hook: str, model_dtype: str, store,
+            kept: list[int], queries: list[str]) -> tuple[list[int], dict[int, float]]:
     """The kept positions reordered by TracIn score (best first), and each one's score."""
     import numpy as np
 
@@ -211,7 +214,7 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
 
     # documents are cut as the SAEs' activations were (with BOS unless their cfg.json says otherwise)
     bos = saes[0].cfg.get("prepend_bos")
-    lm = load_model(lm_spec, device=context.device, model_dtype=config.model_dtype, prepend_bos=bos is not False)
+    lm = load_model(lm_spec, device=context.device, model_dtype=model_dtype, prepend_bos=bos is not False)
     lm.check_hook(hook)
     if lm.hook_width(hook) != saes[0].d_in:
         raise BadInput(f"--sae: d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "

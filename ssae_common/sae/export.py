@@ -53,11 +53,14 @@ def write_saelens(sae: SAE, folder: str) -> None:
     from safetensors.torch import save_file
 
     top_level, metadata = sae.arch.saelens_fields(sae)
+    # whether the activations were taken with a BOS (SAELens prepend_bos); left out when the SAE does not say
+    prepend_bos = sae.cfg.get("prepend_bos")
+    bos = {"prepend_bos": prepend_bos} if isinstance(prepend_bos, bool) else {}
     cfg = {"architecture": sae.arch.saelens, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_LAYOUT, "model_name": sae.model or None,
                         "hook_name": sae.hook or None, "exported_by": "ssae", "ssae_architecture": sae.architecture,
-                        **metadata}, **top_level}
+                        **bos, **metadata}, **top_level}
     save_file(folded_tensors(sae), os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
