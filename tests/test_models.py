@@ -14,7 +14,7 @@ import torch
 from helpers import (FAMILIES, identity_sae, invoke, make_family_model, parse_records, sample_docs, synthetic_bios,
                      write_jsonl)
 from ssae_common.data.activations import ActivationStore
-from ssae_common.data.models import load_model, model_identity
+from ssae_common.data.models import model_identity
 from ssae_common.eval.splice import DocsEvalConfig, replaced_pass, scored_positions, window_batches
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.eval import main as eval_main
@@ -65,6 +65,33 @@ def run(command, args, code=0):
     return invoke(command, args, code=code)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def light_tools():
+    """What does not depend on the model family is done once, not per tool call: each model is loaded by the
+    first tool that needs it and reused by the rest (a request still logs "loading model", which the
+    checks-before-loading assertions read), and ssae-eval draws no plots (test_eval.py checks them)."""
+    import ssae_common.data.models as models
+    import ssae_common.data.stage as harvest_stage
+    import ssae_common.eval.plots as plots
+    import ssae_common.shift.stage as shift_stage
+
+    loaded, real = {}, models.load_model
+
+    def load_once(spec=models.DEFAULT_MODEL, device="cpu", model_dtype="auto", prepend_bos=True):
+        key = (os.path.abspath(spec), device, models.resolve_model_dtype(model_dtype, device, spec), prepend_bos)
+        if key in loaded:
+            models.log.info("loading model %s (loaded before, reused)", spec)
+        else:
+            loaded[key] = real(spec, device=device, model_dtype=model_dtype, prepend_bos=prepend_bos)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (models, harvest_stage, shift_stage):
+            patch.setattr(module, "load_model", load_once)
+        patch.setattr(plots, "make_plots", lambda *args, **kwargs: [])
+        yield load_once
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("family-data")
@@ -75,7 +102,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory, data):
+def family(request, tmp_path_factory, data, light_tools):
     """One family's model, its harvest at blocks.1.hook_resid_post and an SAE fitted on it (shared by the
     family's tests)."""
     name = request.param
@@ -88,7 +115,7 @@ def family(request, tmp_path_factory, data):
     sae = str(folder / "sae")
     run(fit_main, [acts, "--d-sae", 64, "--k", 8, "--train-tokens", 1024, "--batch-size", 64, "-o", sae])
     return {"name": name, "folder": folder, "model": model, "hook": hook, "acts": acts, "sae": sae,
-            "lm": load_model(model)}
+            "lm": light_tools(model)}
 
 
 def spliced_both_ways(lm, sae, hook: str, docs: str):
@@ -182,7 +209,7 @@ def llama3(tmp_path_factory):
     return make_family_model(str(tmp_path_factory.mktemp("llama3-model")), "llama3", seed=4)
 
 
-def test_gemma_scope_params_npz_through_harvest_fit_init_and_eval(gemma2, data, tmp_path):
+def test_gemma_scope_params_npz_through_harvest_fit_init_and_eval(gemma2, data, tmp_path, light_tools):
     """Gemma Scope's layout at blocks.L.hook_resid_post: harvest, fit --init params.npz --tilt-ess 0.5, eval
     --docs with no --model or --hook; the eval shares the prefix (soft-capping included) exactly."""
     hook = f"blocks.{LAYER}.hook_resid_post"
@@ -202,7 +229,7 @@ def test_gemma_scope_params_npz_through_harvest_fit_init_and_eval(gemma2, data, 
     assert WHOLE_PASS not in result.stderr and "--model" not in result.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["dataset"]["model"] == model_identity(gemma2) and metrics["dataset"]["hook"] == hook
-    lm = load_model(gemma2)
+    lm = light_tools(gemma2)
     assert lm.bridge.original_model.config.final_logit_softcapping == 30.0
     matches, shared, whole = spliced_both_ways(lm, SAE.load(str(tmp_path / "ssae")), hook, data["docs"])
     assert matches
