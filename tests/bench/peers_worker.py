@@ -39,7 +39,8 @@ def ssae_trainer(s: dict, knobs: dict):
     import dataclasses
 
     from ssae_common.sae.config import FitConfig
-    from ssae_common.sae.train import Trainer, init_sae
+    from ssae_common.sae.train import init_sae
+    from ssae_common.sae.trainer import Trainer
 
     # knobs: FitConfig fields (the ablations), plus `clip=C` (global gradient-norm clip at C before Adam, as
     # dictionary_learning and SAELens do at 1), `gradnorm=C` (every step's gradient scaled to norm C) and
