@@ -1,8 +1,8 @@
 """The training loop: a Trainer per SAE (its step, its checkpoints, its log records), the batches of a stream
 built once for every SAE trained on it (Batches, prefetched), and train_together, which steps SAEs that share
 a stream.  Each step: the objective (objective.py) is back-propagated, the gradient component along each
-decoder row is removed, Adam steps, the decoder rows are renormalised, and the architecture's thresholds
-are updated.  Batches come from `ActivationStream`, a pure function of (seed, step), so a checkpoint
+decoder row is removed, the gradient is scaled to unit norm (normalize_grad), Adam steps, the decoder rows
+are renormalised, and the architecture's thresholds are updated.  Batches come from `ActivationStream`, a pure function of (seed, step), so a checkpoint
 (weights, Adam state, counters, RNG states, the step) resumes exactly.  The t used is logged (its mean over
 the steps since the last record) with the weights' ESS fraction."""
 from __future__ import annotations
@@ -150,6 +150,11 @@ class Trainer:
                 fired = flat[offset:]
             W, g = sae.W_dec, sae.W_dec.grad
             g.sub_((g * W).sum(1, keepdim=True) * W)  # rows are unit norm
+            if cfg.normalize_grad:
+                grads = [p.grad for p in self.opt.params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in grads])).clamp_min(1e-30)
+                for p in grads:
+                    p.div_(norm)
         self.opt.step(lr)
         sae.normalize_decoder()
         if sae.architecture == "jumprelu":

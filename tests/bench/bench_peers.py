@@ -1,21 +1,23 @@
-"""Benchmark ssae's TopK training against the field's libraries: ssae (its real Trainer.train_step, sparse and
-dense decoder), SAELens 6.54.12 (default and use_sparse_activations), sparsify 1.3.3 (no Triton) and
-dictionary_learning 0.1.0 train TopK SAEs on the same rows in the same order with the same settings (d_sae,
-k, batch, Adam learning rate held constant, steps), one thread each.  Each trainer is a persistent worker
-process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps at a time,
-so drifting machine load hits all alike.  Printed: tokens per CPU-second of each worker's training steps
-(its own process time) and the ratio to ssae, and the FVU on the same held-out rows, computed here by one
-function from the weights each worker hands back.
+"""Benchmark ssae's TopK training against the field's libraries as trainers: ssae (its real Trainer.train_step),
+SAELens 6.54.12, sparsify 1.3.3 (no Triton) and dictionary_learning 0.1.0 train TopK SAEs on the same rows in the
+same order (d_sae, k, batch, steps), one thread each, each peer once with its own standard recipe (its optimiser,
+learning rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae's (ssae's learning rate
+and schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the
+peer's own step, gradient clipping included).  Every schedule is sized to the budget (--steps).  Each trainer is a
+persistent worker process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps
+at a time, so drifting machine load hits all alike.  Printed, from one evaluator on the same held-out rows and
+the weights each worker hands back: at the budget, tokens per CPU-second of each worker's training steps (its
+own process time) and the ratio to sparsify's, held-out FVU, the fraction of latents that fire on no held-out
+row, L0; and at equal CPU-seconds, each trainer's last evaluation (every --eval-every steps) within the CPU
+time ssae took for the whole budget.
 
     make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps N] ...)
 
 Rows: --store (an ssae activation store), else SmolLM2 blocks.6 activations of the shared general pool
-(harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  Everything else is each
-library's default: input scaling (ssae normalises, the others do not), decoder-bias start, SAELens's
-gradient clipping and decoder-norm rescaling.  AuxK is off in ssae and sparsify (their defaults); SAELens
-counts a latent dead after 1000 steps unfired and dictionary_learning after 10M tokens, so theirs does not
-start within the default 50 steps.  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell peers);
-a peer that is missing or fails to start is skipped with one line.
+(harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  --trainers picks the trainers;
+ssae+FIELD=VALUE changes one of ssae-fit's options (and peers_worker.py's few ablation knobs), so the same
+script gives the ablation tables.  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell
+peers); a peer that is missing or fails to start is skipped with one line.
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ def schedule_of(spec: str, steps: int, ssae_cfg) -> str:
 
 def main() -> None:
     from ssae_common.sae.config import FitConfig
-    from ssae_common.sae.train import act_scale_of, geometric_median, lr_at
+    from ssae_common.sae.optim import lr_at
+    from ssae_common.sae.train import act_scale_of, geometric_median
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="an ssae activation store (default: harvest SmolLM2 blocks.6 of the shared pool)")

@@ -1,10 +1,12 @@
 """One trainer of bench_peers.py, as a persistent worker commanded over stdin/stdout (JSON lines).
 
-    python peers_worker.py TRAINER SETUP.json
+    python peers_worker.py SPEC SETUP.json
 
-TRAINER is ssae, ssae-dense, saelens, saelens-sparse, sparsify or dictionary_learning; ssae's run under the
-project's venv, the others under the peers venv.  SETUP holds the rows file (float32 .npy, memory-mapped),
-the row order (.npy of row indices, batch i = rows[order[i*B:(i+1)*B]]) and the shared settings.  Commands:
+SPEC is ssae[+FIELD=VALUE...] (ssae-fit's defaults with some options changed; run under the project's venv) or
+saelens, sparsify or dictionary_learning, each with its own recipe, or with @ssae: ssae's recipe (run under the
+peers venv).  SETUP holds the rows file (float32 .npy, memory-mapped), the row order (.npy of row indices, batch
+i = rows[order[i*B:(i+1)*B]]), the shared settings, and ssae's recipe as the bench computed it with ssae's own
+functions (learning rate, schedule factors per step, act_scale, the geometric-median b_dec).  Commands:
 
     {"steps": N}       train the next N steps; answers {"cpu": process CPU seconds of those steps}
     {"weights": PATH}  save W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, scale to PATH (.npz) in
@@ -43,10 +45,10 @@ def ssae_trainer(s: dict, knobs: dict):
     from ssae_common.sae.trainer import Trainer
 
     # knobs: FitConfig fields (the ablations), plus `clip=C` (global gradient-norm clip at C before Adam, as
-    # dictionary_learning and SAELens do at 1), `gradnorm=C` (every step's gradient scaled to norm C) and
-    # `dec_init=uniform` (decoder rows from nn.Linear's uniform init, as dictionary_learning), `beta2=B` (Adam's)
+    # dictionary_learning and SAELens do at 1, in ssae's units), `dec_init=uniform` (decoder rows from
+    # nn.Linear's uniform init, as dictionary_learning) and `beta2=B` (Adam's)
     types = {f.name: type(f.default) for f in dataclasses.fields(FitConfig)}
-    extra = {key: knobs.pop(key) for key in ("clip", "gradnorm", "dec_init", "beta2") if key in knobs}
+    extra = {key: knobs.pop(key) for key in ("clip", "dec_init", "beta2") if key in knobs}
 
     def value(key: str, text: str):
         if types.get(key) is bool:
@@ -71,15 +73,11 @@ def ssae_trainer(s: dict, knobs: dict):
     trainer = Trainer(cfg, sae, None, s["tmp"], np.empty((0, s["d_in"]), np.float32))
     if "beta2" in extra:
         trainer.opt.betas = (trainer.opt.betas[0], float(extra["beta2"]))
-    if "clip" in extra or "gradnorm" in extra:
-        adam_step = trainer.opt.step
+    if "clip" in extra:
+        limit, adam_step = float(extra["clip"]), trainer.opt.step
 
         def clipped(lr: float) -> None:
-            grads = [p.grad for p in trainer.opt.params if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            target = float(extra["gradnorm"]) if "gradnorm" in extra else min(norm, float(extra["clip"]))
-            for g in grads:
-                g.mul_(target / max(norm, 1e-30))
+            torch.nn.utils.clip_grad_norm_(trainer.opt.params, limit)
             adam_step(lr)
         trainer.opt.step = clipped
 
