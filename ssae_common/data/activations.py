@@ -1,6 +1,6 @@
 """Activation files (`ssae.activations/1`, HDF5), written in batches and read in chunks.
 
-Layout (DESIGN.md): /activations [N, d] (float16, float32, or bfloat16 stored as uint16), /token_ids,
+Layout (docs/formats.md): /activations [N, d] (float16, float32, or bfloat16 stored as uint16), /token_ids,
 /doc_index, /position [N] int32, /docs/id and /docs/text [D].  /docs/input_index [D] (int64, the
 document's index in the input stream) lets shards be merged back into input order.
 
@@ -181,6 +181,10 @@ class ActivationStore:
         self.hook = str(a.get("hook", ""))
         self.context_size = int(a.get("context_size", 0))
         self.bos_dropped = bool(a.get("bos_dropped", True))
+        # None in files harvested before these were recorded (BOS was then prepended when the tokenizer had one)
+        self.prepend_bos = bool(a["prepend_bos"]) if "prepend_bos" in a else None
+        self.hook_module = str(a["hook_module"]) if "hook_module" in a else None
+        self.model_dtype = str(a["model_dtype"]) if "model_dtype" in a else None
         self._acts = self.f["activations"]
 
     @property

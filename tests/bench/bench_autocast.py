@@ -1,6 +1,6 @@
 """The numeric effect of ssae-fit's bfloat16 autocast (on by default on CUDA), measured on the CPU: two TopK
 fits from the same initialisation on the same batches, one with the SAE forward under bf16 autocast and one
-in float32, compared on held-out rows in float32 every `--every` steps (docs/scale.md quotes the result).
+in float32, compared on held-out rows in float32 every `--every` steps (docs/benchmarks.md has the result).
 
     python tests/bench/bench_autocast.py [--steps 300] [--d-sae 1152] [--batch-size 512]
 
