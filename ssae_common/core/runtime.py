@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 from .config import ConfigError
@@ -139,7 +140,14 @@ def thread_count(environ=None, cgroup_root: str = CGROUP_ROOT) -> int:
 def configure_threads(environ=None) -> int:
     """Size torch's intra-op and inter-op pools from thread_count(); returns the intra-op count.
     torch's own default counts every core of the machine, not those the process may use, and more
-    threads than CPUs make every parallel region wait for a thread that is not running."""
+    threads than CPUs make every parallel region wait for a thread that is not running.
+
+    Before torch is first imported it also sets OMP_WAIT_POLICY=PASSIVE (unless set): OpenMP threads then
+    sleep at the end of a parallel region instead of spinning, so on a machine shared with other jobs
+    they give the CPU back rather than spend the time slice that a thread of the same region needs
+    (docs/benchmarks.md, "Eval pace")."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     n = thread_count(environ)
