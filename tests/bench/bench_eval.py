@@ -297,7 +297,13 @@ COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(384, 384)
 def start_competitor():
     """Another 2-thread job with torch's default settings (its OpenMP threads spin between regions)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "SSAE_", "MKL_"))}
-    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
+    def die_with_parent():  # a benchmark killed mid-run leaves no job spinning behind it
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env, preexec_fn=die_with_parent)
     time.sleep(2.0)  # its start-up (importing torch) is not the competition
     return proc
 

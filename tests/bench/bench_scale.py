@@ -78,14 +78,19 @@ def tool(name: str) -> str:
     return os.path.join(BIN, f"ssae-{name}")
 
 
-def curves(sizes: dict, model: str, work: str, env: dict) -> dict:
-    """{curve: [(size, seconds, peak MiB), ...]}"""
+PARTS = ("bm25", "dense", "harvest", "fit", "eval")
+
+
+def curves(sizes: dict, model: str, hook: list[str], work: str, env: dict, parts=PARTS) -> dict:
+    """{curve: [(size, seconds, peak MiB), ...]} of the `parts` asked for (eval needs fit)."""
     out: dict = {}
     sentences = pool_sentences(2000)
     seeds = shared("physics", "astro_ph_seeds.jsonl") or synthetic_corpus(
         os.path.join(work, "seeds.jsonl.gz"), 5, sentences, seed=99)
     run = lambda cmd: run_peak_rss(cmd, env=env, cwd=work)  # noqa: E731
     for method, key in (("bm25", "bm25_docs"), ("dense", "dense_docs")):
+        if method not in parts:
+            continue
         rows = out.setdefault(f"retrieve {method} vs documents", [])
         for n in sizes[key]:
             corpus = os.path.join(work, f"corpus-{n}.jsonl.gz")
@@ -94,12 +99,14 @@ def curves(sizes: dict, model: str, work: str, env: dict) -> dict:
             rows.append((n, *run([tool("retrieve"), seeds, "--corpus", corpus, "--method", method, "--top-k", "100",
                                   "--dense-max-length", "128", "-q", "--force", "-o", os.path.join(work, "r.jsonl")])))
     docs = synthetic_corpus(os.path.join(work, "docs.jsonl.gz"), 4000, sentences, seed=1)
-    rows = out.setdefault("harvest vs tokens", [])
-    for n in sizes["harvest_tokens"]:
-        rows.append((n, *run([tool("harvest"), docs, "--model", model, "--max-tokens", str(n), "-q", "--force",
-                              "-o", os.path.join(work, f"h{n}.h5")])))
+    for n in sizes["harvest_tokens"] if "harvest" in parts else ():
+        out.setdefault("harvest vs tokens", []).append((n, *run([
+            tool("harvest"), docs, "--model", model, *hook, "--max-tokens", str(n), "-q", "--force",
+            "-o", os.path.join(work, f"h{n}.h5")])))
+    if "fit" not in parts:
+        return out
     acts = os.path.join(work, "acts.h5")
-    run([tool("harvest"), docs, "--model", model, "--max-tokens", str(max(sizes["fit_tokens"]) // 4), "-q", "--force",
+    run([tool("harvest"), docs, "--model", model, *hook, "--max-tokens", str(max(sizes["fit_tokens"]) // 4), "-q", "--force",
          "-o", acts])
     fit = [tool("fit"), acts, "--architecture", "topk", "--k", "8", "--val-tokens", "0", "-q", "--force"]
     rows = out.setdefault("fit vs training tokens", [])
@@ -110,6 +117,8 @@ def curves(sizes: dict, model: str, work: str, env: dict) -> dict:
     for d in sizes["d_sae"]:
         rows.append((d, *run(fit + ["--d-sae", str(d), "--train-tokens", str(sizes["fit_tokens"][0]),
                                     "-o", os.path.join(work, f"sae{d}")])))
+    if "eval" not in parts:
+        return out
     saes = [os.path.join(work, f"sae{sizes['d_sae'][0]}")]
     for i in range(1, max(sizes["eval_saes"])):  # more SAEs of the same shape, other seeds
         folder = os.path.join(work, f"sae-s{i}")
@@ -127,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=os.environ.get("SIZES", "small"), choices=sorted(SIZES))
     ap.add_argument("--model", default=None, help="default: smollm2, or a random 2-layer model for tiny")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"curves to measure, of {','.join(PARTS)}")
     ap.add_argument("--out", default=None, help="also write the rows and exponents here as JSON")
     args = ap.parse_args()
     sizes = SIZES[args.sizes]
@@ -138,7 +148,8 @@ def main() -> None:
             model = make_tiny_model(os.path.join(work, "model"), n_layers=2, d_model=16)
         model = model or "smollm2"
         env = {**os.environ, "SSAE_WORKDIR": os.path.join(work, "ssae-work")}
-        rows = curves(sizes, model, work, env)
+        hook = ["--hook", "blocks.1.hook_resid_post"] if args.sizes == "tiny" and args.model is None else []
+        rows = curves(sizes, model, hook, work, env, args.parts.split(","))
     load = os.getloadavg()[0]
     print(f"bench-scale ({args.sizes}), model {model if args.sizes != 'tiny' else 'random 2-layer'}, "
           f"1-min load at the end {load:.1f}")
