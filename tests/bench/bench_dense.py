@@ -79,6 +79,7 @@ def main() -> None:
                 t = time.perf_counter()
                 parts[name].append(encode(name, chunk))
                 seconds[name] += time.perf_counter() - t
+                print(f"  chunk {i + 1}: {name} {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         load.append(os.getloadavg()[0])
         queries = {name: encode(name, seeds) for name in names}
     corpus = {name: np.concatenate(parts[name]) for name in names}

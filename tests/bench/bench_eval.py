@@ -349,8 +349,9 @@ def pace(args, tmp: str) -> None:
                     for name, fn in (passes if r % 2 == 0 else passes[::-1]):
                         t = time.perf_counter()
                         fn()
-                        key = (phase, name)
-                        times[key] = min(times.get(key, float("inf")), time.perf_counter() - t)
+                        key, sec = (phase, name), time.perf_counter() - t
+                        times[key] = min(times.get(key, float("inf")), sec)
+                        print(f"  {phase}, round {r + 1}: {name} {sec:.2f} s", file=sys.stderr, flush=True)
             finally:
                 if competitor is not None:
                     competitor.kill()
