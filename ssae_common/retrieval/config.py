@@ -41,7 +41,7 @@ class RetrieveConfig:
         help="Encoder tokens per text (longer texts are cut).")
     dense_backend: str = option(
         "auto", choices=DENSE_BACKENDS,
-        help="Encoder runtime: auto (CUDA: torch-fp16; CPU: torch-bf16 on bfloat16 hardware, else onnx-int8 when "
+        help="Encoder runtime: auto (CUDA: torch-fp16; CPU: torch-bf16 on bfloat16 hardware, else onnx when "
              "onnxruntime is installed, else torch), torch (float32), torch-bf16, torch-fp16, onnx or onnx-int8.")
     combine: str = option("rrf", choices=COMBINERS, help="How per-seed rankings combine: rrf, max or sum.")
     rrf_k: int = option(RRF_K, min=1, help="k of reciprocal-rank fusion.")

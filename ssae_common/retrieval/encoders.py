@@ -1,5 +1,5 @@
 """Sentence encoders for dense retrieval: sentence-transformers on torch, or the same model exported here
-to ONNX and run by ONNX Runtime (optionally with int8 weights), several times faster on CPU.
+to ONNX and run by ONNX Runtime (optionally with int8 weights).
 
 The ONNX path covers the common sentence-transformers layout, a Hugging Face transformer followed by mean
 pooling and (optionally) unit normalisation, as the bundled all-MiniLM-L6-v2 is.  The export is made from

@@ -387,9 +387,10 @@ def native_bf16() -> bool:
 
 def resolve_dense_backend(spec: str, model: str, device: str) -> str:
     """The encoder runtime of `--dense-backend SPEC`.  auto: fp16 on CUDA; on CPU, torch in bfloat16 where
-    the CPU has bfloat16 hardware, else ONNX Runtime when installed and the model is transformer + mean
-    pooling (int8 weights for the bundled MiniLM), else torch float32.  Both reduced precisions keep the
-    bundled MiniLM's top-100 rankings (docs/benchmarks.md, "Dense encoding")."""
+    the CPU has bfloat16 hardware (it keeps the bundled MiniLM's top-100 rankings), else ONNX Runtime in
+    float32 when installed and the model is transformer + mean pooling, else torch float32.  int8 weights
+    (onnx-int8) are asked for, never picked: they moved the bundled MiniLM's top-100 rankings (overlap
+    0.94; docs/benchmarks.md, "Dense encoding")."""
     check_choice("--dense-backend", spec, DENSE_BACKENDS)
     from .encoders import mean_pooling_layout, onnx_available
 
@@ -402,7 +403,7 @@ def resolve_dense_backend(spec: str, model: str, device: str) -> str:
         path = resolve_dense_model(model)
         if not (onnx_available() and os.path.isdir(path) and mean_pooling_layout(path)):
             return "torch"
-        return "onnx-int8" if model.lower() in BUNDLED_DENSE else "onnx"
+        return "onnx"
     if spec == "torch-fp16" and not cuda:
         raise BadInput(f"--dense-backend {spec}: float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
     if spec.startswith("torch"):
