@@ -67,9 +67,9 @@ def load_rows(args) -> tuple[np.ndarray, str]:
 
 @torch.no_grad()
 def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> dict:
-    """The one evaluator: pre = relu((x * scale - b_dec) @ W_enc + b_enc), f = its top k per row (or, for an SAE
-    with a threshold, pre where pre > threshold), x_hat = (f @ W_dec + b_dec) / scale.  FVU, the mean L0, and the
-    fraction of latents that fire on none of the rows (dead)."""
+    """The one evaluator: pre = relu((x * scale - b_dec) @ W_enc + b_enc), f = its top k per row,
+    x_hat = (f @ W_dec + b_dec) / scale.  FVU, the mean L0, and the fraction of latents that fire on none of the
+    rows (dead)."""
     t = {name: torch.from_numpy(np.asarray(v)) for name, v in w.items()}
     scale = float(t["scale"])
     sse, l0 = 0.0, 0.0
@@ -77,11 +77,8 @@ def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> dict:
     for s in range(0, len(x), chunk):
         xs = x[s:s + chunk]
         pre = torch.relu((xs * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
-        if "threshold" in t:
-            f = pre * (pre > t["threshold"])
-        else:
-            values, index = pre.topk(k, dim=-1)
-            f = torch.zeros_like(pre).scatter(-1, index, values)
+        values, index = pre.topk(k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, index, values)
         x_hat = (f @ t["W_dec"] + t["b_dec"]) / scale
         sse += float((xs - x_hat).double().pow(2).sum())
         on = f > 0

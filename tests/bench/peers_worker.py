@@ -60,8 +60,7 @@ def ssae_trainer(s: dict, knobs: dict):
                 pass
         return text
     over = {key: value(key, text) for key, text in knobs.items()}
-    arch = s.get("architecture", "topk")
-    cfg = FitConfig(architecture=arch, d_sae=s["d_sae"], k=s["k"] if arch in ("topk", "batchtopk") else None,
+    cfg = FitConfig(architecture="topk", d_sae=s["d_sae"], k=s["k"],
                     batch_size=s["batch"], train_tokens=s["batch"] * s["steps"], val_tokens=0, seed=s["seed"],
                     **over).resolve(d_in=s["d_in"], n_rows=s["batch"] * s["steps"])
     sae = init_sae(cfg, s["d_in"], s["sample"], None)  # act_scale and the geometric-median b_dec, as ssae-fit
@@ -86,10 +85,7 @@ def ssae_trainer(s: dict, knobs: dict):
 
     def weights() -> dict:
         sae = trainer.sae
-        w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "scale": sae.act_scale}
-        if arch in ("jumprelu", "batchtopk"):
-            w["threshold"] = sae.threshold
-        return w
+        return {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "scale": sae.act_scale}
 
     return step, weights
 
