@@ -153,7 +153,7 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
                 SEEDS=tmp_path / "seeds.txt", TOX_SEEDS=tmp_path / "tox.txt", TOX_INDOMAIN="",
                 MED_SEEDS=tmp_path / "med.txt", PROFESSIONS="nurse physician,surgeon",
                 GENERAL_TOKENS=2000, GSAE_TOKENS=2048, SUB_DOCS=20, SUB_TOKENS=600, SSAE_TOKENS=512,
-                BATCH_SIZE=256, EVAL_TOKENS=300, K=4, K_SWEEP=2, TERMS="ess0.5 t500", RECIPES="bm25",
+                BATCH_SIZE=256, EVAL_TOKENS=300, K=4, K_SWEEP=2, TERMS="t500", RECIPES="bm25", LONG_TERM="t500",
                 LONG_FACTOR=2, SHIFT_SEEDS=3, SHIFT_SSAE_TOKENS=512)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
     p = subprocess.run(["make", "-s", "-C", "shell", "paper-quick", *args], cwd=ROOT, capture_output=True,
@@ -172,7 +172,7 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     assert computed == 8  # all but the two that need an LLM explainer
     for domain in ("[physics]", "[toxicity]"):
         assert f"    {domain} gsae-t500 vs gsae-t0: rarest-decile mean error" in verdicts
-    assert "ssae-bm25-long-ess0.5 vs ssae-bm25-long-t0" in verdicts and "ssae-k<k> vs gsae-k<k>" in verdicts
+    assert "ssae-bm25-long-t500 vs ssae-bm25-long-t0" in verdicts and "ssae-k<k> vs gsae-k<k>" in verdicts
     assert re.search(r"^Table 1: .*\(n=3 seeds, shift:ssae", verdicts, re.M)
     page = (board / "index.html").read_text()
     assert page.count("<section ") == 10
