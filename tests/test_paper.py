@@ -97,6 +97,20 @@ def test_scoreboard_escapes_names_and_needs_three_seeds(tmp_path):
     assert "not testable here (n=2 seeds" in fig3 and "the rule needs 3" in "\n".join(lines)
 
 
+def test_table1_pairs_each_ssae_with_the_gsae_per_split(tmp_path):
+    os.makedirs(tmp_path / "shift")
+    diffs = [{"a": "shift:ssae-erm", "b": "original", "values": [0.5, 0.5, 0.5]},
+             {"a": "shift:ssae-erm", "b": "shift:gsae", "values": [0.05, 0.06, 0.04]},
+             {"a": "shift+retrain:ssae-erm", "b": "shift+retrain:gsae", "values": [-0.05, 0.06, 0.0]},
+             {"a": "shift:ssae-term", "b": "shift:gsae", "values": [-0.05, -0.06, -0.04]}]
+    (tmp_path / "shift" / "shift.json").write_text(json.dumps({"differences": diffs}))
+    rows = paper.shift_row(paper.Runs(str(tmp_path), ["physics"], [0, 1, 2]))
+    assert [(r.label, r.verdict.verdict) for r in rows] == [
+        ("shift:ssae-erm vs shift:gsae", paper.REPRODUCED),
+        ("shift+retrain:ssae-erm vs shift+retrain:gsae", paper.NOT_REPRODUCED),
+        ("shift:ssae-term vs shift:gsae", paper.OPPOSITE)]
+
+
 def test_split_domain_is_deterministic_and_disjoint(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from helpers import write_jsonl

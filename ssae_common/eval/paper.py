@@ -270,10 +270,13 @@ def evaluate_comparison(runs: Runs, comparison: Comparison, domain: str) -> Row 
 
 
 def shift_row(runs: Runs) -> list[Row]:
-    """Table 1: the SSAEs' SHIFT worst-group accuracy against the GSAE's, paired per split."""
+    """Table 1: the SSAEs' worst-group accuracy after SHIFT (and SHIFT + retraining) against the GSAE's,
+    paired per split."""
     rows = []
     for d in (runs.shift or {}).get("differences", []):
-        if d["a"].startswith("shift:") and d["b"].startswith("shift:") and "gsae" in d["b"]:
+        kind_a, _, _ = d["a"].partition(":")
+        kind_b, _, sae_b = d["b"].partition(":")
+        if kind_a in ("shift", "shift+retrain") and kind_a == kind_b and sae_b.startswith("gsae"):
             rows.append(Row("bios", f"{d['a']} vs {d['b']}", "worst-group accuracy", "higher",
                             decide(d.get("values", []), "higher")))
     return rows
