@@ -24,6 +24,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .report import _get
+
 MIN_SEEDS = 3
 REPRODUCED, NOT_REPRODUCED, OPPOSITE, NOT_TESTABLE = "reproduced", "not reproduced", "opposite", "not testable here"
 TERM_LABELS = {"t0": "ERM", "t500": "tilt 500", "t1e9": "tilt 1e9"}
@@ -66,14 +68,6 @@ def decide(diffs: list[float], direction: str) -> Verdict:
     else:
         verdict = NOT_REPRODUCED
     return Verdict(verdict, n, mean, sd, se, values)
-
-
-def _get(entry: dict, path: str):
-    for part in path.split("."):
-        if not isinstance(entry, dict) or part not in entry:
-            return None
-        entry = entry[part]
-    return entry
 
 
 @dataclass
