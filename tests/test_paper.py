@@ -171,7 +171,7 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
                 LONG_FACTOR=2, SHIFT_SEEDS=3, SHIFT_SSAE_TOKENS=512)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
     p = subprocess.run(["make", "-s", "-C", "shell", "paper-quick", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     board = tmp_path / "paper" / "paper"
     verdicts = (board / "verdicts.txt").read_text()
