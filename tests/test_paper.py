@@ -170,8 +170,9 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
                 BATCH_SIZE=256, EVAL_TOKENS=300, K=4, K_SWEEP=2, TERMS="t500", RECIPES="bm25", LONG_TERM="t500",
                 LONG_FACTOR=2, SHIFT_SEEDS=3, SHIFT_SSAE_TOKENS=512)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
-    p = subprocess.run(["make", "-s", "-C", "shell", "paper-quick", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900)
+    # two jobs, as on a 2-core CI machine: the steps write distinct outputs, retrieval caches are atomic
+    p = subprocess.run(["make", "-s", "-j2", "-C", "shell", "paper-quick", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     board = tmp_path / "paper" / "paper"
     verdicts = (board / "verdicts.txt").read_text()
