@@ -302,7 +302,7 @@ def score(runs: Runs, spec: list[Section]) -> list[SectionResult]:
             rows = [r for c in section.comparisons for d in domains
                     if (r := evaluate_comparison(runs, c, d)) is not None]
         if not rows:
-            what = "shift/shift.json" if section.needs == "shift" else "the SAEs this claim compares"
+            what = "shift/shift.json" if section.needs == "shift" else "SAEs this claim compares"
             out.append(SectionResult(section, [], Verdict(NOT_TESTABLE, reason=f"this run has no {what}"), None))
             continue
         head = rows[0]
