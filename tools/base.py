@@ -36,6 +36,7 @@ import click
 from ssae_common import __version__
 from ssae_common.core.config import ConfigError, field_types, flag_name, option_specs
 from ssae_common.core.errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
+from ssae_common.core.outputs import is_full_disk
 from ssae_common.core.records import write_record
 from ssae_common.core.runtime import RunContext, seed_everything
 
@@ -304,6 +305,17 @@ class _StdoutGuard:
             os.close(self._saved_fd)
 
 
+def _discard(stream) -> None:
+    """Point a broken data stream at /dev/null, so that flushing what it still holds raises nothing."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
 def _fail(tool: str, message: str, code: int) -> None:
     click.echo(f"ssae-{tool}: error: {message}", err=True)
     sys.exit(code)
@@ -389,6 +401,10 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                     _fail(tool, str(e), e.exit_code)
                 except KeyboardInterrupt:
                     _fail(tool, "interrupted", 130)
+                except BrokenPipeError:
+                    # the reader of stdout went away (`| head`): stop quietly, as any writer to a pipe does
+                    _discard(data)
+                    sys.exit(0)
                 except click.exceptions.Exit:
                     raise
                 except click.ClickException:
@@ -396,6 +412,10 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                 except MemoryError:
                     _fail(tool, "out of memory (try a smaller --batch-size)", EXIT_FAILURE)
                 except Exception as e:
+                    if is_full_disk(e):
+                        where = getattr(e, "filename", None)
+                        _fail(tool, f"{where + ': ' if where else ''}no space left on the device (or the file "
+                                    "size limit was reached); free space and rerun", EXIT_FAILURE)
                     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) \
                             and e.filename:
                         # a path the user gave (an input, or the output's folder): bad input, not a crash

@@ -15,6 +15,7 @@ output and reuse, provenance, model loading).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from .activations import ActivationStore, ActivationWriter, activation_artifact
 from .composition import Composition, describe, source_of
 from .config import HarvestConfig
 from ..core.errors import BadInput
-from ..core.outputs import check_target, exclusive, partial_path
+from ..core.outputs import check_target, exclusive, is_full_disk, no_space, partial_path, refuse_link
 from ..core.progress import Progress
 from ..core.records import Source
 from ..core.signals import StopFlag
@@ -118,6 +119,7 @@ def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
 
 
 def _write_batch(writer, ids, texts, inputs, acts, token_ids, doc_rows, positions, checkpoint) -> None:
+    writer.reserve(len(token_ids), sum(len(t) for t in texts) * 4)  # UTF-8: at most 4 bytes a character
     if ids:
         writer.add_docs(ids, texts, inputs)
     writer.add_rows(acts, token_ids, doc_rows, positions)
@@ -208,15 +210,29 @@ def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cf
         return _harvest_locked(model, docs, out, cfg, attrs, force=force, quiet=quiet)
 
 
+def _open_writer(tmp: str, model, cfg: HarvestConfig, attrs: dict, resume: bool) -> ActivationWriter:
+    """The partial's writer: resumed, or a new file created only where nothing is (never through a link)."""
+    try:
+        return ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume, create="x")
+    except Exception as e:
+        if is_full_disk(e):
+            if not resume and os.path.exists(tmp):
+                os.remove(tmp)
+            raise no_space(tmp) from None
+        raise
+
+
 def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     tmp = partial_path(out)
+    refuse_link(tmp)
     resume = False
     if os.path.exists(tmp):
         try:
             old = ActivationStore(tmp, allow_incomplete=True)
             same = old.attrs.get("config") == attrs["config"]
             old.close()
-        except BadInput as e:  # a checkpoint cut off mid-write (e.g. SIGKILL): nothing to resume
+        except (BadInput, OSError, RuntimeError, KeyError, ValueError) as e:
+            # a checkpoint cut off mid-write (SIGKILL, a full disk): nothing to resume
             log.warning("cannot resume %s (%s): starting over", tmp, e)
             same = None
         if same:  # same configuration and inputs: resuming gives what a fresh run would, even under --force
@@ -228,13 +244,14 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
                                "(use --force to start over)")
             os.remove(tmp)
     try:
-        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume)
+        writer = _open_writer(tmp, model, cfg, attrs, resume)
     except OSError as e:
-        if not resume:
-            raise
+        if not resume or is_full_disk(e):
+            raise no_space(tmp) if is_full_disk(e) else e
         log.warning("cannot resume %s (%s): starting over", tmp, e)  # torn before its last checkpoint
         resume = False
-        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=False)
+        os.remove(tmp)
+        writer = _open_writer(tmp, model, cfg, attrs, resume)
     try:
         with StopFlag() as stop:
             summary = harvest_into(model, docs, writer, cfg, stop, quiet=quiet)
@@ -243,8 +260,10 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
         if not resume:
             os.remove(tmp)
         raise
-    except BaseException:
+    except BaseException as e:
         writer.close()  # the checkpoint stays for a rerun
+        if isinstance(e, Exception) and is_full_disk(e):
+            raise no_space(tmp) from None
         raise
     n_tokens, n_docs = writer.n_tokens, writer.n_docs
     if n_tokens == 0:
@@ -255,6 +274,7 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     if summary["n_short"]:
         log.warning("%d document(s) shorter than %d token(s) were skipped", summary["n_short"], cfg.min_tokens)
     composition = summary["composition"].finish(cfg.max_tokens_per_doc or None)
+    writer.reserve(0, len(json.dumps(composition)))
     writer.finish(n_short_docs=summary["n_short"], composition=composition)
     os.replace(tmp, out)
     log.info("wrote %s: %d tokens from %d documents", out, n_tokens, n_docs)
