@@ -140,10 +140,14 @@ class ActivationWriter:
         from ..core.outputs import bytes_free, no_space
 
         ds = self.f["activations"]
-        chunk = int(np.prod(ds.chunks)) * ds.dtype.itemsize
-        need = 2 * (n_rows * (ds.shape[1] * ds.dtype.itemsize + 12) + text_bytes) + 2 * chunk + (1 << 20)
+        # each dataset may start a new chunk, HDF5 may rewrite its metadata; twice the data for slack
+        chunks = sum(int(np.prod(d.chunks)) * d.dtype.itemsize for d in self._datasets())
+        need = 2 * (n_rows * (ds.shape[1] * ds.dtype.itemsize + 12) + text_bytes) + chunks + (256 << 10)
         if bytes_free(self.path) < need:
             raise no_space(self.path)
+
+    def _datasets(self) -> list:
+        return [self.f[n] for n in ("activations", "token_ids", "doc_index", "position")] + list(self.f["docs"].values())
 
     def add_docs(self, ids: list[str], texts: list[str], input_indices: list[int]) -> None:
         docs = self.f["docs"]

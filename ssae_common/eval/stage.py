@@ -16,7 +16,8 @@ import sys
 
 from ..core.config import replace
 from ..core.errors import BadInput
-from ..core.outputs import atomic_dir, check_target, exclusive, existing_output, partial_path, sha256_file, workdir
+from ..core.outputs import (atomic_dir, check_target, exclusive, existing_output, partial_path, refuse_link,
+                            sha256_file, workdir)
 from ..core.parse import unique_names
 from ..core.provenance import config_hash, created_by, input_fingerprint
 from ..core.records import artifact_record, resolve_artifacts, spool_stdin
@@ -106,6 +107,7 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                 return metrics_artifact(out)
         check_target(out, context.force)
         with exclusive(out):  # one writer per output (and per resume state)
+            refuse_link(partial_path(out) + ".state")
             state, loaded = _accumulate(config, paths, names, store, key, out, context)
             doc = _metrics_doc(config, state, loaded, infos, baseline, inputs, lm_name, store, resolved, context)
             _write(out, doc, context)

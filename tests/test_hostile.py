@@ -1,0 +1,214 @@
+"""A shared, hostile filesystem and careless input: planted files run nothing, a full disk is one line and a
+rerun resumes, a refused run leaves nothing behind, and every mistake is one line naming the file or flag,
+given before the model loads.  Each test reproduces one case."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import identity_sae, invoke, make_store, parse_records, sample_docs, write_jsonl
+from ssae_tools.eval import main as eval_main
+from ssae_tools.fit import main as fit_main
+from ssae_tools.harvest import main as harvest_main
+from ssae_tools.retrieve import main as retrieve_main
+
+BIN = os.path.dirname(sys.executable)
+HOOK = "blocks.1.hook_resid_post"
+FIT = ["--d-sae", "16", "--k", "2", "--batch-size", "64", "--val-tokens", "0", "--warmup-steps", "0"]
+ROOT_CAN_WRITE_ANYWHERE = os.geteuid() == 0
+
+
+def one_error_line(stderr: str, tool: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith(f"ssae-{tool}: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.fixture
+def store(tmp_path):
+    rng = np.random.default_rng(0)
+    return make_store(tmp_path / "acts.h5", rng.standard_normal((600, 8)).astype(np.float32), hook=HOOK)
+
+
+def saved_sae(folder, sae, hook=HOOK):
+    os.makedirs(folder, exist_ok=True)
+    sae.save(str(folder), model="synthetic-lm", hook=hook)
+    return str(folder)
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a planted file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def run_limited(args, limit_bytes, **kwargs):
+    """Run a tool in a subprocess whose files may not grow past `limit_bytes` (as on a full disk)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, preexec_fn=limit, **kwargs)
+
+
+def same_activations(a, b):
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        for name in ("activations", "token_ids", "doc_index", "position", "docs/id", "docs/text"):
+            assert np.array_equal(fa[name][:], fb[name][:]), name
+
+
+# --------------------------------------------------------------------------- planted files
+
+
+def test_planted_eval_state_runs_nothing(tmp_path, store, monkeypatch):
+    import ssae_common.core.signals as signals
+    from ssae_common.core.errors import Interrupted
+
+    class StopAtOnce(signals.StopFlag):
+        def check(self, save=None):
+            save()
+            raise Interrupted("stop")
+
+    sae = saved_sae(tmp_path / "sae", identity_sae(8))
+    out = tmp_path / "ev"
+    args = [sae, "--activations", store, "--rows", "100", "-o", out]
+    monkeypatch.setattr(signals, "StopFlag", StopAtOnce)
+    invoke(eval_main, args, code=75)
+    monkeypatch.undo()
+    state = tmp_path / ".ev.partial.state"
+    header = state.read_bytes().split(b"\n", 1)[0]
+    assert header.startswith(b"ssae.evalstate/1 ")
+    marker = tmp_path / "ran"
+    # this run's own first line, then a pickle; then a pickle alone (what the state used to be)
+    for planted in (header + b"\n{}\n" + pickle.dumps(Payload(marker)), pickle.dumps(Payload(marker))):
+        state.write_bytes(planted)
+        invoke(eval_main, [*args, "--force"], code=0)
+        assert not marker.exists() and not state.exists()
+    whole = json.loads((out / "metrics.json").read_text())
+    assert whole["n_tokens"] == 600
+
+
+def test_planted_links_are_refused_and_their_targets_kept(tmp_path, store):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    sae = saved_sae(tmp_path / "sae", identity_sae(8))
+    for name, tool, args in [
+            (".ev.partial.lock", eval_main, [sae, "--activations", store, "-o", tmp_path / "ev"]),
+            (".ev.partial.state", eval_main, [sae, "--activations", store, "-o", tmp_path / "ev"]),
+            (".ft.partial.lock", fit_main, [store, *FIT, "-o", tmp_path / "ft"])]:
+        link = tmp_path / name
+        link.symlink_to(victim)
+        r = invoke(tool, args, code=2)
+        assert f"{link}: a symbolic link where ssae keeps its partial output" in r.stderr
+        assert victim.read_text() == "precious" and link.is_symlink()
+        link.unlink()
+    # a dangling link is not followed either (it would create the file it names)
+    (tmp_path / ".ev.partial.lock").symlink_to(tmp_path / "created")
+    invoke(eval_main, [sae, "--activations", store, "-o", tmp_path / "ev"], code=2)
+    assert not (tmp_path / "created").exists()
+
+
+def test_planted_harvest_partial_link_is_refused(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(5, 20))
+    link = tmp_path / ".a.h5.partial"
+    link.symlink_to(tmp_path / "elsewhere.h5")
+    r = invoke(harvest_main, [docs, "--model", tiny_model, "--hook", HOOK, "-o", tmp_path / "a.h5"], code=2)
+    assert f"{link}: a symbolic link" in one_error_line(r.stderr, "harvest")
+    assert not (tmp_path / "elsewhere.h5").exists()
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def test_full_disk_during_harvest_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(120, 60, seed=1))
+    args = [docs, "--model", tiny_model, "--hook", HOOK, "--context-size", "32", "--batch-size", "4",
+            "--dtype", "float32", "--device", "cpu", "-q"]
+    out = tmp_path / "a.h5"
+    r = run_limited([os.path.join(BIN, "ssae-harvest"), *args, "-o", out], 3_000_000)
+    assert r.returncode == 1, r.stderr
+    partial = tmp_path / ".a.h5.partial"
+    assert one_error_line(r.stderr, "harvest") == (
+        f"ssae-harvest: error: {partial}: no space left on the device (or the file size limit was reached); the "
+        "partial output is kept: free space and rerun to resume, or --force to start over")
+    assert "Traceback" not in r.stderr and not out.exists()
+    with h5py.File(partial, "r") as f:
+        assert 0 < f.attrs["n_tokens"]
+    r = invoke(harvest_main, [*args, "-o", out], code=0)
+    assert "resuming" not in r.stderr  # -q
+    invoke(harvest_main, [*args, "-o", tmp_path / "whole.h5"], code=0)
+    same_activations(out, tmp_path / "whole.h5")
+
+
+def test_full_disk_during_retrieve_and_eval_is_one_line(tmp_path, store):
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(400, 30, seed=2))
+    seeds = write_jsonl(str(tmp_path / "seeds.jsonl"), [{"id": "s", "text": "star planet orbit"}])
+    out = tmp_path / "picked.jsonl"
+    r = run_limited([os.path.join(BIN, "ssae-retrieve"), seeds, "--corpus", corpus, "--top-k", "300", "-o", out],
+                    20_000)
+    assert r.returncode == 1 and "no space left on the device" in one_error_line(r.stderr, "retrieve"), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    sae = saved_sae(tmp_path / "sae", identity_sae(8))
+    ev = tmp_path / "ev"
+    r = run_limited([os.path.join(BIN, "ssae-eval"), sae, "--activations", store, "-o", ev], 20_000)
+    assert r.returncode == 1, r.stderr
+    assert one_error_line(r.stderr, "eval").startswith(f"ssae-eval: error: {ev}: no space left on the device")
+    assert not ev.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".ev.")]
+    invoke(eval_main, [sae, "--activations", store, "-o", ev], code=0)
+
+
+def test_stdin_spool_is_removed_on_a_full_disk(tmp_path, tiny_model):
+    work = tmp_path / "work"
+    text = "".join(json.dumps(d) + "\n" for d in sample_docs(400, 60))
+    r = run_limited([os.path.join(BIN, "ssae-harvest"), "--model", tiny_model, "--hook", HOOK], 10_000,
+                    input=text, env={**os.environ, "SSAE_WORKDIR": str(work)})
+    assert r.returncode == 1 and "no space left on the device" in one_error_line(r.stderr, "harvest"), r.stderr
+    assert os.listdir(work / "tmp") == []
+
+
+# --------------------------------------------------------------------------- raw exceptions
+
+
+def test_output_under_a_file_is_named(tmp_path, store):
+    (tmp_path / "file").write_text("x")
+    r = invoke(fit_main, [store, *FIT, "-o", tmp_path / "file" / "sae"], code=2)
+    assert one_error_line(r.stderr, "fit").endswith(f"{tmp_path / 'file'}: a file where the output folder "
+                                                    f"{tmp_path / 'file'} should be")
+
+
+@pytest.mark.skipif(ROOT_CAN_WRITE_ANYWHERE, reason="root writes into read-only folders")
+def test_read_only_output_folder_and_workdir_are_named(tmp_path, store, tiny_model, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    r = invoke(fit_main, [store, *FIT, "-o", ro / "sae"], code=2)
+    assert one_error_line(r.stderr, "fit").endswith(f"{ro}: output folder is not writable")
+    (ro / "..").resolve()
+    ro.chmod(0o755)
+    (ro / "tmp").mkdir()
+    ro.chmod(0o555)
+    monkeypatch.setenv("SSAE_WORKDIR", str(ro))
+    r = invoke(harvest_main, ["--model", tiny_model, "--hook", HOOK], input='{"text": "a b"}\n', code=2)
+    assert f"{ro / 'tmp'}: cannot keep a copy of stdin there" in one_error_line(r.stderr, "harvest")
+
+
+def test_closed_stdout_pipe_stops_quietly(tmp_path):
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(3000, 20, seed=3))
+    seeds = write_jsonl(str(tmp_path / "seeds.jsonl"), [{"id": "s", "text": "star planet"}])
+    proc = subprocess.Popen([os.path.join(BIN, "ssae-retrieve"), seeds, "--corpus", corpus, "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(10)) == 10  # `| head -c 10`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Error" not in err and "Traceback" not in err, err
