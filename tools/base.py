@@ -386,6 +386,8 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                                 force=force, config_file=config_file, stdout=data, seeds=seeds)
                 try:
                     check_environment(tool)
+                    if device_spec not in ("auto", "cpu"):
+                        common.device  # noqa: B018 (a device this machine lacks is refused before any work)
                     seed_everything(seeds[0])
                     return f(common, **kwargs)
                 except Interrupted as e:

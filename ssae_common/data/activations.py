@@ -207,14 +207,23 @@ class ActivationStore:
         if not bool(a.get("complete", False)) and not allow_incomplete:
             self.f.close()
             raise BadInput(f"{path}: incomplete activation file (harvest was interrupted; rerun it to finish)")
-        self.dtype = str(a["dtype"])
-        self.n_tokens = int(a["n_tokens"])
-        self.n_docs = int(a["n_docs"])
-        self.d_model = int(a["d_model"])
-        self.model = str(a.get("model", ""))
-        self.hook = str(a.get("hook", ""))
-        self.context_size = int(a.get("context_size", 0))
-        self.bos_dropped = bool(a.get("bos_dropped", True))
+        missing = [name for name in ("activations", "token_ids", "doc_index", "position", "docs/id")
+                   if name not in self.f]
+        if missing:
+            self.f.close()
+            raise BadInput(f"{path}: no /{missing[0]} dataset: not a whole {SCHEMA} file")
+        try:
+            self.dtype = str(a["dtype"])
+            self.n_tokens = int(a["n_tokens"])
+            self.n_docs = int(a["n_docs"])
+            self.d_model = int(a["d_model"])
+            self.model = str(a.get("model", ""))
+            self.hook = str(a.get("hook", ""))
+            self.context_size = int(a.get("context_size", 0))
+            self.bos_dropped = bool(a.get("bos_dropped", True))
+        except (KeyError, ValueError, TypeError) as e:
+            self.f.close()
+            raise BadInput(f"{path}: a bad or missing attribute ({type(e).__name__}: {e})") from None
         self._acts = self.f["activations"]
 
     @property

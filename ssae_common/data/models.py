@@ -168,6 +168,50 @@ def model_identity(spec: str) -> str:
 
 
 
+# the hook points of one block that are between or beside the block's main parts: a near miss of one of
+# these (hook_resid_pots) is a typo, refused before any model loads
+MAIN_BLOCK_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                    "hook_mlp_in", "hook_attn_in", "attn.hook_z", "mlp.hook_post", "mlp.hook_pre")
+HOOK_SHAPE = re.compile(r"(?:blocks\.(\d+)\.)?(?:[a-z_0-9]+\.)*hook_[a-z_0-9]+")
+
+
+def check_hook_name(spec: str, hook: str, flag: str = "--hook") -> None:
+    """Refuse, before the model loads, a hook that no model has (not of the form [blocks.L.]...hook_NAME, a
+    near miss of a main block hook) or whose layer is past the last of a local model's config.json.  The
+    loaded model checks the rest (LoadedModel.check_hook)."""
+    m = HOOK_SHAPE.fullmatch(hook)
+    if m is None:
+        raise BadInput(f"{flag} {hook}: not a hook point name (e.g. blocks.0.hook_resid_post)")
+    if m.group(1) is None:
+        return
+    layer, suffix = int(m.group(1)), hook.split(".", 2)[2]
+    if suffix not in MAIN_BLOCK_HOOKS:
+        close = difflib.get_close_matches(suffix, MAIN_BLOCK_HOOKS, n=1, cutoff=0.8)
+        if close:
+            raise BadInput(f"{flag} {hook}: not a hook point (did you mean blocks.{layer}.{close[0]}?)")
+    n_layers = _config_layers(spec)
+    if n_layers is not None and layer >= n_layers:
+        raise BadInput(f"{flag} {hook}: {spec} has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1})")
+
+
+def _config_layers(spec: str) -> int | None:
+    """The number of layers a local model folder's config.json gives (None when not known without loading)."""
+    import json
+
+    path = os.path.join(spec, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
 def hook_layer(hook: str) -> int | None:
     m = HOOK_LAYER.match(hook)
     return int(m.group(1)) if m else None

@@ -14,7 +14,7 @@ from .activations import ActivationStore, activation_artifact, merge_shards, sto
 from .composition import merge_compositions
 from .config import HarvestConfig
 from .harvester import document_lengths, harvest_activations, spread_cap
-from .models import load_model, model_identity
+from .models import check_hook_name, load_model, model_identity
 from ..core.config import ConfigError, replace
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target, exclusive, existing_output, workdir
@@ -61,9 +61,12 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
             if reuse:
                 return activation_artifact(out)
         # everything that can be refused is checked before the model loads (seconds to minutes)
+        check_hook_name(config.model, config.hook)
         check_target(out, context.force)
         with exclusive(out):
             n_docs = count_docs(inputs, config.text_field)
+            if n_docs == 0:
+                raise BadInput(f"{', '.join('<stdin>' if p == spooled else p for p in inputs)}: no documents")
             if n_docs is not None:
                 log.info("%d document(s) to harvest", n_docs)
             lm = load_model(config.model, device=context.device)

@@ -108,7 +108,7 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
         check_target(out, context.force)
         with exclusive(out):  # one writer per output (and per resume state)
             refuse_link(partial_path(out) + ".state")
-            state, loaded = _accumulate(config, paths, names, store, key, out, context)
+            state, loaded = _accumulate(config, paths, names, store, key, out, context, spooled)
             doc = _metrics_doc(config, state, loaded, infos, baseline, inputs, lm_name, store, resolved, context)
             _write(out, doc, context)
             _remove(partial_path(out) + ".state")
@@ -149,7 +149,7 @@ def _resolved(config: EvalConfig, context: RunContext, infos: list[dict], baseli
 
 
 def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, key: str, out: str,
-                context: RunContext):
+                context: RunContext, spooled: str | None = None):
     """Run every SAE over the evaluation set (resuming from OUT's partial state) -> (EvalState, [(name, SAE)])."""
     from ..core.records import iter_docs
     from ..core.signals import StopFlag
@@ -167,9 +167,12 @@ def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, k
         d_model = store.d_model
     else:
         from ..core.records import count_docs
-        from ..data.models import load_model
+        from ..data.models import check_hook_name, load_model
 
-        count_docs(config.docs, config.text_field)  # bad input is refused before the model loads
+        check_hook_name(config.model, config.hook)
+        # bad input is refused before the model loads
+        if count_docs(config.docs, config.text_field) == 0:
+            raise BadInput(f"{', '.join('<stdin>' if d == spooled else d for d in config.docs)}: no documents")
         lm = load_model(config.model, device=device)
         lm.check_hook(config.hook)
         d_model = lm.d_model
