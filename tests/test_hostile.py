@@ -212,3 +212,87 @@ def test_closed_stdout_pipe_stops_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and "Error" not in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- fit: checkpoints and sweeps
+
+
+def interrupt_after(monkeypatch, checks):
+    """Make the next run's stop flag ask for a stop at its `checks`-th check (as a signal would)."""
+    import ssae_common.core.signals as signals
+
+    class Flag(signals.StopFlag):
+        def check(self, save=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls >= checks:
+                self.signum = 15
+            super().check(save)
+
+    monkeypatch.setattr(signals, "StopFlag", Flag)
+
+
+def test_planted_checkpoint_runs_nothing(tmp_path, store, monkeypatch):
+    import torch
+
+    out = tmp_path / "ft"
+    args = [store, *FIT, "--train-tokens", "6400", "--checkpoint-every", "5", "-o", out]
+    interrupt_after(monkeypatch, 20)
+    invoke(fit_main, args, code=75)
+    monkeypatch.undo()
+    checkpoint = tmp_path / ".ft.partial" / "checkpoint.pt"
+    assert oct(os.stat(checkpoint.parent).st_mode & 0o777) == "0o700"  # nobody else can plant files inside
+    marker = tmp_path / "ran"
+    torch.save({"step": Payload(marker)}, checkpoint)
+    r = invoke(fit_main, args, code=0)
+    assert not marker.exists() and f"{checkpoint}: not a checkpoint ssae wrote" in r.stderr
+    assert "starting over" in r.stderr and json.loads(r.stdout)["tokens"] == 6400
+
+
+def test_full_disk_during_fit_is_one_line_and_the_rerun_works(tmp_path, store):
+    out = tmp_path / "ft"
+    args = [store, *FIT, "--d-sae", "4096", "--train-tokens", "6400", "--checkpoint-every", "5", "-o", out]
+    r = run_limited([os.path.join(BIN, "ssae-fit"), *args], 200_000)
+    assert r.returncode == 1, r.stderr
+    assert one_error_line(r.stderr, "fit").startswith(f"ssae-fit: error: {tmp_path / '.ft.partial'}: no space left "
+                                                      "on the device"), r.stderr
+    assert not out.exists() and "Traceback" not in r.stderr
+    invoke(fit_main, args, code=0)
+
+
+def sweep_weights(folder):
+    from safetensors.numpy import load_file
+
+    return {name: load_file(os.path.join(folder, name, "sae.safetensors")) for name in sorted(os.listdir(folder))}
+
+
+def test_sweep_under_o_resumes_after_a_signal_between_seeds(tmp_path, store, monkeypatch):
+    import signal
+
+    import ssae_common.sae.train as train
+
+    sweep = [store, *FIT, "--train-tokens", "3200", "--tilt", "0,10", "--seed", "0,1"]
+    invoke(fit_main, [*sweep, "-o", tmp_path / "whole"], code=0)
+    write = train._write
+    written = []
+
+    def write_then_signal(*args, **kwargs):
+        written.append(write(*args, **kwargs))
+        if len(written) == 2:  # the first seed's two SAEs are written: a Ctrl-C before the second seed
+            os.kill(os.getpid(), signal.SIGINT)
+        return written[-1]
+
+    monkeypatch.setattr(train, "_write", write_then_signal)
+    out = tmp_path / "sw"
+    r = invoke(fit_main, [*sweep, "-o", out], code=75)
+    assert "rerun the same command to resume" in r.stderr
+    assert sorted(os.listdir(out)) == ["tilt0-seed0", "tilt10-seed0"]
+    monkeypatch.undo()
+    r = invoke(fit_main, [*sweep, "-o", out], code=0)
+    assert "2 of 4 SAEs already trained" in r.stderr and len(parse_records(r.stdout)) == 4
+    whole, resumed = sweep_weights(tmp_path / "whole"), sweep_weights(out)
+    assert whole.keys() == resumed.keys() and len(whole) == 4
+    for name in whole:
+        assert all(np.array_equal(whole[name][k], resumed[name][k]) for k in whole[name]), name
+    # the sweep is complete: overwritten only with --force, as one output is
+    r = invoke(fit_main, [*sweep, "-o", out], code=2)
+    assert one_error_line(r.stderr, "fit").endswith(f"{out / 'tilt0-seed0'}: exists (use --force to overwrite)")
