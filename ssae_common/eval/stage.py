@@ -93,7 +93,7 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                        "sha256": input_fingerprint(d)} for d in config.docs if d != "-"]
         lm_name = model_identity(config.model)
         for p, c in zip(paths, cfgs):
-            _check_identity(p, c, lm_name, config.hook, where)
+            check_identity(p, c, lm_name, config.hook, where)
 
         sae_shas = [sha256_file(p) for p in paths]
         infos = [{"name": n, "path": os.path.abspath(p), "sha256": s, "is_baseline": n == baseline,
@@ -119,7 +119,8 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str) -> None:
+def check_identity(path: str, cfg: dict, model: str, hook: str, where: str) -> None:
+    """Refuse an SAE (at `path`, its cfg.json fields `cfg`) trained on another model or hook than `where`'s."""
     sae_model, sae_hook = cfg.get("model"), cfg.get("hook")
     if not sae_model or not sae_hook:
         log.warning("%s records no model or hook: cannot check it matches %s", path, where)
