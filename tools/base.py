@@ -121,7 +121,7 @@ def check_environment(tool: str, environ=None) -> None:
             use = mine if mine in scoped[var] else " or ".join(scoped[var])
             raise BadInput(f"{var}: only the options every tool shares take SSAE_<OPTION>; this one is set per "
                            f"tool: use {use} (see --help)")
-        hint = _closest(var, known)
+        hint = f" (did you mean {var.upper()}?)" if var.upper() in known else _closest(var, known)
         if hint:
             raise BadInput(f"{var}: no ssae tool reads this environment variable{hint}")
 
@@ -344,7 +344,23 @@ class SsaeCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            raise UsageError(e.format_message(), self.name) from None
+            raise UsageError(_from_environment(e) or e.format_message(), self.name) from None
+
+
+def _from_environment(error: click.UsageError) -> str | None:
+    """A bad value that came from an SSAE_* variable, named by the variable (not by the option it sets)."""
+    from click.core import ParameterSource
+
+    param, ctx = getattr(error, "param", None), getattr(error, "ctx", None)
+    if not isinstance(error, click.BadParameter) or param is None or ctx is None:
+        return None
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return None
+    names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+    var = next((n for n in names if n and os.environ.get(n)), None)
+    if var is None:
+        return None
+    return f"{var}: {error.message.rstrip('.')}, for {param.opts[0]}"
 
 
 def scope_environment(cmd: click.Command, tool: str) -> click.Command:

@@ -249,8 +249,10 @@ def text_of(obj: dict | str, source: Source, text_field: str = "text") -> str:
 def id_of(obj: dict | str, source: Source) -> str:
     if isinstance(obj, dict):
         for key in ("id", "_id", "doc_id"):
-            if obj.get(key) is not None:
-                return str(obj[key])
+            value = obj.get(key)
+            if value is not None:
+                # a list or object id is kept as its JSON text, never as a Python repr
+                return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return f"{os.path.basename(source.name)}:{source.line}"
 
 

@@ -49,14 +49,40 @@ class _Counter:
     short = 0
 
 
+PREFIX_MARGIN = 64  # tokens read past a document's cap: the tokens before them do not depend on where the text was cut
+
+
+def token_cap(cfg: HarvestConfig) -> int:
+    """The most tokens of one document a harvest can store (0: no bound)."""
+    caps = [c for c in (cfg.max_tokens_per_doc, cfg.max_tokens) if c]
+    return min(caps) if caps else 0
+
+
+def tokenize_prefix(model, text: str, cap: int) -> tuple[list[int], str]:
+    """The tokens of `text` up to one past `cap` (all of them when `cap` is 0 or the text is short), and the
+    prefix of the text they come from.  A long document is tokenised in growing prefixes, never whole: a
+    50 MB line costs what its first tokens cost."""
+    if cap:
+        chars = (cap + PREFIX_MARGIN) * 8
+        while chars < len(text):
+            tokens = model.tokenize(text[:chars])
+            if len(tokens) > cap + PREFIX_MARGIN:
+                return tokens[:cap + 1], text[:chars]
+            chars *= 4
+    return model.tokenize(text), text
+
+
 def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
                  counter: _Counter) -> Iterator[Window]:
     shard_i, shard_n = cfg.shard_index
     span = cfg.context_size - (1 if model.bos_token_id is not None else 0)
+    cap = token_cap(cfg)
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
             continue
-        tokens = model.tokenize(doc["text"])
+        tokens, text = tokenize_prefix(model, doc["text"], cap)
+        if len(text) < len(doc["text"]):
+            doc = {**doc, "text": text}  # what is stored: the part of the text the stored tokens come from
         if len(tokens) < cfg.min_tokens:
             counter.short += 1
             continue
@@ -75,7 +101,7 @@ def document_lengths(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestCon
     lengths = []
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n == shard_i:
-            n = len(model.tokenize(doc["text"]))
+            n = len(tokenize_prefix(model, doc["text"], token_cap(cfg))[0])
             if n >= cfg.min_tokens:
                 lengths.append(n)
     return lengths
