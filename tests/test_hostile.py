@@ -183,8 +183,8 @@ def test_stdin_spool_is_removed_on_a_full_disk(tmp_path, tiny_model):
 def test_output_under_a_file_is_named(tmp_path, store):
     (tmp_path / "file").write_text("x")
     r = invoke(fit_main, [store, *FIT, "-o", tmp_path / "file" / "sae"], code=2)
-    assert one_error_line(r.stderr, "fit").endswith(f"{tmp_path / 'file'}: a file where the output folder "
-                                                    f"{tmp_path / 'file'} should be")
+    assert one_error_line(r.stderr, "fit").endswith(f"{tmp_path / 'file'}: cannot create output folder "
+                                                    f"({tmp_path / 'file'} is a file)")
 
 
 @pytest.mark.skipif(ROOT_CAN_WRITE_ANYWHERE, reason="root writes into read-only folders")

@@ -112,7 +112,7 @@ def make_folder(folder: str) -> str:
         above = folder
         while above and not os.path.isdir(above):
             if os.path.lexists(above):
-                raise BadInput(f"{above}: a file where the output folder {folder} should be") from None
+                raise BadInput(f"{folder}: cannot create output folder ({above} is a file)") from None
             above = os.path.dirname(above)
         raise BadInput(f"{folder}: cannot create output folder (not a folder)") from None
     except OSError as e:
