@@ -38,9 +38,9 @@ def store(tmp_path):
     return make_store(tmp_path / "acts.h5", rng.standard_normal((600, 8)).astype(np.float32), hook=HOOK)
 
 
-def saved_sae(folder, sae, hook=HOOK):
+def saved_sae(folder, sae, hook=HOOK, model="synthetic-lm"):
     os.makedirs(folder, exist_ok=True)
-    sae.save(str(folder), model="synthetic-lm", hook=hook)
+    sae.save(str(folder), model=model, hook=hook)
     return str(folder)
 
 
@@ -296,3 +296,183 @@ def test_sweep_under_o_resumes_after_a_signal_between_seeds(tmp_path, store, mon
     # the sweep is complete: overwritten only with --force, as one output is
     r = invoke(fit_main, [*sweep, "-o", out], code=2)
     assert one_error_line(r.stderr, "fit").endswith(f"{out / 'tilt0-seed0'}: exists (use --force to overwrite)")
+
+
+# --------------------------------------------------------------------------- named in one line, before work
+
+
+def test_bad_sae_config_and_activation_file_are_named(tmp_path, store):
+    sae = saved_sae(tmp_path / "sae", identity_sae(8))
+    cfg = json.loads(open(os.path.join(sae, "cfg.json")).read())
+    cfg["d_sae"] = "16"
+    with open(os.path.join(sae, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    r = invoke(eval_main, [sae, "--activations", store, "-o", tmp_path / "ev"], code=2)
+    assert one_error_line(r.stderr, "eval").endswith(f"{sae}/cfg.json: d_sae is \"16\", expected a positive integer")
+    bare = tmp_path / "bare.h5"
+    with h5py.File(store, "r") as f, h5py.File(bare, "w") as g:
+        for key, value in f.attrs.items():
+            g.attrs[key] = value
+    r = invoke(fit_main, [bare, *FIT, "-o", tmp_path / "ft"], code=2)
+    assert one_error_line(r.stderr, "fit").endswith(f"{bare}: no /activations dataset: not a whole "
+                                                    "ssae.activations/1 file")
+
+
+def test_malformed_metrics_file_is_named(tmp_path):
+    from ssae_tools.tables import main as tables_main
+
+    bad = tmp_path / "metrics.json"
+    bad.write_text('{"schema": "ssae.metrics/1", "n_tokens": 5, "saes": [1, 2]}')
+    r = invoke(tables_main, [bad], code=2)
+    assert one_error_line(r.stderr, "tables").startswith(f"ssae-tables: error: {bad}: a malformed ssae.metrics/1 "
+                                                         "file (")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_input_is_named_before_the_model_loads(tmp_path, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    no_model = tmp_path / "no-model"  # were it loaded first, the error would be about --model
+    r = invoke(harvest_main, [empty, "--model", no_model, "-o", tmp_path / "a.h5"], code=2)
+    assert one_error_line(r.stderr, "harvest").endswith(f"{empty}: no documents")
+    r = invoke(harvest_main, ["--model", no_model, "-o", tmp_path / "a.h5"], input=content, code=2)
+    assert one_error_line(r.stderr, "harvest").endswith("<stdin>: no documents")
+    sae = saved_sae(tmp_path / "sae", identity_sae(8), model=str(no_model))
+    r = invoke(eval_main, [sae, "--docs", empty, "--model", no_model, "--hook", HOOK, "-o", tmp_path / "ev"], code=2)
+    assert one_error_line(r.stderr, "eval").endswith(f"{empty}: no documents")
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "sae", "ssae-work"]
+    assert os.listdir(tmp_path / "ssae-work" / "tmp") == []  # the stdin spool too
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hook", "blocks.1.hook_resid_pots"], "--hook blocks.1.hook_resid_pots: not a hook point (did you mean "
+                                             "blocks.1.hook_resid_post?)"),
+    (["--hook", "blocks.9.hook_resid_post"], "--hook blocks.9.hook_resid_post: MODEL has 2 layers (blocks.0 .. "
+                                             "blocks.1)"),
+    (["--hook", "resid_post"], "--hook resid_post: not a hook point name (e.g. blocks.0.hook_resid_post)"),
+    (["--device", "gpu"], "--device 'gpu': expected auto, cpu or cuda[:N]"),
+])
+def test_hook_and_device_are_checked_before_the_documents_are_read(tmp_path, tiny_model, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "cut\n')  # read first, this would be the error
+    r = invoke(harvest_main, [bad, "--model", tiny_model, "--hook", HOOK, *args, "-o", tmp_path / "a.h5"], code=2)
+    assert one_error_line(r.stderr, "harvest").endswith(message.replace("MODEL", tiny_model))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stopwords", "xx"], "--stopwords xx: expected en, en_plus or none"),
+    (["--stemmer", "xx"], "--stemmer xx: unknown language"),
+    (["--method", "dense", "--dense-model", "./no/such"], "--dense-model ./no/such: no such folder"),
+    (["--rerank", "tracin", "--sae", "no-such-sae"], "--sae no-such-sae: no such SAE folder"),
+])
+def test_retrieval_settings_are_checked_before_the_corpus_is_read(tmp_path, args, message):
+    seeds = write_jsonl(str(tmp_path / "seeds.jsonl"), [{"id": "s", "text": "star"}])
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "cut\n')  # read first, this would be the error
+    r = invoke(retrieve_main, [seeds, "--corpus", corpus, *args], code=2)
+    assert message in one_error_line(r.stderr, "retrieve")
+
+
+def test_environment_values_and_names_are_named_as_typed(store, monkeypatch):
+    monkeypatch.setenv("SSAE_FIT_BATCH_SIZE", "x")
+    r = invoke(fit_main, [store], code=2)
+    assert one_error_line(r.stderr, "fit") == ("ssae-fit: error: SSAE_FIT_BATCH_SIZE: 'x' is not a valid integer, "
+                                               "for --batch-size (see --help)")
+    monkeypatch.delenv("SSAE_FIT_BATCH_SIZE")
+    monkeypatch.setenv("SSAE_FIT_tilt", "3")
+    r = invoke(fit_main, [store], code=2)
+    assert one_error_line(r.stderr, "fit").endswith("SSAE_FIT_tilt: no ssae tool reads this environment variable "
+                                                    "(did you mean SSAE_FIT_TILT?)")
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def test_long_document_is_cut_before_tokenising_and_stored_bounded(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    words = " ".join(["star", "planet", "orbit", "the", "galaxy"] * 100_000)  # one 2.6 MB line
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), [{"id": ["a", 1], "text": words}])
+    out = tmp_path / "a.h5"
+    invoke(harvest_main, [docs, "--model", tiny_model, "--hook", HOOK, "--max-tokens-per-doc", "40",
+                          "--context-size", "16", "-o", out], code=0)
+    full = AutoTokenizer.from_pretrained(tiny_model)(words[:100_000], add_special_tokens=False)["input_ids"]
+    with h5py.File(out, "r") as f:
+        stored = f["docs/text"][0].decode()
+        assert len(stored) < 10_000 and words.startswith(stored)
+        kept = [t for t, p in zip(f["token_ids"][:], f["position"][:]) if p > 0]
+        assert kept == full[:40]
+        assert f["docs/id"][0].decode() == '["a", 1]'  # JSON, not a Python repr
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@pytest.fixture
+def explain_setup(tmp_path, tiny_model):
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), sample_docs(20, 30))
+    invoke(harvest_main, [docs, "--model", tiny_model, "--hook", HOOK, "-o", tmp_path / "acts.h5", "-q"], code=0)
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    identity_sae(16).save(str(sae), model=tiny_model, hook=HOOK)
+    return {"acts": str(tmp_path / "acts.h5"), "sae": str(sae), "model": tiny_model}
+
+
+def test_refused_explain_leaves_nothing_that_blocks_the_corrected_run(tmp_path, explain_setup):
+    from ssae_tools.explain import main as explain_main
+
+    args = [explain_setup["sae"], "--activations", explain_setup["acts"], "--explainer", "none", "--latents", "0-3",
+            "-o", tmp_path / "ex"]
+    r = invoke(explain_main, [*args, "--model", "no-such/model"], code=2)
+    assert "--model no-such/model" in one_error_line(r.stderr, "explain")
+    assert not (tmp_path / ".ex.partial").exists()
+    invoke(explain_main, args, code=0)
+
+
+def test_explain_refuses_activations_of_another_hook(tmp_path, explain_setup):
+    from ssae_tools.explain import main as explain_main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    identity_sae(16).save(str(other), model=explain_setup["model"], hook="blocks.0.hook_resid_post")
+    r = invoke(explain_main, [other, "--activations", explain_setup["acts"], "--explainer", "none",
+                              "-o", tmp_path / "ex"], code=2)
+    assert f"{other}: SAE was trained on model" in one_error_line(r.stderr, "explain")
+    assert f"at hook 'blocks.0.hook_resid_post', but {explain_setup['acts']}" in r.stderr
+
+
+def test_endpoint_credentials_are_never_stored_or_shown(tmp_path, explain_setup):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ssae_tools.explain import main as explain_main
+
+    seen = []
+
+    class Echo(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # refuses, echoing the request's Authorization header in its body
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(f'{{"error": "bad key", "Authorization": "{self.headers.get("Authorization")}"}}'.encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://alice:s3cr3t@127.0.0.1:{server.server_address[1]}/v1"
+        r = invoke(explain_main, [explain_setup["sae"], "--activations", explain_setup["acts"], "--explainer", "openai",
+                                  "--explainer-url", url, "--explainer-model", "m", "--latents", "0", "-o",
+                                  tmp_path / "ex"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.exit_code == 1 and seen and seen[0].startswith("Basic ")
+    line = one_error_line(r.stderr, "explain")
+    assert "HTTP 401" in line and "http://***@127.0.0.1" in line
+    secret_forms = ("s3cr3t", seen[0].split()[1])
+    kept = "".join(open(os.path.join(root, name), errors="replace").read()
+                   for root, _, names in os.walk(tmp_path / ".ex.partial") for name in names if name.endswith("json"))
+    assert kept and not any(s in r.stderr + r.stdout + kept for s in secret_forms)

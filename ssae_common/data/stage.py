@@ -34,6 +34,7 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
     record."""
     context = context or RunContext()
     config = config.resolve()
+    check_hook_name(config.model, config.hook)  # before any input is read
     inputs = list(docs) or ["-"]
     if config.spread and any(p.startswith("hf:") for p in inputs):
         raise ConfigError("spread", None, "reads the inputs twice: not for hf: streams")
@@ -61,7 +62,6 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
             if reuse:
                 return activation_artifact(out)
         # everything that can be refused is checked before the model loads (seconds to minutes)
-        check_hook_name(config.model, config.hook)
         check_target(out, context.force)
         with exclusive(out):
             n_docs = count_docs(inputs, config.text_field)
