@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import identity_sae, invoke, make_store, parse_records, sample_docs, write_jsonl
+from helpers import identity_sae, invoke, make_store, one_error_line, parse_records, sample_docs, write_jsonl
 from ssae_tools.eval import main as eval_main
 from ssae_tools.fit import main as fit_main
 from ssae_tools.harvest import main as harvest_main
@@ -24,12 +24,6 @@ BIN = os.path.dirname(sys.executable)
 HOOK = "blocks.1.hook_resid_post"
 FIT = ["--d-sae", "16", "--k", "2", "--batch-size", "64", "--val-tokens", "0", "--warmup-steps", "0"]
 ROOT_CAN_WRITE_ANYWHERE = os.geteuid() == 0
-
-
-def one_error_line(stderr: str, tool: str) -> str:
-    errors = [line for line in stderr.splitlines() if line.startswith(f"ssae-{tool}: error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 @pytest.fixture
