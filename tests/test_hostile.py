@@ -470,3 +470,19 @@ def test_endpoint_credentials_are_never_stored_or_shown(tmp_path, explain_setup)
     kept = "".join(open(os.path.join(root, name), errors="replace").read()
                    for root, _, names in os.walk(tmp_path / ".ex.partial") for name in names if name.endswith("json"))
     assert kept and not any(s in r.stderr + r.stdout + kept for s in secret_forms)
+
+
+def test_planted_link_in_the_dense_cache_is_refused(tmp_path):
+    from ssae_common.core.errors import BadInput
+    from ssae_common.retrieval import engines as R
+
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(10, 10))
+    store = R.CorpusStore.open_or_build([corpus], quiet=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = R.DenseIndex.cache_path(store) + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    os.symlink(victim, lock)
+    with pytest.raises(BadInput, match="a symbolic link where ssae keeps its partial output"):
+        R.DenseIndex(store)
+    assert victim.read_text() == "precious"
