@@ -1,7 +1,8 @@
 """Documents -> activations at one hook point, streamed to an HDF5 file with bounded memory.
 
 Each document is tokenised without special tokens and cut into windows of `context_size - 1` tokens,
-each prefixed by BOS (when the tokenizer has one), so every window starts like a fresh sequence.
+each prefixed by BOS (when the tokenizer has one, unless --no-bos), so every window starts like a fresh
+sequence.
 Windows are right-padded into batches; the model is causal, so padding never changes real positions.
 The forward pass stops after the hooked layer.
 
@@ -75,7 +76,7 @@ def tokenize_prefix(model, text: str, cap: int) -> tuple[list[int], str]:
 def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
                  counter: _Counter) -> Iterator[Window]:
     shard_i, shard_n = cfg.shard_index
-    span = cfg.context_size - (1 if model.bos_token_id is not None else 0)
+    span = cfg.context_size - (1 if model.prepends_bos else 0)
     cap = token_cap(cfg)
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
@@ -160,7 +161,7 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     state = writer.resume_state
     counter = _Counter()
     counter.short = int(state.get("n_short", 0))
-    skip = 1 if (model.bos_token_id is not None and cfg.drop_bos) else 0
+    skip = 1 if (model.prepends_bos and cfg.drop_bos) else 0
     n_docs = writer.n_docs
     last_input = state.get("last_input_doc", -1)  # input index of the newest doc row
     composition = Composition(state.get("composition"))
@@ -239,7 +240,8 @@ def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cf
 def _open_writer(tmp: str, model, cfg: HarvestConfig, attrs: dict, resume: bool) -> ActivationWriter:
     """The partial's writer: resumed, or a new file created only where nothing is (never through a link)."""
     try:
-        return ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume, create="x")
+        return ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=resume,
+                                create="x")
     except Exception as e:
         if is_full_disk(e):
             if not resume and os.path.exists(tmp):

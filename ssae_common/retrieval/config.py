@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option, replace
-from ..data.config import DEFAULT_MAX_TOKENS_PER_DOC
+from ..data.config import DEFAULT_MAX_TOKENS_PER_DOC, MODEL_DTYPE_HELP, MODEL_DTYPES
 
 METHODS = ("bm25", "dense", "hybrid")
 ENGINES = ("bm25s", "rank-bm25")
@@ -59,6 +59,7 @@ class RetrieveConfig:
     model: str | None = option(None, derived="the SAE's, else smollm2",
                                help="Language model for TracIn and --budget-tokens.")
     hook: str | None = option(None, derived="the SAE's", help="Hook for TracIn activations.")
+    model_dtype: str = option("auto", help="TracIn: " + MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
     rerank_pool: float = option(
         3.0, min=1,
         help="TracIn reranks this many times the output size (documents or budget) of first-stage results.")

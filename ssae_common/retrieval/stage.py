@@ -178,7 +178,8 @@ def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: li
         depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens,
         max_tokens_per_doc=config.max_tokens_per_doc if config.budget_tokens else None, exclude=list(config.exclude),
         include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
-        model=config.model, hook=config.hook, rerank_pool=config.rerank_pool,
+        model=config.model, hook=config.hook, model_dtype=config.model_dtype if config.rerank == "tracin" else None,
+        rerank_pool=config.rerank_pool,
         tracin_normalize=config.tracin_normalize, context_size=config.context_size,
         seeds=[{"id": r["id"]} for r in seed_docs])
 
@@ -204,12 +205,16 @@ def _load_saes(config: RetrieveConfig, context: RunContext):
     from ..sae.imports import load_any
     from .tracin import check_saes
 
+    from ..data.models import check_hook_name
+
     saes = [load_any(p, context.device, field="sae") for p in config.sae]
     sae_model, sae_hook = check_saes(saes, list(config.sae))
     hook = config.hook or sae_hook
     if not hook:
         raise BadInput(f"--sae {config.sae[0]}: cfg.json names no hook; give --hook")
-    return saes, config.model or sae_model or DEFAULT_MODEL, hook
+    model = config.model or sae_model or DEFAULT_MODEL
+    check_hook_name(model, hook)
+    return saes, model, hook
 
 
 def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hook: str, store, kept: list[int],
@@ -221,11 +226,13 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     from ..data.models import document_activations, load_model
     from .tracin import tracin_rerank_scores
 
-    lm = load_model(lm_spec, device=context.device)
+    # documents are cut as the SAEs' activations were (with BOS unless their cfg.json says otherwise)
+    bos = saes[0].cfg.get("prepend_bos")
+    lm = load_model(lm_spec, device=context.device, model_dtype=config.model_dtype, prepend_bos=bos is not False)
     lm.check_hook(hook)
-    if lm.d_model != saes[0].d_in:
+    if lm.hook_width(hook) != saes[0].d_in:
         raise BadInput(f"--sae: d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
-                       f"(d_model {lm.d_model})")
+                       f"(width {lm.hook_width(hook)})")
     t0 = time.perf_counter()
     texts = [store.record(p)["text"] for p in kept]
     with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=context.quiet) as pr:
