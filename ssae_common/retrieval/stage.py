@@ -192,7 +192,8 @@ def _first_stage(config: RetrieveConfig, context: RunContext, store, params, que
         per_method["bm25"] = index.rank(queries, config.depth, quiet=context.quiet)
     if config.method in ("dense", "hybrid"):
         dense = R.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
-                             quiet=context.quiet, max_length=config.dense_max_length)
+                             quiet=context.quiet, max_length=config.dense_max_length,
+                             backend=config.dense_backend)
         per_method["dense"] = dense.rank(queries, config.depth)
     if config.method != "hybrid":
         return per_method[config.method]

@@ -3,7 +3,7 @@ tilted ERM, from scratch or finetuned from a parent SAE (`FitConfig.init`).
 
     from ssae_common.core.runtime import RunContext
     from ssae_common.sae import FitConfig, fit
-    record = fit(FitConfig(k=4, d_sae=64, tilt=500), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
+    record = fit(FitConfig(k=4, d_sae=64, tilt_ess=0.5), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
 
 Several SAEs from one read of the data (a sweep; one record each):
 
