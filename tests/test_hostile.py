@@ -479,7 +479,8 @@ def test_planted_link_in_the_dense_cache_is_refused(tmp_path):
     store = R.CorpusStore.open_or_build([corpus], quiet=True)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    lock = R.DenseIndex.cache_path(store) + ".lock"
+    backend = R.resolve_dense_backend("auto", R.DEFAULT_DENSE_MODEL, "cpu")
+    lock = R.DenseIndex.cache_path(store, backend=backend) + ".lock"
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     os.symlink(victim, lock)
     with pytest.raises(BadInput, match="a symbolic link where ssae keeps its partial output"):
