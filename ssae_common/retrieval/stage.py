@@ -62,6 +62,7 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
     params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
         stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
     resolved = _resolved(config, context, params, seed_docs)
+    _check_before_reading(config, context, params)
 
     store = R.CorpusStore.open_or_build(list(config.corpus), config.text_field, quiet=context.quiet)
     queries = [r["text"] for r in seed_docs]
@@ -109,6 +110,22 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
             write_retrieval(result, out, force=context.force)
         result.artifact = docs_artifact(out)
     return result
+
+
+def _check_before_reading(config: RetrieveConfig, context: RunContext, params) -> None:
+    """Refuse a bad --stopwords, --stemmer, --dense-model, --sae or --device before the corpus is read (minutes
+    on a large one) and any model loads."""
+    if config.method != "dense":
+        params.tokenization.build()
+    if config.method != "bm25":
+        R.resolve_dense_model(config.dense_model)
+    if config.rerank == "tracin":
+        from ..sae.imports import detect_format
+
+        for path in config.sae:
+            detect_format(path, field="sae")
+    if config.method != "bm25" or config.rerank == "tracin":
+        context.device  # noqa: B018 (resolving it refuses a device this machine lacks)
 
 
 def docs_artifact(path: str) -> dict:
