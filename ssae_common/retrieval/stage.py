@@ -61,8 +61,9 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
             exclusions.add(rec["id"], rec["text"])
     params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
         stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
+    _check_before_reading(config, context, params)
     lm_spec, hook, saes, model_dtype = config.model, config.hook, [], None
-    if config.rerank == "tracin":  # the SAEs are checked before the corpus pass
+    if config.rerank == "tracin":  # the SAEs are read and checked before the corpus pass
         saes, lm_spec, hook = _load_saes(config, context)
         model_dtype = resolve_model_dtype(config.model_dtype, context.device, lm_spec)
     resolved = _resolved(config, context, params, seed_docs, model_dtype)
@@ -110,6 +111,22 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
             write_retrieval(result, out, force=context.force)
         result.artifact = docs_artifact(out)
     return result
+
+
+def _check_before_reading(config: RetrieveConfig, context: RunContext, params) -> None:
+    """Refuse a bad --stopwords, --stemmer, --dense-model, --sae or --device before the corpus is read (minutes
+    on a large one) and any model loads."""
+    if config.method != "dense":
+        params.tokenization.build()
+    if config.method != "bm25":
+        R.resolve_dense_model(config.dense_model)
+    if config.rerank == "tracin":
+        from ..sae.imports import detect_format
+
+        for path in config.sae:
+            detect_format(path, field="sae")
+    if config.method != "bm25" or config.rerank == "tracin":
+        context.device  # noqa: B018 (resolving it refuses a device this machine lacks)
 
 
 def docs_artifact(path: str) -> dict:
@@ -178,7 +195,8 @@ def _first_stage(config: RetrieveConfig, context: RunContext, store, params, que
         per_method["bm25"] = index.rank(queries, config.depth, quiet=context.quiet)
     if config.method in ("dense", "hybrid"):
         dense = R.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
-                             quiet=context.quiet, max_length=config.dense_max_length)
+                             quiet=context.quiet, max_length=config.dense_max_length,
+                             backend=config.dense_backend)
         per_method["dense"] = dense.rank(queries, config.depth)
     if config.method != "hybrid":
         return per_method[config.method]
