@@ -52,6 +52,6 @@ def test_every_stage_runs_from_python(tiny_model, tmp_path):
     assert [json.loads(line)["latent"] for line in lines] == [0, 1, 2, 3]
 
     bios = write_jsonl(str(tmp_path / "bios.jsonl"), synthetic_bios())
-    report = shift(ShiftConfig(data=(bios,), professions=("nurse", "physician,surgeon"), saes=(ssae["path"],),
-                               context_size=32), out=str(tmp_path / "shift.json"), context=run)
+    report = shift(ShiftConfig(data=(bios,), professions=("nurse", "physician,surgeon"), context_size=32),
+                   [ssae["path"]], out=str(tmp_path / "shift.json"), context=run)
     assert report["kind"] == "shift" and "original" in report["worst_group_accuracy"]

@@ -269,10 +269,10 @@ def test_bad_options_exit_2(setup, tmp_path):
 
 
 def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
-    config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],),
-                         ablate=("1,0,1",), show=3, seeds=2)
+    config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), ablate=("1,0,1",),
+                         show=3, seeds=2)
     context = RunContext(device_spec="cpu", seed=0)
-    record = shift(config, context=context)
+    record = shift(config, [setup["sae"]], context=context)
     assert record["schema"] == "ssae.artifact/1" and record["kind"] == "shift" and record["rows"] == 5
     report = json.loads(open(record["path"]).read())
     assert report["created_by"]["tool"] == "python" and report["config"]["tool"] == "python"
@@ -280,12 +280,12 @@ def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
     assert by_method(report["splits"][1]["rows"])["shift:planted"]["ablated_latents"] == GENDER_LATENTS
     assert record["worst_group_accuracy"] == {r["method"]: r["worst_group_accuracy"] for r in report["rows"]}
     mtime = os.path.getmtime(record["path"])
-    assert shift(config, context=context) == record  # the default output is reused
+    assert shift(config, [setup["sae"]], context=context) == record  # the default output is reused
     assert os.path.getmtime(record["path"]) == mtime
 
 
 def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup, tmp_path):
-    base = dict(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],))
+    base = dict(data=(setup["data"],), professions=("nurse", "physician,surgeon"))
     for change, field in (({"probe_c": 0.0}, "probe_c"), ({"test_fraction": 0.5, "val_fraction": 0.5}, "val_fraction"),
                           ({"slice": "3/2"}, "slice"), ({"data": ()}, "data")):
         with pytest.raises(ConfigError) as e:
@@ -293,7 +293,7 @@ def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup
         assert e.value.field_name == field
     # a backwards range is refused, not read as no latents
     with pytest.raises(ConfigError) as e:
-        shift(ShiftConfig(**base, ablate=("5-3",)), out=str(tmp_path / "s.json"), context=RunContext(device_spec="cpu"))
+        shift(ShiftConfig(**base, ablate=("5-3",)), [setup["sae"]], out=str(tmp_path / "s.json"), context=RunContext(device_spec="cpu"))
     assert e.value.field_name == "ablate" and "'5-3' is not a latent index or a range" in str(e.value)
     args = ["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
             "-o", str(tmp_path / "s.json")]

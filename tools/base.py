@@ -380,7 +380,9 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                     log.warning("%s", e)
                     sys.exit(e.exit_code)
                 except ConfigError as e:
-                    flags = getattr(f, "__ssae_flags__", {})
+                    # the field's flag: a config field's, else the option of that name the tool declares
+                    flags = {**{p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
+                                for p in _options(cmd.params)}, **getattr(f, "__ssae_flags__", {})}
                     message = e.with_flag(flags[e.field_name]) if e.field_name in flags else str(e)
                     _fail(tool, message, e.exit_code)
                 except BadInput as e:

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-from ..core.config import replace
+from ..core.config import hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, check_target, exclusive, existing_output, partial_path, sha256_file, workdir
 from ..core.parse import unique_names
@@ -137,13 +137,10 @@ def _resolved(config: EvalConfig, context: RunContext, infos: list[dict], baseli
     """The configuration recorded in metrics.json, whose hash names the default output and the resume
     state; options of the other mode are None so they do not change the hash."""
     docs = bool(config.docs)
-    return context.resolved(
-        saes=[{k: i[k] for k in ("name", "path", "sha256")} for i in infos], baseline=baseline,
-        mode="docs" if docs else "activations", inputs=inputs, model=lm_name, hook=config.hook,
-        context_size=config.context_size if docs else None, batch_size=config.batch_size if docs else None,
-        rows=None if docs else config.rows, max_tokens=config.max_tokens, splice_bos=config.splice_bos if docs else None,
-        text_field=config.text_field if docs else None, max_pairs=config.max_pairs, cosine_pairs=config.cosine_pairs,
-        dense_threshold=config.dense_threshold)
+    other_mode = ("rows",) if docs else ("context_size", "batch_size", "splice_bos", "text_field")
+    return context.resolved(**hashed_values(
+        config, saes=[{k: i[k] for k in ("name", "path", "sha256")} for i in infos], baseline=baseline,
+        mode="docs" if docs else "activations", inputs=inputs, model=lm_name, **dict.fromkeys(other_mode)))
 
 
 def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, key: str, out: str,

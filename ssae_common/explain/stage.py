@@ -19,11 +19,11 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import fields
 
+from ..core.config import hashed_values
 from ..core.errors import BadInput
 from ..core.runtime import RunContext
-from .config import LM_LATENTS, ContextConfig, ExplainConfig
+from .config import LM_LATENTS, ExplainConfig
 from .explainers import EndpointError, explain_latent, make_backend, score_latent
 
 log = logging.getLogger("ssae")
@@ -60,18 +60,11 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             latents = latents[:LM_LATENTS]
             log.info("explaining the first %d of %d latents (--latents all for every one, or a list)",
                      LM_LATENTS, model.d_sae)
-        resolved = context.resolved(
-            sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
+        resolved = context.resolved(**hashed_values(
+            config, sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
             activations={"path": os.path.abspath(store_path), "fingerprint": store_fingerprint(store_path)},
             latents=config.latents or ("all" if len(latents) == model.d_sae else f"0-{len(latents) - 1}"),
-            n_latents=len(latents), explainer=config.explainer,
-            explainer_model=config.explainer_model, explainer_url=config.explainer_url,
-            scorer_url=config.scorer_url, scorer_model=config.scorer_model, score=config.score,
-            tokenizer=config.tokenizer_model, retries=config.retries, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            # chunk_rows is a memory setting and stays out of the hash, as it always has (the reservoir's
-            # sample does depend on it)
-            contexts={f.name: getattr(config, f.name) for f in fields(ContextConfig) if f.name != "chunk_rows"})
+            n_latents=len(latents)))
         digest = config_hash(resolved)
         if out is None:
             out, reuse = existing_output("explanations", digest, marker="explanations.jsonl", force=context.force)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..core.config import hashed_values
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target, exclusive
 from ..core.provenance import config_hash, created_by
@@ -151,19 +152,17 @@ def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
 
 
 def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict]) -> dict:
-    """The provenance's config: what decides the output (not batch sizes); model and hook as given."""
+    """The provenance's config: what decides the output; model and hook as given.  The options of a
+    method not used are None, so they do not change the hash."""
     sparse, dense = config.method != "dense", config.method != "bm25"
-    return context.resolved(
-        corpus=R.corpus_fingerprint(config.corpus, config.text_field)["inputs"], text_field=config.text_field,
-        method=config.method, engine=config.engine if sparse else None, bm25=params.describe() if sparse else None,
-        dense_model=R.dense_identity(config.dense_model) if dense else None,
-        dense_max_length=config.dense_max_length if dense else None, combine=config.combine, rrf_k=config.rrf_k,
-        depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens,
-        max_tokens_per_doc=config.max_tokens_per_doc if config.budget_tokens else None, exclude=list(config.exclude),
-        include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
-        model=config.model, hook=config.hook, rerank_pool=config.rerank_pool,
-        tracin_normalize=config.tracin_normalize, context_size=config.context_size,
-        seeds=[{"id": r["id"]} for r in seed_docs])
+    given = {"corpus": R.corpus_fingerprint(config.corpus, config.text_field)["inputs"],
+             "bm25": params.describe() if sparse else None, "dense_model": R.dense_identity(config.dense_model) if dense else None,
+             "exclude": list(config.exclude), "sae": [os.path.abspath(p) for p in config.sae],
+             "seeds": [{"id": r["id"]} for r in seed_docs]}
+    unused = ((() if sparse else ("engine", "k1", "b", "stopwords", "stemmer"))
+              + (() if dense else ("dense_model", "dense_max_length"))
+              + (() if config.budget_tokens else ("max_tokens_per_doc",)))
+    return context.resolved(**hashed_values(config, **{**given, **dict.fromkeys(unused)}))
 
 
 def _first_stage(config: RetrieveConfig, context: RunContext, store, params, queries: list[str]) -> list:

@@ -36,8 +36,6 @@ DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
 # the options ssae-fit takes as a comma-separated list (with --seed): one SAE per combination, one read of
 # the data per seed (sae.stage.fit_sweep); the short names label each SAE's folder under -o
 SWEEPS = {"tilt": "tilt", "tilt_ess": "ess", "k": "k"}
-# options that change how a fit runs, not what it trains: kept out of the configuration hash
-RUN_ONLY = ("allow_init_mismatch", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -47,9 +45,9 @@ class FitConfig:
     d_sae: int | None = option(None, min=1, derived="--expansion x d_in", help="Number of latents.")
     expansion: float | None = option(None, above=0, derived=str(DEFAULT_EXPANSION),
                                      help="d_sae as a multiple of d_in.")
-    k: int | None = option(None, derived=f"{DEFAULT_K}, or the parent's",
+    k: int | None = option(None, min=1, derived=f"{DEFAULT_K}, or the parent's",
                            help="Active latents per token for topk (the mean, for batchtopk).")
-    l1: float | None = option(None, derived="5/d_in, or the parent's",
+    l1: float | None = option(None, min=0, derived="5/d_in, or the parent's",
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t, fixed; 0 is ERM (the mean loss). See docs/fit.md.")
     tilt_ess: float | None = option(
@@ -61,9 +59,11 @@ class FitConfig:
                                    "instead of across tokens; with --tilt or --tilt-ess.")
     init: str | None = option(
         None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
-    init_format: str = option("auto", choices=FORMATS)
+    init_format: str = option("auto", choices=FORMATS,
+                              help="The --init parent's format (auto: told by its files).")
     allow_init_mismatch: bool = option(
-        False, help="Finetune an --init parent trained on another model or hook than the activations'.")
+        False, hashed=False, why="a permission: the parent and the data are hashed themselves",
+        help="Finetune an --init parent trained on another model or hook than the activations'.")
     lr: float | None = option(None, above=0, derived="2e-4 / sqrt(d_sae / 2^14)", help="Adam learning rate.")
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
     train_tokens: int | None = option(None, min=1, derived="the inputs' row count", help="Token budget.")
@@ -78,7 +78,7 @@ class FitConfig:
     dead_tokens: int | None = option(None, min=1, derived="min(10M, budget/5)",
                                      help="A latent unfired for this many tokens is dead.")
     aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (topk; 0 off).")
-    aux_coefficient: float = option(1 / 32, min=0)
+    aux_coefficient: float = option(1 / 32, min=0, help="Weight of the AuxK loss (with --aux-k).")
     # jumprelu (sae.train: the straight-through estimator, as SAELens 6)
     l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
                               help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")
@@ -88,7 +88,8 @@ class FitConfig:
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
     checkpoint_every: int = option(1000, min=1, help="Steps between checkpoints.")
     prefetch: bool = option(
-        True, help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
+        True, hashed=False, why="the batches are the same either way",
+        help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
                    "copied asynchronously); the batches are the same either way.")
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")

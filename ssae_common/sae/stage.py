@@ -18,13 +18,13 @@ import logging
 import os
 import re
 
-from ..core.config import ConfigError, replace, to_dict
+from ..core.config import ConfigError, hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import default_output, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record
 from ..core.runtime import RunContext
-from .config import RUN_ONLY, SWEEPS, FitConfig
+from .config import SWEEPS, FitConfig
 
 log = logging.getLogger("ssae")
 MARKER = "cfg.json"  # present once an SAE folder is complete
@@ -85,8 +85,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
         cfg = replace(replace(config, **combo).resolve(d_in, n_rows, parent.sae if parent else None),
                       seed=seed, device=context.device,
                       autocast=config.autocast and context.device.startswith("cuda"))
-        settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
-        resolved = ctx.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
+        resolved = ctx.resolved(**hashed_values(cfg, init=parent.record() if parent else None, inputs=inputs))
         digest = config_hash(resolved)
         names = {"tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess, "k": cfg.k, "seed": seed}
         where = _member(out, names, varied if len(combos) > 1 else [])

@@ -1,5 +1,4 @@
-"""The SHIFT stage from Python: `shift(ShiftConfig(...), context=RunContext(...))` runs what ssae-shift
-runs (SAE naming, per-SAE options, bios, cells, activations, probes, ablation) and writes the report."""
+"""The SHIFT stage from Python: `shift(ShiftConfig(...), saes)` runs what ssae-shift runs (SAE naming, per-SAE options, bios, cells, activations, probes, ablation) and writes the report."""
 from __future__ import annotations
 
 import json
@@ -7,7 +6,7 @@ import logging
 import os
 import sys
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, hashed_values
 from ..core.outputs import atomic_file, check_target, exclusive, existing_output, sha256_file
 from ..core.parse import parse_latent_ranges, split_named, unique_names
 from ..core.progress import Progress
@@ -27,13 +26,16 @@ ATTRIBUTION = ("attribution patching: mean over ambiguous training docs of sum_t
                "M the probe logit signed to the true class, x = decode(f) + err with err fixed")
 
 
-def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -> dict:
-    """Run SHIFT for every SAE of `config.saes` and write the ssae.shift/1 report to `out` (default: under
+def shift(config: ShiftConfig, saes, *, out: str | None = None, context: RunContext | None = None) -> dict:
+    """Run SHIFT for every SAE of `saes` (folders, NAME=DIR, or "-" for sae artifact records on stdin) and write the ssae.shift/1 report to `out` (default: under
     $SSAE_WORKDIR, named by the hash of the resolved configuration, reused unless context.force).
     Returns the shift artifact record."""
+    context = context or RunContext()
     config.check()
+    if isinstance(saes, str) or not saes:
+        raise ConfigError("saes", saes, "give at least one SAE")
     side_a, side_b = parse_side(config.professions[0]), parse_side(config.professions[1])
-    named = _sae_paths(config.saes)
+    named = _sae_paths(saes)
     names = [n for n, _ in named]
     ablate_by = _per_sae(config.ablate, names, "ablate", "auto", broadcast=True)
     explain_by = _per_sae(config.explanations, names, "explanations", None)
@@ -41,19 +43,13 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
     if config.mask_words is not None and not os.path.isfile(config.mask_words):
         raise ConfigError("mask_words", config.mask_words, "no such file")
 
-    resolved = context.resolved(
-        data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
+    resolved = context.resolved(**hashed_values(
+        config, data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
         saes=[{"name": n, "path": os.path.abspath(p), "sha256": sha256_file(p), "ablate": ablate_by[n],
                "explanations": explain_by[n]} for n, p in named],
-        model=model_identity(model), hook=hook, ablation=config.ablation, slice=config.slice,
-        pairing=config.pairing, top=config.top, auto_max=config.auto_max, auto_min_drop=config.auto_min_drop,
-        show=config.show, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-        max_per_cell=config.max_per_cell, probe=config.probe, probe_c=config.probe_c,
-        mask_professions=config.mask_professions, mask_specialties=config.mask_specialties,
+        model=model_identity(model), hook=hook,
         mask_words=None if config.mask_words is None else {"path": os.path.abspath(config.mask_words),
-                                                           "sha256": input_fingerprint(config.mask_words)},
-        seeds=config.seeds, context_size=config.context_size,
-        text_field=config.text_field, profession_field=config.profession_field, gender_field=config.gender_field)
+                                                           "sha256": input_fingerprint(config.mask_words)}))
     if out is None:
         out, reuse = existing_output("shift", config_hash(resolved), ".json", force=context.force)
         if reuse:
