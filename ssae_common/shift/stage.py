@@ -16,9 +16,11 @@ from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
-from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SPECIALTY_WORDS, SaeSpec, aggregate_rows, ablated_summary,
-                     build_cells, format_table, gender_left_summary, load_bios, mask_pattern, mask_text,
-                     paired_differences, parse_side, read_explanations, read_mask_words, run_shift)
+from .attribution import read_explanations
+from .bios import MASK_TOKEN, PROFESSION_WORDS, SPECIALTY_WORDS, build_cells, load_bios, mask_pattern, mask_text, \
+    parse_side, read_mask_words
+from .method import SaeSpec, run_shift
+from .report import SCHEMA, ablated_summary, aggregate_rows, format_table, gender_left_summary, paired_differences
 
 log = logging.getLogger("ssae")
 
