@@ -20,6 +20,7 @@ import numpy as np
 
 from .composition import composition_summary
 from .config import DTYPES
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.records import artifact_record
 
@@ -73,7 +74,7 @@ class ActivationWriter:
 
     def __init__(self, path: str, *, d_model: int, dtype: str, attrs: dict, resume: bool):
         if dtype not in DTYPES:
-            raise BadInput(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+            raise ConfigError("dtype", dtype, f"expected one of {', '.join(DTYPES)}")
         self.path, self.dtype = path, dtype
         if resume:
             _copy_checkpointed(path)

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from .config import DEFAULT_MODEL
 
@@ -248,7 +249,7 @@ class LoadedModel:
             return hook
         close = difflib.get_close_matches(hook, names, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. blocks.0.hook_resid_post .. blocks.{self.n_layers - 1}.hook_resid_post"
-        raise BadInput(f"--hook {hook}: not a hook point of {self.name}{hint}")
+        raise ConfigError("hook", hook, f"not a hook point of {self.name}{hint}")
 
     def stop_layer(self, hook: str) -> int | None:
         """Layer at which the forward pass can stop once `hook` has fired."""
@@ -365,7 +366,8 @@ def document_activations(lm: LoadedModel, texts: Sequence[str], hook: str, *, co
     return DocumentActivations([a.cpu() for a in acts], tokens)
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", field: str = "model") -> LoadedModel:
+    """The LM of `spec` on `device`; a spec that cannot be loaded is a ConfigError of `field`."""
     log.info("loading model %s on %s", spec, device)  # seconds to minutes: say so before, not after
     path = resolve_model_path(spec)
     from transformer_lens.model_bridge import TransformerBridge
@@ -373,7 +375,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
     try:
         bridge = TransformerBridge.boot_transformers(path, device=device)
     except OSError as e:
-        raise BadInput(f"--model {spec}: cannot load ({e})".splitlines()[0]) from None
+        raise ConfigError(field, spec, f"cannot load ({e})".splitlines()[0]) from None
     bridge.eval()
     tokenizer = bridge.tokenizer
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=model_identity(spec), path=path, device=device)

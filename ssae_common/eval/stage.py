@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 
@@ -19,7 +18,7 @@ from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, check_target, exclusive, existing_output, partial_path, sha256_file, workdir
 from ..core.parse import unique_names
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import artifact_record, resolve_artifacts, spool_stdin
+from ..core.records import artifact_record, dump_json, resolve_artifacts, spool_stdin
 from ..core.runtime import RunContext
 from .config import EvalConfig
 
@@ -225,7 +224,7 @@ def _write(out: str, doc: dict, context: RunContext) -> None:
 
     with atomic_dir(out, context.force) as tmp:
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(_finite(doc), f, indent=1, allow_nan=False, default=_json_default)
+            dump_json(doc, f, indent=1)
         plots = make_plots(doc["saes"], tmp)
         write_report(os.path.join(tmp, "report.html"), doc, tmp, plots)
     if not context.quiet:
@@ -237,21 +236,3 @@ def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
-
-def _finite(value):
-    """NaN/inf -> null, so metrics.json stays strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -22,6 +22,7 @@ import time
 
 from ..core.config import hashed_values
 from ..core.errors import BadInput
+from ..core.records import dump_json, to_json
 from ..core.runtime import RunContext
 from .config import LM_LATENTS, ExplainConfig
 from .explainers import EndpointError, explain_latent, make_backend, score_latent
@@ -95,7 +96,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             records = [done[c["latent"]] for c in contexts]
             with open(records_file + ".tmp", "w", encoding="utf-8") as f:
                 for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f.write(to_json(r, ensure_ascii=False) + "\n")
             os.replace(records_file + ".tmp", records_file)
             with open(run_file) as f:
                 run_info = json.load(f)
@@ -152,7 +153,7 @@ def _open_work(work: str, run_file: str, digest: str, resolved: dict, context: R
         shutil.rmtree(work)
     os.makedirs(work)
     with open(run_file + ".tmp", "w") as f:
-        json.dump({"schema": "ssae.explain-run/1", "config_hash": digest, "config": resolved,
+        dump_json({"schema": "ssae.explain-run/1", "config_hash": digest, "config": resolved,
                    "created_by": created_by(context.program), "seed": context.seed}, f, indent=2)
     os.replace(run_file + ".tmp", run_file)
 
@@ -309,7 +310,7 @@ def read_done(path: str) -> list[dict]:
 def append_records(path: str, records: list[dict]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(to_json(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -319,7 +320,7 @@ def write_contexts(path: str, contexts: list[dict]) -> None:
     tmp = path + ".tmp"
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as f:
         for c in contexts:
-            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+            f.write(to_json(c, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir
 from ..core.progress import Progress
@@ -90,7 +91,7 @@ class Tokenization:
             table = {"en": "STOPWORDS_EN", "en_plus": "STOPWORDS_EN_PLUS"}
             name = table.get(self.stopwords)
             if name is None:
-                raise BadInput(f"--stopwords {self.stopwords}: expected en, en_plus or none")
+                raise ConfigError("stopwords", self.stopwords, "expected en, en_plus or none")
             stop = frozenset(getattr(sw, name))
         stem = None
         if self.stemmer:
@@ -99,8 +100,8 @@ class Tokenization:
             try:
                 stem = Stemmer.Stemmer(self.stemmer).stemWords
             except KeyError:
-                raise BadInput(f"--stemmer {self.stemmer}: unknown language "
-                               f"(e.g. {', '.join(Stemmer.algorithms()[:6])})") from None
+                raise ConfigError("stemmer", self.stemmer, f"unknown language "
+                                                           f"(e.g. {', '.join(Stemmer.algorithms()[:6])})") from None
 
         def tokenize(text: str) -> list[str]:
             words = [w for w in TOKEN_RE.findall(text.lower()) if w not in stop]
@@ -335,15 +336,15 @@ def resolve_dense_model(spec: str) -> str:
     if package:
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise BadInput(f"--dense-model {spec}: the {package.replace('_', '-')} package is not installed")
+            raise ConfigError("dense_model", spec, f"the {package.replace('_', '-')} package is not installed")
         path = os.path.join(list(found.submodule_search_locations)[0], "model")
         if not os.path.isdir(path):
-            raise BadInput(f"--dense-model {spec}: {path} is missing from the installed package")
+            raise ConfigError("dense_model", spec, f"{path} is missing from the installed package")
         return path
     if os.path.isdir(spec):
         return os.path.abspath(spec)
     if os.path.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise BadInput(f"--dense-model {spec}: no such folder")
+        raise ConfigError("dense_model", spec, "no such folder")
     return spec
 
 
@@ -362,7 +363,7 @@ def load_encoder(spec: str, device: str):
     try:
         return SentenceTransformer(path, device=device)
     except OSError as e:
-        raise BadInput(f"--dense-model {spec}: cannot load ({e})".splitlines()[0]) from None
+        raise ConfigError("dense_model", spec, f"cannot load ({e})".splitlines()[0]) from None
 
 
 class DenseIndex:

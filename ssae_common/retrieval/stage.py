@@ -15,18 +15,17 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..core.config import hashed_values
+from ..core.config import ConfigError, hashed_values
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target, exclusive
 from ..core.provenance import config_hash, created_by
-from ..core.records import artifact_record, iter_docs, iter_raw, stdin_is_terminal, write_record
+from ..core.records import artifact_record, dump_json, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
 from ..data.config import DEFAULT_MODEL
 from ..data.models import load_tokenizer, model_identity
@@ -125,7 +124,7 @@ def write_retrieval(result: Retrieval, out: str, *, force: bool = False) -> None
                 write_record(f, rec)
     with atomic_file(out + ".provenance.json", force=True) as tmp:
         with open(tmp, "w") as f:
-            json.dump(result.provenance, f, indent=1)
+            dump_json(result.provenance, f, indent=1)
     log.info("wrote %d documents to %s (provenance in %s.provenance.json)", len(result.records), out, out)
 
 
@@ -190,7 +189,7 @@ def _load_saes(config: RetrieveConfig, context: RunContext):
     sae_model, sae_hook = check_saes(saes, list(config.sae))
     hook = config.hook or sae_hook
     if not hook:
-        raise BadInput(f"--sae {config.sae[0]}: cfg.json names no hook; give --hook")
+        raise ConfigError("sae", config.sae[0], "cfg.json names no hook; give the hook")
     return saes, config.model or sae_model or DEFAULT_MODEL, hook
 
 
@@ -206,8 +205,8 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     lm = load_model(lm_spec, device=context.device)
     lm.check_hook(hook)
     if lm.d_model != saes[0].d_in:
-        raise BadInput(f"--sae: d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
-                       f"(d_model {lm.d_model})")
+        raise ConfigError("sae", None, f"d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
+                                       f"(d_model {lm.d_model})")
     t0 = time.perf_counter()
     texts = [store.record(p)["text"] for p in kept]
     with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=context.quiet) as pr:

@@ -17,7 +17,9 @@ import os
 import torch
 from torch import nn
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
+from ..core.records import dump_json
 
 SCHEMA = "ssae.sae/1"
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
@@ -31,9 +33,9 @@ class SAE(nn.Module):
                  act_scale: float = 1.0):
         super().__init__()
         if architecture not in ARCHITECTURES:
-            raise BadInput(f"--architecture {architecture}: expected one of {', '.join(ARCHITECTURES)}")
+            raise ConfigError("architecture", architecture, f"expected one of {', '.join(ARCHITECTURES)}")
         if architecture in ("topk", "batchtopk") and (k is None or not 0 < k <= d_sae):
-            raise BadInput(f"--k {k}: must be between 1 and --d-sae ({d_sae}) for a {architecture} SAE")
+            raise ConfigError("k", k, f"must be between 1 and d_sae ({d_sae}) for a {architecture} SAE")
         self.d_in, self.d_sae, self.architecture, self.k = d_in, d_sae, architecture, k
         self.act_scale = float(act_scale)
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
@@ -96,7 +98,7 @@ class SAE(nn.Module):
         tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
         save_file(tensors, os.path.join(folder, WEIGHTS))
         with open(os.path.join(folder, CONFIG), "w") as f:
-            json.dump(self.config(**extra), f, indent=2)
+            dump_json(self.config(**extra), f, indent=2)
 
     @classmethod
     def load(cls, folder: str, device: str = "cpu") -> "SAE":

@@ -121,12 +121,6 @@ class FitConfig:
         """Bounds and choices of every field, then the checks across fields (those of fields still None,
         i.e. before `resolve`, are skipped)."""
         check_bounds(self)
-        for name in ("l1", "tilt", "lr"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(name, value, "must be a finite number")
-        if self.l1 is not None and self.l1 < 0:
-            raise ConfigError("l1", self.l1, "must be >= 0")
         if self.architecture in ("topk", "batchtopk") and self.d_sae is not None and not (
                 self.k is not None and 1 <= self.k <= self.d_sae):
             raise ConfigError("k", self.k, f"must be between 1 and --d-sae ({self.d_sae})")

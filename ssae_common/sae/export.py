@@ -17,7 +17,6 @@ keeping their norm and the latents read in the activations' own units.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -26,7 +25,7 @@ from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, existing_output, sha256_file
 from ..core.provenance import config_hash, created_by
-from ..core.records import artifact_record
+from ..core.records import artifact_record, dump_json
 from ..core.runtime import RunContext
 from .autoencoder import SAE, THRESHOLDED
 from .config import ExportConfig
@@ -62,7 +61,7 @@ def write_saelens(sae: SAE, folder: str) -> None:
         cfg["metadata"]["k"] = sae.k
     save_file(folded_tensors(sae), os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        dump_json(cfg, f, indent=2)
 
 
 def write_sparsify(sae: SAE, folder: str) -> None:
@@ -82,7 +81,7 @@ def write_sparsify(sae: SAE, folder: str) -> None:
            "model_name": sae.model or None, "hook_name": sae.hook or None}
     save_file(tensors, os.path.join(folder, "sae.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        dump_json(cfg, f, indent=2)
 
 
 def write(sae: SAE, folder: str, to: str, **extra) -> None:

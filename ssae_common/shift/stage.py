@@ -11,7 +11,7 @@ from ..core.outputs import atomic_file, check_target, exclusive, existing_output
 from ..core.parse import parse_latent_ranges, split_named, unique_names
 from ..core.progress import Progress
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import artifact_record, resolve_artifacts
+from ..core.records import artifact_record, dump_json, resolve_artifacts
 from ..core.runtime import RunContext
 from ..data.models import document_activations, load_model, model_identity
 from ..sae.imports import load_any, sae_config
@@ -104,7 +104,7 @@ def shift(config: ShiftConfig, saes, *, out: str | None = None, context: RunCont
                   "gender_left": gender_left_summary([b["saes"] for b in bodies]), "splits": bodies}
         with atomic_file(out, force=context.force) as tmp:
             with open(tmp, "w") as f:
-                json.dump(report, f, indent=2)
+                dump_json(report, f, indent=2)
         print(format_table(report), file=sys.stderr)
         return shift_artifact(out)
 
