@@ -24,7 +24,7 @@ def test_every_stage_runs_from_python(tiny_model, tmp_path):
                         [{"id": "s0", "text": "star galaxy planet orbit mass light"}])
     docs = retrieve(RetrieveConfig(corpus=(corpus,), top_k=30), [seeds], out=str(tmp_path / "docs.jsonl"),
                     context=run)
-    assert len(docs.records) == 30 and os.path.exists(tmp_path / "docs.jsonl")
+    assert docs["n_docs"] == 30 and os.path.exists(tmp_path / "docs.jsonl")
 
     acts = harvest(HarvestConfig(model=tiny_model, hook=HOOK, context_size=32), [str(tmp_path / "docs.jsonl")],
                    out=str(tmp_path / "acts.h5"), context=run)

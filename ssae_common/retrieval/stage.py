@@ -8,10 +8,11 @@
     rerank:      optionally TracIn over rerank_pool times that selection, then the same cut again.
 
     from ssae_common.core.runtime import RunContext
-    from ssae_common.retrieval import RetrieveConfig, retrieve
-    result = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"], context=RunContext())
-    result.records  # best first
-    result.artifact  # with out=: the `ssae.artifact/1` record (kind docs) of the file written
+    from ssae_common.retrieval import RetrieveConfig, rank_documents, retrieve
+    record = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"])  # written, like every stage
+    record["path"]  # the ssae.doc/1 records, best first (OUT.provenance.json beside them)
+    result = rank_documents(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"])
+    result.records  # the same records in memory (ssae-retrieve's stdout); written only with out=
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from ..core.config import ConfigError, hashed_values
 from ..core.errors import BadInput
-from ..core.outputs import atomic_file, check_target, exclusive
+from ..core.outputs import atomic_file, check_target, exclusive, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record, dump_json, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
@@ -46,11 +47,23 @@ class Retrieval:
 
 
 def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
-             context: RunContext | None = None) -> Retrieval:
+             context: RunContext | None = None) -> dict:
     """Retrieve documents like the seeds (paths in any input format, or "-" / nothing for stdin; each
-    seed document is one query) from `config.corpus`; with `out`, also write them there (and the
-    provenance to OUT.provenance.json)."""
-    context = context or RunContext()
+    seed document is one query) from `config.corpus`, write them to `out` (default: under $SSAE_WORKDIR,
+    named by a hash of the seeds and the resolved configuration, and reused when already there) with the
+    provenance beside them (OUT.provenance.json), and return the `ssae.artifact/1` record (kind docs)."""
+    return _retrieve(config, seeds, out, context or RunContext(), default_output=True).artifact
+
+
+def rank_documents(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
+                   context: RunContext | None = None) -> Retrieval:
+    """As `retrieve`, but the ranked records are returned (what ssae-retrieve prints without -o); they
+    are written only when `out` is given."""
+    return _retrieve(config, seeds, out, context or RunContext(), default_output=False)
+
+
+def _retrieve(config: RetrieveConfig, seeds: Sequence[str], out: str | None, context: RunContext, *,
+              default_output: bool) -> Retrieval:
     config = config.resolve()
     if out:
         check_target(out, context.force)
@@ -62,6 +75,13 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
     params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
         stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
     resolved = _resolved(config, context, params, seed_docs)
+    if out is None and default_output:
+        # the seeds' text names the output too: the provenance records their ids only
+        out, reuse = existing_output("docs", config_hash(resolved, [r["text"] for r in seed_docs]), ".jsonl",
+                                     force=context.force)
+        if reuse:
+            return Retrieval([], {}, docs_artifact(out))
+        check_target(out, context.force)
 
     store = R.CorpusStore.open_or_build(list(config.corpus), config.text_field, quiet=context.quiet)
     queries = [r["text"] for r in seed_docs]
