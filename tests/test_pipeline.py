@@ -8,7 +8,7 @@ import os
 from helpers import sample_docs, synthetic_bios, write_jsonl
 from ssae_common.core.runtime import RunContext
 from ssae_common.data import HarvestConfig, harvest
-from ssae_common.eval import EvalConfig, evaluate
+from ssae_common.eval import EvalConfig, evaluate_saes
 from ssae_common.explain import ExplainConfig, explain
 from ssae_common.retrieval import RetrieveConfig, retrieve
 from ssae_common.sae import FitConfig, fit
@@ -37,7 +37,7 @@ def test_every_stage_runs_from_python(tiny_model, tmp_path):
     assert gsae["kind"] == ssae["kind"] == "sae" and ssae["parent"]["path"] == os.path.abspath(gsae["path"])
 
     test_docs = write_jsonl(str(tmp_path / "test.jsonl"), sample_docs(8, seed=7))
-    metrics = evaluate(EvalConfig(docs=(test_docs,), baseline=gsae["path"], context_size=32),
+    metrics = evaluate_saes(EvalConfig(docs=(test_docs,), baseline=gsae["path"], context_size=32),
                        [ssae["path"]], out=str(tmp_path / "eval"), context=run)
     saes = {s["name"]: s for s in json.load(open(metrics["path"]))["saes"]}
     assert set(saes) == {"gsae", "ssae"}

@@ -1,4 +1,4 @@
-"""Evaluate SAEs from Python: `evaluate(EvalConfig(...), [sae_dir, ...], context=RunContext())`.
+"""Evaluate SAEs from Python: `evaluate_saes(EvalConfig(...), [sae_dir, ...])`.
 
 Does everything ssae-eval does: SAE inputs (folders or artifact records on stdin), the identity checks
 (each SAE was trained on the evaluated model and hook), provenance, the default output under
@@ -28,11 +28,13 @@ INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "tilt_ess", "tilt_g
 SUMMARY_FIELDS = ("name", "l0", "fvu", "ppl_spliced", "rel_ppl_vs_baseline")
 
 
-def evaluate(config: EvalConfig, saes: list[str], *, out: str | None = None, context: RunContext) -> dict:
+def evaluate_saes(config: EvalConfig, saes: list[str], *, out: str | None = None,
+                  context: RunContext | None = None) -> dict:
     """Evaluate the SAEs (folders; none or "-": artifact records on stdin) and return the metrics record.
 
     `out` is the output folder; None puts it under $SSAE_WORKDIR named by a hash of the inputs and the
     resolved configuration, and reuses a complete one there (unless `context.force`)."""
+    context = context or RunContext()
     config.check()
     if not saes and "-" in config.docs:
         raise BadInput("documents and SAE records cannot both come from stdin: give SAE folders as arguments")

@@ -33,7 +33,7 @@ SCHEMA = "ssae.explanation/1"
 STATISTICS_NOTE = "token statistics only: not an LM explanation"
 
 
-def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context: RunContext) -> dict:
+def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context: RunContext | None = None) -> dict:
     """Explain the latents of the SAE folder `sae` from contexts in `config.activations`; write OUT (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and configuration, reused when complete) and return
     its `ssae.artifact/1` record."""
@@ -49,6 +49,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
     from .browser import write_browser
     from .contexts import extract_contexts
 
+    context = context or RunContext()
     config.check()
     (store_path,) = resolve_artifacts([config.activations], "activations")
     model = load_any(sae, "cpu")

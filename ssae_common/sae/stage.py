@@ -31,7 +31,7 @@ MARKER = "cfg.json"  # present once an SAE folder is complete
 
 
 def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
-        context: RunContext) -> dict | None:
+        context: RunContext | None = None) -> dict | None:
     """Train an SAE on the activation stores `activations` (.h5 paths) into the folder `out` (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and the resolved config, and reused when a complete
     one is there).  Returns the sae artifact record; None on the ranks other than 0 of a torchrun job."""
@@ -40,7 +40,7 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
 
 
 def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None = None, out: str | None = None,
-              context: RunContext) -> list[dict]:
+              context: RunContext | None = None) -> list[dict]:
     """Train one SAE per combination of `sweep`, {field: values} for the SWEEPS fields and "seed" (the
     cartesian product, in the order given; a field not in it keeps `config`'s value, the seed the
     context's).  Each SAE is the one `fit` with its options trains.  The SAEs of one seed share every
@@ -55,6 +55,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     from .imports import import_sae
     from .train import Parent, Run, parent_sha256, refuse_sweep_under_torchrun, train_saes
 
+    context = context or RunContext()
     combos = _combinations(sweep or {}, context.seed)
     config.check()
     stores = open_stores(activations)
