@@ -36,7 +36,6 @@ class OptionSpec:
     required: bool = False  # the tool refuses to run without it
     cli: bool = True  # False: library-only field, no flag
     envvar: tuple[str, ...] | None = None  # extra environment variables read by the tool
-    inf: bool = False  # float options: +inf is a value (not only an overflowed one); NaN never is
     hashed: bool = True  # part of the stage's output hash (see hashed_values)
     why: str | None = None  # with hashed=False: why the field cannot change the output
 
@@ -83,8 +82,8 @@ def flag_name(name: str, spec: OptionSpec) -> str:
 
 
 def check_bounds(config) -> None:
-    """Check every field's declared choices and bounds (None means not set and is skipped).  A float is
-    never NaN, and never infinite unless its field declares `inf=True`: a setting is a number."""
+    """Check every field's declared choices and bounds (None means not set and is skipped).  A number is
+    never NaN or infinite: no option means anything by them (a large tilt is written as a large number)."""
     for name, spec in option_specs(type(config)).items():
         value = getattr(config, name)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -97,7 +96,7 @@ def check_bounds(config) -> None:
                 continue
             if math.isnan(v):
                 raise ConfigError(name, v, "not a number")
-            if math.isinf(v) and not (spec.inf and v > 0):
+            if math.isinf(v):
                 raise ConfigError(name, v, "must be finite")
             if spec.min is not None and v < spec.min:
                 raise ConfigError(name, v, f"must be at least {_num(spec.min)}")

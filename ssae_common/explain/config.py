@@ -61,7 +61,7 @@ class ExplainConfig(ContextConfig):
     retries: int = option(2, min=0, help="Retries of a malformed LM reply.")
     max_new_tokens: int = option(48, min=1, help="Tokens per generated field (openai: x3 for the whole reply).")
     temperature: float = option(0.0, min=0, help="0 = greedy; retries sample at >= 0.7.")
-    timeout: float = option(120.0, above=0, help="Seconds per HTTP request.", inf=True,
+    timeout: float = option(120.0, above=0, help="Seconds per HTTP request.",
                             hashed=False, why="how long to wait, not what is asked")
     batch_latents: int = option(8, min=1, help="Latents per checkpoint (explanations are saved after each batch).",
                                 hashed=False, why="how often to checkpoint: each latent is explained alone")

@@ -99,7 +99,7 @@ class FitConfig:
                                "gradient at them), dense uses full matrix products; auto: sparse on CPU when "
                                "k < d_sae/8, else dense. Equal up to float rounding.")
     # set by the stage from its RunContext (--seed, --device)
-    seed: int = option(0, cli=False)
+    seed: int = option(0, min=0, cli=False)
     device: str = option("cpu", cli=False)
 
     @property
