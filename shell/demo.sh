@@ -44,8 +44,8 @@ step "$out/general.h5" ssae-harvest "$corpus" --max-tokens 100000 -o "$out/gener
 step "$out/physics.h5" ssae-harvest "$out/physics_docs.jsonl" --max-tokens 40000 -o "$out/physics.h5"
 step "$out/gsae" ssae-fit "$out/general.h5" --architecture topk --k 32 --expansion 4 --lr 1e-3 \
     --batch-size 1024 --train-tokens 600000 -o "$out/gsae"
-# ---- the SSAEs and the verdicts (issue 12) -------------------------------------------------------------
-# TERM setting: the mildest of the sweep (docs/fit.md, "Which tilt"), the one that costs least
+# ---- the SSAEs and the verdicts -------------------------------------------------------------------------
+# TERM setting: the mildest of the sweep (docs/benchmarks.md, "TERM: which tilt"), the one that costs least
 read -r -a term <<< "${DEMO_TERM:---tilt-ess 0.5}"
 step "$out/ssae-erm" ssae-fit "$out/physics.h5" --init "$out/gsae" --lr 3e-4 \
     --batch-size 1024 --train-tokens 100000 -o "$out/ssae-erm"

@@ -8,7 +8,7 @@
 #
 #   bash shell/offline-bench.sh [OUT_DIR]         (default: $OUT, else ./offline-bench)
 #   PACK=.offline-pack PYTHON=python3             the defaults
-#   SWEEP_SECONDS=240 GPU_SECONDS=330             the time limits (a device call allows 600 s in all)
+#   SWEEP_SECONDS=240 GPU_SECONDS=330             the time limits (together under ten minutes)
 #   DRY=1                                         on the CPU at tiny sizes: checks the setup, times nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."

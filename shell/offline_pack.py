@@ -3,14 +3,14 @@ CUDA tilt sweep, shell/offline-bench.sh): wheels, for that machine's Python, of 
 benchmarks import that its python lacks, and SmolLM2-135M's config and tokenizer (not its weights: the
 benchmark times a randomly initialised model of the same shapes, which costs the same).
 
-    make -C shell offline-pack [HAVE=shell/gpu-image.txt] [PACK_PYTHON=3.12]
+    make -C shell offline-pack [HAVE=shell/gpu-image.example.txt] [PACK_PYTHON=3.12]
 
 HAVE lists what the target's python holds, as `pip list --format=freeze` prints it there (name==version,
 or a bare name when the version is not known; # comments). Following the requirements down from this
 package, a distribution that the benchmarks import here is carried when the target lacks it or holds a
 version the requirement excludes (a bare name counts as satisfying). torch is never carried (the target's
 CUDA build is the point). The pack goes to .offline-pack/ (git-ignored) with a
-manifest.json; copy it beside the checkout on the target, or name it in the device tool's `carry`.
+manifest.json; copy it into the checkout on the target.
 """
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def fetch(name: str, version: str, python_version: str, dest: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--have", default=os.path.join(ROOT, "shell", "gpu-image.txt"),
-                   help="what the target's python holds (pip list --format=freeze); default: shell/gpu-image.txt")
+    p.add_argument("--have", default=os.path.join(ROOT, "shell", "gpu-image.example.txt"),
+                   help="what the target's python holds (pip list --format=freeze); "
+                        "default: shell/gpu-image.example.txt")
     p.add_argument("--python-version", default="3.12", help="the target's Python, major.minor (default 3.12)")
     p.add_argument("--model", default="smollm2", help="model whose config and tokenizer to pack (default smollm2)")
     p.add_argument("--out", default=os.path.join(ROOT, ".offline-pack"), help="the pack folder (replaced)")

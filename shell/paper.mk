@@ -122,11 +122,11 @@ $(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_traci
 # ---- SHIFT (Table 1): begin -------------------------------------------------------------------------
 # The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
 # (the bios are excluded, so no validation or test bio is trained on): ERM and TERM with SHIFT_TERM, a
-# tilt_flags setting of the TERM sweep below (default ess0.5, `--tilt-ess 0.5`: issue 12 found that a fixed
-# --tilt 500 trains the same SAE as ERM at this scale). Profession titles masked and the l2 probe; on the
-# bundled bios also the specialty words and a 70/10/20 train/validation/test split per cell (the largest
-# ambiguous training set that leaves 10 validation and 20 test bios a cell), so that the original probe
-# leans on gender (docs/shift.md has the measurements); SHIFT_SEEDS seeded splits, every number mean ± sd.
+# tilt_flags setting of the TERM sweep below (default ess0.5, `--tilt-ess 0.5`: the sweep found that a fixed
+# --tilt 500 trains the same SAE as ERM at this scale, docs/benchmarks.md). Profession titles masked and
+# the l2 probe; on the bundled bios also the specialty words and a 70/10/20 train/validation/test split
+# per cell (the largest ambiguous training set that leaves 10 validation and 20 test bios a cell), so that
+# the original probe leans on gender (docs/benchmarks.md has the measurements); SHIFT_SEEDS seeded splits, every number mean ± sd.
 # --auto-min-drop 0: the gender signal is spread over many latents, so
 # `auto` keeps adding while the gender AUC drops at all (up to --auto-max 25).
 # The bundled bios: physician vs surgeon. Their nurse bios come from other sites' templates than their
@@ -156,7 +156,7 @@ $(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
 	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-erm --sae ssae-term=$(P)/ssae/medical-$(SHIFT_TERM) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
 # ---- SHIFT (Table 1): end ---------------------------------------------------------------------------
 
-# ---- TERM tilt sweep (issue 12): `make -C shell paper-tilt` -----------------------------------------
+# ---- TERM tilt sweep: `make -C shell paper-tilt` ----------------------------------------------------
 # The same GSAE (TILT_GSAE) finetuned on the same subdomain text (TILT_RECIPE's activations) with the same
 # budget, by ERM and by every TERM setting.  Per seed, two ssae-evals on the held-out TEST text: on its
 # activations (TILT_TAIL_TOKENS; cheap, so enough tokens for the rarest-decile error and tail coverage) and

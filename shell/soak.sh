@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak test (issue 17; `make -C shell soak`, not part of CI): ssae-harvest and ssae-fit are killed with
+# Soak test (`make -C shell soak`, not part of CI): ssae-harvest and ssae-fit are killed with
 # SIGTERM and SIGKILL at random points, rerun with the same command until they succeed, and each result
 # is compared with the output of an uninterrupted run (every array of the activation file; every tensor
 # of the SAE and its training log).  TRIALS per tool and signal (default 20: 80 trials).

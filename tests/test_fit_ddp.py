@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ssae_common.core.errors import Interrupted  # noqa: E402
 from ssae_common.core.outputs import partial_path  # noqa: E402
 from ssae_common.sae.config import FitConfig  # noqa: E402
-from ssae_common.sae.train import CHECKPOINT, train_sae  # noqa: E402
+from ssae_common.sae.train import train_sae  # noqa: E402
+from ssae_common.sae.trainer import CHECKPOINT  # noqa: E402
 from helpers import make_store, sparse_data  # noqa: E402
 
 # a batch of 130 rows splits 65/65; 45 steps cover a bit more than one epoch of the training rows

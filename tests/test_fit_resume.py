@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from ssae_common.core.errors import Interrupted
 from ssae_common.core.outputs import partial_path
 from ssae_common.sae.config import FitConfig
-from ssae_common.sae.train import CHECKPOINT, train_sae
+from ssae_common.sae.train import train_sae
+from ssae_common.sae.trainer import CHECKPOINT
 from helpers import StopAfter, make_store, sparse_data
 
 

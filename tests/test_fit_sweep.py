@@ -18,7 +18,8 @@ from ssae_common.core.outputs import partial_path
 from ssae_common.data.activations import ActivationStore
 from ssae_common.data.batches import ActivationStream
 from ssae_common.sae.config import FitConfig
-from ssae_common.sae.train import CHECKPOINT, Batches, Run, train_sae, train_saes
+from ssae_common.sae.train import Run, train_sae, train_saes
+from ssae_common.sae.trainer import CHECKPOINT, Batches
 from ssae_tools.fit import main as fit_main
 
 FAST = ["--architecture", "topk", "--d-sae", "32", "--k", "4", "--lr", "2e-3", "--batch-size", "128", "--train-tokens",

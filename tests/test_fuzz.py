@@ -1,4 +1,4 @@
-"""Fuzzing the readers (issue 17): JSONL records, the text repairs and --config files either give records
+"""Fuzzing the readers: JSONL records, the text repairs and --config files either give records
 that can be written back out or a one-line BadInput; never a crash.  Bounded: a few hundred examples."""
 from __future__ import annotations
 

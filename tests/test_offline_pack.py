@@ -38,8 +38,8 @@ def test_a_version_the_requirements_exclude_is_replaced_and_torch_never_travels(
     assert offline_pack.to_carry(USED, have_all(transformers=None), "3.12") == {}
 
 
-def test_the_bundled_image_list_parses_and_bad_lines_are_named(tmp_path):
-    have = offline_pack.read_have(os.path.join(ROOT, "shell", "gpu-image.txt"))
+def test_the_example_image_list_parses_and_bad_lines_are_named(tmp_path):
+    have = offline_pack.read_have(os.path.join(ROOT, "shell", "gpu-image.example.txt"))
     assert have["torch"] == "2.11.0" and have["transformers"] == "5.17.0" and have["h5py"] is None
     assert "transformer-lens" not in have
     bad = tmp_path / "have.txt"

@@ -1,6 +1,6 @@
-"""Issue 17, case by case: every mistake is named (exit 2, one line, the flag or file the user typed), every
-input byte is handled, one process writes an output, the stdin pipe resumes, outputs are readable by
-colleagues, and there is feedback before long waits.  Each test reproduces one case of the issue."""
+"""Robustness, case by case: every mistake is named (exit 2, one line, the flag or file the user typed),
+every input byte is handled, one process writes an output, the stdin pipe resumes, outputs are readable by
+colleagues, and there is feedback before long waits.  Each test reproduces one case."""
 from __future__ import annotations
 
 import glob

@@ -8,7 +8,8 @@ from helpers import random_sae
 from ssae_common.core.config import ConfigError
 from ssae_common.sae.config import FitConfig
 from ssae_common.sae.sparse import decode, use_sparse
-from ssae_common.sae.train import Trainer, auxk_loss, evaluate, token_losses
+from ssae_common.sae.objective import auxk_loss, evaluate, token_losses
+from ssae_common.sae.trainer import Trainer
 
 D_IN, D_SAE, K = 24, 384, 6
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")

@@ -1,6 +1,6 @@
 """ssae-fit: activations -> a sparse autoencoder (`ssae.sae/1` directory), by ERM or tilted ERM,
 from scratch or finetuned from a general SAE (--init).  Under torchrun it trains data-parallel
-(ssae_common.sae.train.DataParallel); rank 0 writes the output and prints the record.
+(ssae_common.sae.distributed.DataParallel); rank 0 writes the output and prints the record.
 
 --tilt, --tilt-ess, --k and --seed take comma-separated lists: every combination is one SAE, all trained
 from one read of the data per seed (ssae_common.sae.stage.fit_sweep), one record each.

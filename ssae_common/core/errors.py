@@ -1,4 +1,4 @@
-"""Exceptions that map onto the toolkit's exit codes (DESIGN.md)."""
+"""Exceptions that map onto the toolkit's exit codes (docs/formats.md)."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,4 +1,4 @@
-"""Schema-tagged JSONL records and readers for every input form of DESIGN.md.
+"""Schema-tagged JSONL records and readers for every input form of docs/formats.md.
 
 Inputs are paths (`.jsonl`, `.jsonl.gz`, `.txt`, `.parquet`), `hf:NAME[:SPLIT]` (streamed), or `-`
 for stdin.  Errors name the file and line.

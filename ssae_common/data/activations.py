@@ -1,6 +1,6 @@
 """Activation files (`ssae.activations/1`, HDF5), written in batches and read in chunks.
 
-Layout (DESIGN.md): /activations [N, d] (float16, float32, or bfloat16 stored as uint16), /token_ids,
+Layout (docs/formats.md): /activations [N, d] (float16, float32, or bfloat16 stored as uint16), /token_ids,
 /doc_index, /position [N] int32, /docs/id and /docs/text [D].  /docs/input_index [D] (int64, the
 document's index in the input stream) lets shards be merged back into input order.
 

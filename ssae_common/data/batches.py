@@ -10,7 +10,7 @@ Batch `s` is rows [s * B, (s + 1) * B) of that endless stream, a pure function o
 a resumed run rebuilds exactly the batches it would have seen, from nothing but the step number.
 Memory is one window plus the one read ahead in a background thread, whatever the files' size.
 Under torchrun every rank reads the same global batch (so a bad row fails every rank at the same
-step) and trains on its own slice of it (train.py).  With `tokens=True` each batch also carries the
+step) and trains on its own slice of it (sae/distributed.py).  With `tokens=True` each batch also carries the
 rows' token ids (/token_ids, shuffled with them), for the tilt over token types.
 """
 from __future__ import annotations

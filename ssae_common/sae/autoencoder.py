@@ -1,4 +1,4 @@
-"""Sparse autoencoders in the `ssae.sae/1` directory format (DESIGN.md).
+"""Sparse autoencoders in the `ssae.sae/1` directory format (docs/formats.md).
 
     pre   = ((x * act_scale) - b_dec) @ W_enc + b_enc
     f     = act(pre)
@@ -42,7 +42,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if architecture == "jumprelu":  # trained (straight-through estimator, train.py)
+        if architecture == "jumprelu":  # trained (straight-through estimator, objective.py)
             self.threshold = nn.Parameter(torch.zeros(d_sae))
         elif architecture == "batchtopk":  # a running estimate, not a gradient parameter
             self.register_buffer("threshold", torch.zeros(d_sae))

@@ -79,7 +79,7 @@ class FitConfig:
                                      help="A latent unfired for this many tokens is dead.")
     aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (topk; 0 off).")
     aux_coefficient: float = option(1 / 32, min=0, help="Weight of the AuxK loss (with --aux-k).")
-    # jumprelu (sae.train: the straight-through estimator, as SAELens 6)
+    # jumprelu (sae.objective: the straight-through estimator, as SAELens 6)
     l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
                               help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")
     bandwidth: float = option(DEFAULT_BANDWIDTH, above=0, help="jumprelu: width of the straight-through estimator's kernel.")

@@ -10,7 +10,7 @@ Several SAEs from one read of the data (a sweep; one record each):
     records = fit_sweep(FitConfig(k=4, d_sae=64), ["acts.h5"], sweep={"tilt": (0, 500), "seed": (0, 1)},
                         out="saes", context=RunContext(device_spec="cpu"))
 
-Under torchrun the same call trains data-parallel (sae.train.DataParallel); rank 0 writes the output.
+Under torchrun the same call trains data-parallel (sae.distributed.DataParallel); rank 0 writes the output.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """The numeric effect of ssae-fit's bfloat16 autocast (on by default on CUDA), measured on the CPU: two TopK
 fits from the same initialisation on the same batches, one with the SAE forward under bf16 autocast and one
-in float32, compared on held-out rows in float32 every `--every` steps (docs/scale.md quotes the result).
+in float32, compared on held-out rows in float32 every `--every` steps (docs/benchmarks.md has the result).
 
     python tests/bench/bench_autocast.py [--steps 300] [--d-sae 1152] [--batch-size 512]
 
-sae/train.py applies autocast only on CUDA; here torch.autocast is forced on for the CPU in this process.
+sae/trainer.py applies autocast only on CUDA; here torch.autocast is forced on for the CPU in this process.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     from ssae_common.data.activations import ActivationStore
     from ssae_common.data.batches import ActivationStream
-    from ssae_common.sae import train
+    from ssae_common.sae import objective, train, trainer
     from ssae_common.sae.config import FitConfig
 
     real_autocast = torch.autocast
@@ -51,18 +51,18 @@ def main() -> None:
         for name in ("fp32", "bf16"):
             sae = type(sae0)(sae0.d_in, sae0.d_sae, sae0.architecture, sae0.k, sae0.act_scale)
             sae.load_state_dict(sae0.state_dict())
-            trainers[name] = train.Trainer(cfg, sae, stream, os.path.join(tmp, name), np.empty((0, D_IN), np.float32))
+            trainers[name] = trainer.Trainer(cfg, sae, stream, os.path.join(tmp, name), np.empty((0, D_IN), np.float32))
         print(f"TopK d_in {D_IN} d_sae {args.d_sae} k 32, batch {batch}, {steps} steps; held-out mse (float32 forward)")
         print(f"{'step':>6}{'fp32 mse':>12}{'bf16 mse':>12}{'rel diff':>10}")
         for s in range(steps):
             rows = torch.from_numpy(stream.batch(s))
-            for name, trainer in trainers.items():
+            for name, t in trainers.items():
                 forced["on"] = name == "bf16"
-                trainer.train_step(rows * trainer.sae.act_scale)
+                t.train_step(rows * t.sae.act_scale)
             forced["on"] = False
             if (s + 1) % args.every == 0 or s + 1 == steps:
                 with torch.no_grad():
-                    mse = {n: float(train.token_losses(t.sae, val * t.sae.act_scale, 0.0, inference=True)[1].mean())
+                    mse = {n: float(objective.token_losses(t.sae, val * t.sae.act_scale, 0.0, inference=True)[1].mean())
                            for n, t in trainers.items()}
                 print(f"{s + 1:>6}{mse['fp32']:>12.5f}{mse['bf16']:>12.5f}{mse['bf16'] / mse['fp32'] - 1:>+10.2e}",
                       flush=True)

@@ -66,7 +66,8 @@ def train_rates(store: str, d_sae: int, batch: int, steps: int) -> dict[str, flo
     from ssae_common.data.activations import ActivationStore
     from ssae_common.data.batches import ActivationStream
     from ssae_common.sae.config import FitConfig
-    from ssae_common.sae.train import Trainer, init_sae
+    from ssae_common.sae.train import init_sae
+    from ssae_common.sae.trainer import Trainer
 
     st = ActivationStore(store)
     runs, seconds = {}, {}

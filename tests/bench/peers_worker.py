@@ -29,7 +29,8 @@ import torch
 
 def ssae_trainer(s: dict, decoder: str):
     from ssae_common.sae.config import FitConfig
-    from ssae_common.sae.train import Trainer, init_sae
+    from ssae_common.sae.train import init_sae
+    from ssae_common.sae.trainer import Trainer
 
     cfg = FitConfig(architecture="topk", d_sae=s["d_sae"], k=s["k"], lr=s["lr"], batch_size=s["batch"],
                     train_tokens=s["batch"] * s["steps"], warmup_steps=0, decay_fraction=0.0, val_tokens=0,
