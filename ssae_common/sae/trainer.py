@@ -19,12 +19,13 @@ import torch
 from ..data.batches import ActivationStream
 from ..core.errors import Interrupted
 from ..core.progress import Progress
+from ..core.records import to_json
 from ..core.signals import StopFlag
 from . import sparse as sparse_ops
 from .autoencoder import SAE
 from .config import FitConfig
 from .distributed import DataParallel
-from .objective import BATCHTOPK_THRESHOLD_RATE, active, auxk_loss, batch_tilt, evaluate, token_losses
+from .objective import BATCHTOPK_THRESHOLD_RATE, active, auxk_loss, batch_tilt, token_losses, validation_metrics
 from .optim import Adam, l1_at, lr_at
 from .term import group_means, tilted_loss, tilt_weights
 
@@ -98,9 +99,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         if self.dp.is_main:
             self._truncate_log()
-
-    def load_checkpoint(self) -> None:
-        self.load_state(self.read_checkpoint())
 
     def _truncate_log(self) -> None:
         if not os.path.exists(self.log_path):
@@ -196,16 +194,12 @@ class Trainer:
         if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k:
             rec["aux_loss"] = a["aux"] / n
         if with_val and self.val is not None:
-            self.last_val = evaluate(self.sae, self.val, cfg)
+            self.last_val = validation_metrics(self.sae, self.val, cfg)
             rec.update(self.last_val)
         self.acc_n, self.acc = 0, torch.zeros_like(self.acc)
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(to_json(rec) + "\n")
         return rec
-
-    def run(self, stop: StopFlag, quiet: bool = False) -> None:
-        """Train from `self.step` to the budget (train_together, alone)."""
-        train_together([self], stop, quiet)
 
 
 class Batches:
