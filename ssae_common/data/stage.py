@@ -2,7 +2,7 @@
 
     from ssae_common.core.runtime import RunContext
     from ssae_common.data import HarvestConfig, harvest
-    record = harvest(HarvestConfig(layer=3), ["docs.jsonl"], out="acts.h5", context=RunContext(device="cpu"))
+    record = harvest(HarvestConfig(layer=3), ["docs.jsonl"], out="acts.h5", context=RunContext(device_spec="cpu"))
 """
 from __future__ import annotations
 
