@@ -146,9 +146,9 @@ def identity_sae(d: int, signed: bool = True):
 
 
 def random_sae(d_in: int, d_sae: int, seed: int = 0, architecture: str = "relu", k=None, act_scale: float = 1.0,
-               dec_scale: float = 1.0, enc_bias: float | None = None, dec_bias: bool = True):
+               dec_scale: float = 1.0, enc_bias: float | None = None, dec_bias: bool = True, group_sizes=None):
     """A seeded random SAE with unit-scale pre-activations.  enc_bias: a constant encoder bias (None: random
-    around -0.2); dec_bias False leaves the decoder bias at zero."""
+    around -0.2); dec_bias False leaves the decoder bias at zero; group_sizes: matryoshka-batchtopk's."""
     import math
 
     import torch
@@ -156,7 +156,7 @@ def random_sae(d_in: int, d_sae: int, seed: int = 0, architecture: str = "relu",
     from ssae_common.sae.autoencoder import SAE
 
     g = torch.Generator().manual_seed(seed)
-    sae = SAE(d_in, d_sae, architecture, k, act_scale)
+    sae = SAE(d_in, d_sae, architecture, k, act_scale, group_sizes)
     sae.W_enc.data = torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in)
     sae.W_dec.data = torch.randn(d_sae, d_in, generator=g) * dec_scale / math.sqrt(d_sae)
     sae.b_enc.data = (torch.randn(d_sae, generator=g) * 0.1 - 0.2) if enc_bias is None else torch.full((d_sae,), enc_bias)

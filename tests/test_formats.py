@@ -25,11 +25,12 @@ FAST = ["--batch-size", "256", "--train-tokens", "20000", "--warmup-steps", "10"
 
 
 def _sae(architecture: str, act_scale: float = 2.5, seed: int = 0) -> SAE:
-    k = 4 if architecture in ("topk", "batchtopk") else None
-    sae = random_sae(16, 24, seed, architecture, k=k, act_scale=act_scale)
+    k = 4 if architecture in ("topk", "batchtopk", "matryoshka-batchtopk") else None
+    groups = (6, 18) if architecture == "matryoshka-batchtopk" else None
+    sae = random_sae(16, 24, seed, architecture, k=k, act_scale=act_scale, group_sizes=groups)
     if architecture == "jumprelu":
         sae.threshold.data = torch.rand(24, generator=torch.Generator().manual_seed(seed)) * 0.3
-    elif architecture == "batchtopk":
+    elif architecture in ("batchtopk", "matryoshka-batchtopk"):
         sae.threshold.data.fill_(0.1)
     sae.cfg = {"model": "synthetic-lm", "hook": HOOK}
     return sae
@@ -71,7 +72,8 @@ for fmt, folder, out_npy, resave in jobs:
     np.save(out_npy, y.float().numpy())
 """
 ROUND_TRIPS = [("relu", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"), ("batchtopk", "saelens"),
-               ("topk", "sparsify")]
+               ("matryoshka-batchtopk", "saelens"), ("topk", "sparsify")]
+WRITTEN_AS_JUMPRELU = ("batchtopk", "matryoshka-batchtopk")  # as SAELens saves them for inference
 
 
 def _peer_run(script: str, args: list, tmp) -> None:
@@ -118,7 +120,7 @@ def test_round_trip_through_the_real_library(round_trips, architecture, to):
     reference = _recon(sae, x)
     assert np.abs(theirs - reference).max() < 1e-4
     back = load_any(resaved)
-    assert back.architecture == ("jumprelu" if architecture == "batchtopk" else architecture)
+    assert back.architecture == ("jumprelu" if architecture in WRITTEN_AS_JUMPRELU else architecture)
     assert np.abs(_recon(back, x) - reference).max() < 1e-4
     if to == "saelens":  # SAELens keeps the metadata through its own save
         assert (back.model, back.hook) == ("synthetic-lm", HOOK)
@@ -164,10 +166,12 @@ def test_dictionary_learning_models_import_exactly(tmp_path):
     np.save(tmp_path / "x.npy", x)
     _peer_run(DL_SCRIPT, [tmp_path, tmp_path / "x.npy"], tmp_path)
     expected = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-                "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu"}
+                "MatryoshkaBatchTopKSAE": "matryoshka-batchtopk", "JumpReluAutoEncoder": "jumprelu"}
     for name, architecture in expected.items():
         sae, fmt = import_sae(str(tmp_path / name))
         assert (fmt, sae.architecture, sae.hook) == ("dictionary_learning", architecture, HOOK), name
+        if name == "MatryoshkaBatchTopKSAE":
+            assert sae.group_sizes == (8, 16)
         assert np.abs(_recon(sae, x) - np.load(tmp_path / name / "y.npy")).max() < 1e-4, name
 
 
@@ -241,14 +245,15 @@ def _numpy_saelens(folder, x):
     return f @ w["W_dec"] + w["b_dec"]
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu", "batchtopk", "matryoshka-batchtopk"])
 def test_saelens_export_follows_the_documented_layout(tmp_path, architecture):
     sae = _sae(architecture)
     out = tmp_path / "sl"
     record = json.loads(invoke(export_main, [_saved(sae, tmp_path / "ours"), "-o", out], code=0).stdout)
     assert record["kind"] == "sae" and record["format"] == "saelens"
     cfg = json.load(open(out / "cfg.json"))
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(architecture, architecture)
+    assert cfg["architecture"] == ("standard" if architecture == "relu" else
+                                   "jumprelu" if architecture in WRITTEN_AS_JUMPRELU else architecture)
     assert cfg["metadata"]["sae_lens_version"].startswith("6.") and cfg["metadata"]["hook_name"] == HOOK
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["apply_b_dec_to_input"]) == (16, 24, "float32", True)
     x = _x()

@@ -44,8 +44,9 @@ class LatentReader:
 
         with torch.no_grad():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            if self.sae.architecture == "relu":
-                f = torch.relu((xt * self.sae.act_scale - self.sae.b_dec) @ self.W + self.b)
+            if self.sae.arch.per_latent:
+                f = self.sae.arch.activation(self.sae, (xt * self.sae.act_scale - self.sae.b_dec) @ self.W + self.b,
+                                             self.latents)
             else:  # topk needs every pre-activation to know which survive
                 f = self.sae.encode(xt)[:, self.latents]
             return f.float().cpu().numpy()
@@ -57,7 +58,7 @@ class LatentReader:
         out = np.empty(len(row_local), dtype=np.float32)
         with torch.no_grad():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            if self.sae.architecture != "relu":
+            if not self.sae.arch.per_latent:
                 uniq, inverse = np.unique(row_local, return_inverse=True)
                 f = self.sae.encode(xt[torch.from_numpy(uniq).to(self.device)])[:, self.latents]
                 return f[torch.from_numpy(inverse).to(self.device), torch.from_numpy(col.astype(np.int64)).to(self.device)].float().cpu().numpy()
@@ -67,7 +68,7 @@ class LatentReader:
                 r = torch.from_numpy(row_local[s:s + batch].astype(np.int64)).to(self.device)
                 c = torch.from_numpy(col[s:s + batch].astype(np.int64)).to(self.device)
                 pre = (centred[r] * Wt[c]).sum(1) + self.b[c]
-                out[s:s + batch] = torch.relu(pre).float().cpu().numpy()
+                out[s:s + batch] = self.sae.arch.activation(self.sae, pre, self.latents[c]).float().cpu().numpy()
         return out
 
 

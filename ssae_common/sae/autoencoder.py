@@ -4,10 +4,9 @@
     f     = act(pre)
     x_hat = (f @ W_dec + b_dec) / act_scale
 
-`act` is ReLU; for `topk` the k largest pre-activations (after ReLU) of each row; for `jumprelu` and
-`batchtopk`, ReLU(pre) where pre > threshold (a tensor [d_sae]), else 0.  A BatchTopK SAE keeps the k
-largest of the whole batch while it trains and uses its threshold at inference, as dictionary_learning
-and SAELens do.
+`act` and any tensors beyond these four (a `threshold`) are the architecture's (architectures/): ReLU; for
+`topk` the k largest pre-activations (after ReLU) of each row; for `jumprelu`, `batchtopk` and
+`matryoshka-batchtopk`, ReLU(pre) where pre > threshold (a tensor [d_sae]), else 0.
 """
 from __future__ import annotations
 
@@ -20,45 +19,39 @@ from torch import nn
 from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.records import dump_json
+from . import architectures
 
 SCHEMA = "ssae.sae/1"
-ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
-THRESHOLDED = ("jumprelu", "batchtopk")  # architectures with a `threshold` tensor
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 
 
 class SAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, architecture: str = "relu", k: int | None = None,
-                 act_scale: float = 1.0):
+                 act_scale: float = 1.0, group_sizes=None):
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ConfigError("architecture", architecture, f"expected one of {', '.join(ARCHITECTURES)}")
-        if architecture in ("topk", "batchtopk") and (k is None or not 0 < k <= d_sae):
-            raise ConfigError("k", k, f"must be between 1 and d_sae ({d_sae}) for a {architecture} SAE")
+        if architecture not in architectures.NAMES:
+            raise ConfigError("architecture", architecture, f"expected one of {', '.join(architectures.NAMES)}")
         self.d_in, self.d_sae, self.architecture, self.k = d_in, d_sae, architecture, k
         self.act_scale = float(act_scale)
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if architecture == "jumprelu":  # trained (straight-through estimator, objective.py)
-            self.threshold = nn.Parameter(torch.zeros(d_sae))
-        elif architecture == "batchtopk":  # a running estimate, not a gradient parameter
-            self.register_buffer("threshold", torch.zeros(d_sae))
+        self.group_sizes: tuple[int, ...] | None = None
+        self.arch.build(self, group_sizes)
         self.cfg: dict = {}
+
+    @property
+    def arch(self):
+        """The Architecture (architectures/) of this SAE."""
+        return architectures.get(self.architecture)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x * self.act_scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        f = torch.relu(pre)
-        if self.architecture in THRESHOLDED:
-            return f * (pre > self.threshold)
-        if self.architecture == "topk":
-            values, index = f.topk(self.k, dim=-1)
-            f = torch.zeros_like(f).scatter(-1, index, values)
-        return f
+        return self.arch.activation(self, pre)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_acts(x))
@@ -84,7 +77,7 @@ class SAE(nn.Module):
 
     def config(self, **extra) -> dict:
         cfg = {**self.cfg, "schema": SCHEMA, "architecture": self.architecture, "d_in": self.d_in,
-               "d_sae": self.d_sae, "k": self.k, "act_scale": self.act_scale}
+               "d_sae": self.d_sae, "k": self.k, "act_scale": self.act_scale, **self.arch.cfg_fields(self)}
         cfg.setdefault("l1_coefficient", 0.0)
         cfg.setdefault("tilt", 0.0)
         cfg.setdefault("parent", None)
@@ -114,10 +107,10 @@ class SAE(nn.Module):
             raise BadInput(f"{weights}: not a readable safetensors file ({e})") from None
         try:
             sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("architecture", "relu"), cfg.get("k"),
-                      float(cfg.get("act_scale", 1.0)))
+                      float(cfg.get("act_scale", 1.0)), cfg.get("group_sizes"))
         except KeyError as e:
             raise BadInput(f"{folder}/{CONFIG}: missing field {e.args[0]!r}") from None
-        for name in tensor_names(sae.architecture):
+        for name in sae.arch.tensor_names():
             if name not in tensors:
                 raise BadInput(f"{weights}: missing tensor {name}")
             expected = tuple(getattr(sae, name).shape)
@@ -126,10 +119,6 @@ class SAE(nn.Module):
             getattr(sae, name).data.copy_(tensors[name].float())
         sae.cfg = cfg
         return sae.to(device)
-
-
-def tensor_names(architecture: str) -> tuple[str, ...]:
-    return ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if architecture in THRESHOLDED else ())
 
 
 def read_config(folder: str) -> dict:

@@ -1,13 +1,15 @@
 """The options of ssae-fit, declared once (the tool's flags are generated from these fields).
 
-Only the standard library and ssae_common.core.config are imported here, so `ssae-fit --help` and
-`from ssae_common.sae import FitConfig` stay light.
+Only the standard library, ssae_common.core.config and the architecture registry's names are imported here,
+so `ssae-fit --help` and `from ssae_common.sae import FitConfig` stay light; check() and resolve() import
+the architecture's module (sae.architectures), whose checks and defaults they apply.
 
 Defaults that depend on the data or on the parent SAE (--init) are None here and filled by
 `FitConfig.resolve(d_in, n_rows, parent)`:
 
     architecture, d_sae, k, l1   the parent's with --init; else topk, expansion x d_in, 32, 5 / d_in
     l0 (jumprelu)                the parent's with --init; else 1 / d_in
+    group_fractions              (matryoshka-batchtopk) the parent's groups; else 1/32, 1/16, 1/8, 1/4, 17/32
     lr                           2e-4 / sqrt(d_sae / 2^14)
     train_tokens                 the inputs' row count
     dead_tokens                  max(batch_size, min(10M, train_tokens / 5))
@@ -20,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..core.config import ConfigError, check_bounds, option, replace
+from .architectures import NAMES as ARCHITECTURES, get as get_architecture
 
 if TYPE_CHECKING:
     from .autoencoder import SAE
 
-ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
 FORMATS = ("auto", "ssae", "saelens", "sparsify", "dictionary_learning", "gemma_scope")  # of --init (sae.imports)
 B_DEC_INITS = ("median", "mean", "zero", "parent")
 TILT_GROUPS = ("none", "token")
@@ -41,12 +43,14 @@ SWEEPS = {"tilt": "tilt", "tilt_ess": "ess", "k": "k"}
 @dataclass(frozen=True)
 class FitConfig:
     architecture: str | None = option(None, choices=ARCHITECTURES, derived="topk, or the parent's with --init",
-                                      help="relu (L1 penalty), topk, jumprelu (L0 penalty) or batchtopk.")
+                                      help="relu (L1 penalty), topk, jumprelu (L0 penalty), batchtopk or "
+                                           "matryoshka-batchtopk (nested groups of latents; see docs/fit.md).")
     d_sae: int | None = option(None, min=1, derived="--expansion x d_in", help="Number of latents.")
     expansion: float | None = option(None, above=0, derived=str(DEFAULT_EXPANSION),
                                      help="d_sae as a multiple of d_in.")
     k: int | None = option(None, min=1, derived=f"{DEFAULT_K}, or the parent's",
-                           help="Active latents per token for topk (the mean, for batchtopk).")
+                           help="Active latents per token for topk (the mean, for batchtopk and "
+                                "matryoshka-batchtopk).")
     l1: float | None = option(None, min=0, derived="5/d_in, or the parent's",
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t, fixed; 0 is ERM (the mean loss). See docs/fit.md.")
@@ -77,12 +81,19 @@ class FitConfig:
         True, help="Scale inputs so the mean squared norm is d_in (act_scale; a parent keeps its own).")
     dead_tokens: int | None = option(None, min=1, derived="min(10M, budget/5)",
                                      help="A latent unfired for this many tokens is dead.")
-    aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (topk; 0 off).")
+    aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (the topk and batchtopk "
+                                       "architectures; 0 off).")
     aux_coefficient: float = option(1 / 32, min=0, help="Weight of the AuxK loss (with --aux-k).")
     # jumprelu (sae.objective: the straight-through estimator, as SAELens 6)
     l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
                               help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")
     bandwidth: float = option(DEFAULT_BANDWIDTH, above=0, help="jumprelu: width of the straight-through estimator's kernel.")
+    # matryoshka-batchtopk (sae.architectures.matryoshka)
+    group_fractions: tuple[float, ...] = option(
+        (), multiple=True, flag="group-fraction", above=0, max=1,
+        derived="1/32, 1/16, 1/8, 1/4, 17/32; the parent's groups with --init",
+        help="matryoshka-batchtopk: the share of the latents in each nested group, first group first; repeat "
+             "the flag once per group (two or more, summing to 1).")
     val_tokens: int = option(8192, min=0, help="Held-out rows for validation (0: none).")
     val_every: int = option(1000, min=1, help="Steps between validation records.")
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
@@ -118,25 +129,15 @@ class FitConfig:
         return max(1, math.ceil(self.train_tokens / self.batch_size))
 
     def check(self) -> None:
-        """Bounds and choices of every field, then the checks across fields (those of fields still None,
-        i.e. before `resolve`, are skipped)."""
+        """Bounds and choices of every field, then the checks across fields, the architecture's in its module
+        (sae.architectures; those of fields still None, i.e. before `resolve`, are skipped)."""
         check_bounds(self)
-        if self.architecture in ("topk", "batchtopk") and self.d_sae is not None and not (
-                self.k is not None and 1 <= self.k <= self.d_sae):
-            raise ConfigError("k", self.k, f"must be between 1 and --d-sae ({self.d_sae})")
-        if self.architecture not in (None, "relu") and self.l1:
-            raise ConfigError("l1", self.l1, f"only for --architecture relu ({self.architecture} sets sparsity "
-                                             f"with {'--l0' if self.architecture == 'jumprelu' else '--k'})")
-        if self.architecture not in (None, "jumprelu") and self.l0:
-            raise ConfigError("l0", self.l0, "only for --architecture jumprelu")
-        if self.architecture not in (None, "jumprelu") and self.bandwidth != DEFAULT_BANDWIDTH:
-            raise ConfigError("bandwidth", self.bandwidth, "only for --architecture jumprelu")
+        if self.architecture is not None:
+            get_architecture(self.architecture).check_config(self)
         if self.tilt and self.tilt_ess is not None:
             raise ConfigError("tilt_ess", self.tilt_ess, f"give --tilt ({self.tilt}) or --tilt-ess, not both")
         if self.tilt_groups != "none" and not (self.tilt or self.tilt_ess is not None):
             raise ConfigError("tilt_groups", self.tilt_groups, "needs --tilt or --tilt-ess (without one it is ERM)")
-        if self.architecture not in (None, "topk") and self.decoder == "sparse":
-            raise ConfigError("decoder", self.decoder, "only for --architecture topk (a fixed k per token)")
         if self.b_dec_init == "parent" and not self.init:
             raise ConfigError("b_dec_init", self.b_dec_init, "needs --init")
 
@@ -159,20 +160,11 @@ class FitConfig:
         architecture = architecture or "topk"
         if d_sae is None:
             d_sae = int(round((self.expansion or DEFAULT_EXPANSION) * d_in))
-        if architecture in ("topk", "batchtopk"):
-            k = DEFAULT_K if k is None else k
-            l1 = l1 or 0.0  # a non-zero one is refused by check()
-        elif architecture == "jumprelu":
-            k, l1 = None, l1 or 0.0
-            l0 = 1.0 / d_in if l0 is None else l0
-        else:
-            k = None  # relu: sparsity comes from the L1 penalty; a --k is ignored
-            l1 = 5.0 / d_in if l1 is None else l1
+        values = get_architecture(architecture).resolve(
+            {"k": k, "l1": l1, "l0": l0, "group_fractions": self.group_fractions}, d_in, d_sae, parent)
         train_tokens = n_rows if self.train_tokens is None else self.train_tokens
-        if architecture != "jumprelu":
-            l0 = l0 or 0.0  # a non-zero one is refused by check()
         resolved = replace(
-            self, architecture=architecture, d_sae=d_sae, expansion=d_sae / d_in, k=k, l1=l1, l0=l0,
+            self, architecture=architecture, d_sae=d_sae, expansion=d_sae / d_in, **values,
             lr=self.lr if self.lr is not None else 2e-4 / math.sqrt(max(d_sae, 1) / 2**14),
             train_tokens=train_tokens,
             b_dec_init=self.b_dec_init or ("parent" if parent is not None else "median"),
@@ -195,3 +187,4 @@ class ExportConfig:
 
     def check(self) -> None:
         check_bounds(self)
+

@@ -27,7 +27,7 @@ from ..core.outputs import atomic_dir, existing_output, sha256_file
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record, dump_json
 from ..core.runtime import RunContext
-from .autoencoder import SAE, THRESHOLDED
+from .autoencoder import SAE
 from .config import ExportConfig
 
 # the SAELens config layout written (version 6: model and hook under `metadata`); SAELens reads a config
@@ -40,25 +40,23 @@ def folded_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     """W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (and threshold) with act_scale folded in."""
     s = float(sae.act_scale)
     t = {"W_enc": sae.W_enc, "b_enc": sae.b_enc / s, "W_dec": sae.W_dec, "b_dec": sae.b_dec / s}
-    if sae.architecture in THRESHOLDED:
+    if sae.arch.threshold:
         t["threshold"] = sae.threshold / s
     return {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
 
 
 def write_saelens(sae: SAE, folder: str) -> None:
-    """cfg.json and sae_weights.safetensors as SAELens 6 saves an inference SAE.  BatchTopK is written as
-    jumprelu, as SAELens itself saves its BatchTopK SAEs for inference (the threshold applies to every latent)."""
+    """cfg.json and sae_weights.safetensors as SAELens 6 saves an inference SAE, in the SAELens architecture
+    of ours (its `saelens`).  BatchTopK and Matryoshka BatchTopK are written as jumprelu, as SAELens itself
+    saves them for inference (the threshold applies to every latent); their k (and groups) go in metadata."""
     from safetensors.torch import save_file
 
-    architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[sae.architecture]
-    cfg = {"architecture": architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+    top_level, metadata = sae.arch.saelens_fields(sae)
+    cfg = {"architecture": sae.arch.saelens, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_LAYOUT, "model_name": sae.model or None,
-                        "hook_name": sae.hook or None, "exported_by": "ssae", "ssae_architecture": sae.architecture}}
-    if architecture == "topk":
-        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    if sae.architecture == "batchtopk":
-        cfg["metadata"]["k"] = sae.k
+                        "hook_name": sae.hook or None, "exported_by": "ssae", "ssae_architecture": sae.architecture,
+                        **metadata}, **top_level}
     save_file(folded_tensors(sae), os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
         dump_json(cfg, f, indent=2)
@@ -68,7 +66,7 @@ def write_sparsify(sae: SAE, folder: str) -> None:
     """cfg.json and sae.safetensors of one sparsify hookpoint folder (SparseCoder); TopK only."""
     from safetensors.torch import save_file
 
-    if sae.architecture != "topk":
+    if not sae.arch.sparsify:
         raise ConfigError("to", "sparsify", f"sparsify holds TopK SAEs only; this one is {sae.architecture} "
                                             "(write it --to saelens)")
     t = folded_tensors(sae)

@@ -5,7 +5,7 @@ Formats (detected from the files, or named with `fmt`); docs/formats.md has the 
 - `ssae`: our own directory (cfg.json with schema ssae.sae/1, sae.safetensors).
 - `saelens`: a folder with cfg.json and sae_weights.safetensors (W_enc [d_in, d_sae], b_enc, W_dec
   [d_sae, d_in], b_dec; threshold for jumprelu; optional scaling_factor).  Architectures standard/relu,
-  topk and jumprelu (SAELens writes its BatchTopK SAEs as jumprelu); model and hook from `metadata`
+  topk and jumprelu (SAELens writes its BatchTopK and Matryoshka BatchTopK SAEs as jumprelu); model and hook from `metadata`
   (SAELens 6) or the top level (older); `apply_b_dec_to_input: false` folds b_dec @ W_enc into b_enc;
   `rescale_acts_by_decoder_norm: true` folds the decoder norms into the encoder (exact, TopK selection
   included); `normalize_activations` `none`/`expected_average_only_in` need nothing (SAELens folds the
@@ -15,9 +15,10 @@ Formats (detected from the files, or named with `fmt`); docs/formats.md has the 
   [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec); TopK with cfg k.
 - `dictionary_learning`: ae.pt (a torch state dict) with config.json beside it; AutoEncoder
   (encoder.weight, encoder.bias, decoder.weight [d_in, d_sae], bias) is ReLU, AutoEncoderTopK (b_dec, k)
-  TopK, BatchTopKSAE (b_dec, k, threshold) and MatryoshkaBatchTopKSAE (W_enc, b_enc, W_dec, b_dec, k,
-  threshold) BatchTopK with their inference threshold, JumpReluAutoEncoder (W_enc, b_enc, W_dec, b_dec,
-  threshold; it encodes x, not x - b_dec) JumpReLU.
+  TopK, BatchTopKSAE (b_dec, k, threshold) BatchTopK with its inference threshold, MatryoshkaBatchTopKSAE
+  (W_enc, b_enc, W_dec, b_dec, k, threshold, group_sizes) Matryoshka BatchTopK (plain BatchTopK without
+  group_sizes), JumpReluAutoEncoder (W_enc, b_enc, W_dec, b_dec, threshold; it encodes x, not x - b_dec)
+  JumpReLU; the class names each architecture reads are in its module (sae.architectures).
 - `gemma_scope`: Gemma Scope's params.npz (W_enc, W_dec, b_enc, b_dec, threshold; JumpReLU on
   x @ W_enc + b_enc, so b_dec @ W_enc is folded into b_enc), or a folder holding one.
 All imports are exact (the same reconstruction as the source library).
@@ -31,6 +32,7 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.errors import BadInput
+from .architectures import every, get
 from .autoencoder import CONFIG, SCHEMA, WEIGHTS, SAE, read_config, read_json_object
 from .config import FORMATS
 
@@ -84,19 +86,20 @@ def _need(tensors: dict, name: str, where: str) -> torch.Tensor:
     return tensors[name].float()
 
 
-def _build(where: str, W_enc, b_enc, W_dec, b_dec, architecture: str, k, cfg: dict, threshold=None) -> SAE:
+def _build(where: str, W_enc, b_enc, W_dec, b_dec, architecture: str, k, cfg: dict, threshold=None,
+           group_sizes=None) -> SAE:
     if W_enc.dim() != 2:
         raise BadInput(f"{where}: W_enc has shape {tuple(W_enc.shape)}, expected [d_in, d_sae]")
     d_in, d_sae = W_enc.shape
     tensors = [("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)]
-    if architecture in ("jumprelu", "batchtopk"):
+    if get(architecture).threshold:
         threshold = threshold.float().expand(d_sae) if threshold is not None and threshold.dim() == 0 else threshold
         tensors.append(("threshold", threshold))
     for name, t in tensors[1:]:
         shape = {"W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
         if t is None or tuple(t.shape) != shape:
             raise BadInput(f"{where}: {name} has shape {None if t is None else tuple(t.shape)}, expected {shape}")
-    sae = SAE(d_in, d_sae, architecture, int(k) if k is not None else None)
+    sae = SAE(d_in, d_sae, architecture, int(k) if k is not None else None, group_sizes=group_sizes)
     with torch.no_grad():
         for name, t in tensors:
             getattr(sae, name).copy_(t)
@@ -112,18 +115,20 @@ def _saelens(path: str) -> SAE:
     arch = str(cfg.get("architecture", "standard")).lower()
     act_fn = str(cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))).lower()
     kwargs = cfg.get("activation_fn_kwargs") or {}
-    threshold = None
-    if arch == "topk" or act_fn == "topk":
-        architecture, k = "topk", cfg.get("k", kwargs.get("k"))
-        if k is None:
-            raise BadInput(f"{path}/cfg.json: a topk SAE without k")
-    elif arch == "jumprelu":
-        architecture, k, threshold = "jumprelu", None, _need(t, "threshold", where)
-    elif arch in ("standard", "relu") and act_fn == "relu":
-        architecture, k = "relu", None
-    else:
+    if act_fn == "topk":  # older SAELens: a standard SAE with a topk activation function
+        arch = "topk"
+    ours = next((a for a in every() if arch in a.saelens_reads), None)
+    if ours is None or (arch in ("standard", "relu") and act_fn != "relu"):
+        supported = ", ".join(n for a in every() for n in a.saelens_reads)
         raise BadInput(f"{path}: SAELens architecture {arch!r} / activation {act_fn!r} cannot be imported "
-                       "(supported: standard ReLU, topk, jumprelu)")
+                       f"(supported: {supported}; standard with a relu activation)")
+    architecture, k, threshold = ours.name, None, None
+    if "k" in ours.options:
+        k = cfg.get("k", kwargs.get("k"))
+        if k is None:
+            raise BadInput(f"{path}/cfg.json: a {arch} SAE without k")
+    if ours.threshold:
+        threshold = _need(t, "threshold", where)
     norm = cfg.get("normalize_activations")
     if norm in ("constant_norm_rescale", "layer_norm"):
         raise BadInput(f"{path}/cfg.json: normalize_activations {norm!r} rescales each token; ssae.sae/1 has only "
@@ -183,14 +188,22 @@ def _dictionary_learning(path: str) -> SAE:
     trainer = read_json_object(cfg_path).get("trainer", {}) if os.path.exists(cfg_path) else {}
     dict_class = str(trainer.get("dict_class") or "")
     names = {"model": trainer.get("lm_name"), "hook": trainer.get("submodule_name")}
+    known = {name: a for a in every() for name in a.dictionary_learning}
+    if dict_class and dict_class not in known:
+        raise BadInput(f"{weights}: dictionary class {dict_class!r} cannot be imported (supported: "
+                       f"{', '.join(known)})")
+    ours = known.get(dict_class)  # None without a config.json: the tensors present decide
     if "W_enc" in state:
         W_enc, b_enc, W_dec, b_dec, threshold = (_need(state, n, weights)
                                                  for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"))
-        if "k" in state or "BatchTopK" in dict_class:  # MatryoshkaBatchTopKSAE: encodes x - b_dec
+        if "k" in state or (ours is not None and "k" in ours.options):  # MatryoshkaBatchTopKSAE: encodes x - b_dec
             k = trainer.get("k", int(state["k"]) if "k" in state else None)
             if k is None:
                 raise BadInput(f"{weights}: a BatchTopK dictionary without k")
-            return _build(path, W_enc, b_enc, W_dec, b_dec, "batchtopk", k, names, threshold)
+            if "group_sizes" not in state:  # the groups matter to training only: without them, plain BatchTopK
+                return _build(path, W_enc, b_enc, W_dec, b_dec, "batchtopk", k, names, threshold)
+            sizes = [int(s) for s in state["group_sizes"].reshape(-1).tolist()]
+            return _build(path, W_enc, b_enc, W_dec, b_dec, "matryoshka-batchtopk", k, names, threshold, sizes)
         # JumpReluAutoEncoder: ReLU(pre * (pre > threshold)) with pre = x @ W_enc + b_enc (no b_dec subtracted)
         return _build(path, W_enc, b_enc + b_dec @ W_enc, W_dec, b_dec, "jumprelu", None, names, threshold)
     enc = _need(state, "encoder.weight", weights)
@@ -202,12 +215,10 @@ def _dictionary_learning(path: str) -> SAE:
         if k is None:
             raise BadInput(f"{weights}: a TopK dictionary without k")
         architecture = "topk"
-        if "BatchTopK" in dict_class:  # inference: relu(pre) * (relu(pre) > threshold)
-            architecture, threshold = "batchtopk", _need(state, "threshold", weights)
+        if ours is not None and ours.threshold:  # BatchTopKSAE, at inference: relu(pre) * (relu(pre) > threshold)
+            architecture, threshold = ours.name, _need(state, "threshold", weights)
     elif "bias" in state:
         b_dec, k, architecture = _need(state, "bias", weights), None, "relu"
-        if dict_class not in ("", "AutoEncoder"):
-            raise BadInput(f"{weights}: dictionary class {dict_class!r} cannot be imported")
     else:
         raise BadInput(f"{weights}: unknown dictionary_learning layout (no 'bias' or 'b_dec')")
     return _build(path, enc.T.contiguous(), _need(state, "encoder.bias", weights), W_dec, b_dec, architecture, k,

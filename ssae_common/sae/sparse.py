@@ -29,7 +29,9 @@ SPARSE_RATIO = 8
 
 def use_sparse(decoder: str, architecture: str, k: int | None, d_sae: int, device_type: str) -> bool:
     """Whether a step of this SAE takes the sparse path (--decoder; only TopK has a fixed k per row)."""
-    if architecture != "topk" or decoder == "dense":
+    from .architectures import get
+
+    if not get(architecture).sparse_decoder or decoder == "dense":
         return False
     if decoder == "sparse":
         return True

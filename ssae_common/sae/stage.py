@@ -24,6 +24,7 @@ from ..core.outputs import default_output, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record
 from ..core.runtime import RunContext
+from .architectures import get as get_architecture
 from .config import SWEEPS, FitConfig
 
 log = logging.getLogger("ssae")
@@ -98,7 +99,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
         records.append(where)
         extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess,
                  "tilt_groups": cfg.tilt_groups, "l1_coefficient": cfg.l1,
-                 **({"l0_coefficient": cfg.l0} if cfg.architecture == "jumprelu" else {}),
+                 **({"l0_coefficient": cfg.l0} if get_architecture(cfg.architecture).penalty == "l0" else {}),
                  "parent": parent.record() if parent else None, "seed": seed, "inputs": inputs,
                  "config": resolved, "created_by": created_by(context.program)}
         runs.append(Run(cfg, where, resolved, digest, extra, parent))

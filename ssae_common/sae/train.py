@@ -28,7 +28,7 @@ from ..core.signals import StopFlag
 from .autoencoder import SAE
 from .config import FitConfig
 from .distributed import DataParallel, data_parallel
-from .objective import JUMPRELU_INIT_THRESHOLD
+from .architectures import get as architecture
 from .trainer import CHECKPOINT, LOG, Trainer, train_together
 
 log = logging.getLogger("ssae")
@@ -66,9 +66,13 @@ def unit_norm_decoder(sae: SAE) -> float:
     sae.W_dec.div_(norms[:, None])
     sae.W_enc.mul_(norms[None, :])
     sae.b_enc.mul_(norms)
-    if sae.architecture in ("jumprelu", "batchtopk"):
-        sae.threshold.mul_(norms)  # the pre-activations scale with the norms
+    sae.arch.rescale(sae, norms)  # the pre-activations scale with the norms
     return change
+
+
+def new_sae(cfg: FitConfig, d_in: int, act_scale: float = 1.0) -> SAE:
+    """An SAE of cfg's architecture and shape, its weights zero."""
+    return SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k, act_scale, architecture(cfg.architecture).group_sizes_of(cfg))
 
 
 def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) -> SAE:
@@ -79,16 +83,15 @@ def init_sae(cfg: FitConfig, d_in: int, sample: np.ndarray, parent: SAE | None) 
         change = unit_norm_decoder(sae)
         if change > 1e-3:
             log.warning("--init: parent decoder rows were not unit norm (up to %.3g off); renormalised%s", change,
-                        "" if sae.architecture in ("relu", "jumprelu") else " (TopK selection may change slightly)")
+                        " (TopK selection may change slightly)" if "k" in sae.arch.options else "")
     else:
-        sae = SAE(d_in, cfg.d_sae, cfg.architecture, cfg.k, act_scale_of(sample) if cfg.normalize else 1.0)
+        sae = new_sae(cfg, d_in, act_scale_of(sample) if cfg.normalize else 1.0)
         with torch.no_grad():
             w = torch.randn(cfg.d_sae, d_in, generator=gen)
             sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
             sae.W_enc.copy_(sae.W_dec.T)
             sae.b_enc.zero_()
-            if cfg.architecture == "jumprelu":
-                sae.threshold.fill_(JUMPRELU_INIT_THRESHOLD)
+            sae.arch.init_weights(sae)
     x = torch.from_numpy(sample) * sae.act_scale
     with torch.no_grad():
         if cfg.b_dec_init == "median":
@@ -208,7 +211,7 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
                     val = stream.validation() if val is None else val
                     if resume:
                         log.info("resuming %s", folder)
-                        sae = SAE(d_in, run.cfg.d_sae, run.cfg.architecture, run.cfg.k)
+                        sae = new_sae(run.cfg, d_in)
                         trainer = Trainer(run.cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
                         state = trainer.read_checkpoint()
                         trainer.load_state(state)
@@ -239,7 +242,7 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
                 if "error" in start:
                     raise BadInput(start["error"])
                 if not dp.is_main:
-                    sae = SAE(d_in, run.cfg.d_sae, run.cfg.architecture, run.cfg.k)
+                    sae = new_sae(run.cfg, d_in)
                     trainer = Trainer(run.cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
                     if "resume" in start:
                         trainer.load_state(start["resume"])

@@ -1,10 +1,11 @@
 """The training loop: a Trainer per SAE (its step, its checkpoints, its log records), the batches of a stream
 built once for every SAE trained on it (Batches, prefetched), and train_together, which steps SAEs that share
 a stream.  Each step: the objective (objective.py) is back-propagated, the gradient component along each
-decoder row is removed, Adam steps, the decoder rows are renormalised, and the architecture's thresholds
-are updated.  Batches come from `ActivationStream`, a pure function of (seed, step), so a checkpoint
-(weights, Adam state, counters, RNG states, the step) resumes exactly.  The t used is logged (its mean over
-the steps since the last record) with the weights' ESS fraction."""
+decoder row is removed, Adam steps, the decoder rows are renormalised, and the architecture's per-step hook
+runs (architectures/: a threshold kept >= 0, or following the batch).  Batches come from `ActivationStream`,
+a pure function of (seed, step), so a checkpoint (weights, Adam state, counters, RNG states, the step)
+resumes exactly.  The t used is logged (its mean over the steps since the last record) with the weights'
+ESS fraction."""
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,8 @@ from . import sparse as sparse_ops
 from .autoencoder import SAE
 from .config import FitConfig
 from .distributed import DataParallel
-from .objective import BATCHTOPK_THRESHOLD_RATE, active, auxk_loss, batch_tilt, token_losses, validation_metrics
-from .optim import Adam, l1_at, lr_at
+from .objective import active, auxk_loss, batch_tilt, token_losses, validation_metrics
+from .optim import Adam, lr_at
 from .term import group_means, tilted_loss, tilt_weights
 
 log = logging.getLogger("ssae")
@@ -113,10 +114,9 @@ class Trainer:
         """One step on `x`, this rank's slice of the global batch (all of it in one process), with the
         global batch's `token_ids` for --tilt-groups token.  Nothing is read back to the host here,
         except dead.any() when AuxK is on."""
-        cfg, sae, dp = self.cfg, self.sae, self.dp
-        lr, l1 = lr_at(cfg, self.step), (l1_at(cfg, self.step) if sae.architecture == "relu" else 0.0)
-        use_aux = sae.architecture in ("topk", "batchtopk") and cfg.aux_k > 0
-        l0 = (cfg.l0 or 0.0) if sae.architecture == "jumprelu" else 0.0
+        cfg, sae, dp, arch = self.cfg, self.sae, self.dp, self.sae.arch
+        lr, coefficient = lr_at(cfg, self.step), arch.coefficient(cfg, self.step)
+        use_aux = arch.auxk and cfg.aux_k > 0
         dead = self.since_fired >= cfg.dead_tokens
         autocast = cfg.autocast and self.device.type == "cuda"
         pre_out = None
@@ -125,7 +125,7 @@ class Trainer:
                 self.pre_out = torch.empty(len(x), sae.d_sae, device=self.device)
             pre_out = self.pre_out
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, mse, err, enc = token_losses(sae, x, l1, l0, cfg.bandwidth, sparse=self.sparse, pre_out=pre_out)
+            loss, mse, err, enc = token_losses(sae, x, coefficient, cfg.bandwidth, sparse=self.sparse, pre_out=pre_out)
             losses = dp.gather(loss.float(), cfg.batch_size)  # the global batch's per-token losses
             if cfg.tilt_groups == "token":
                 losses = group_means(losses, token_ids)  # each token's type's mean loss in the batch
@@ -150,14 +150,7 @@ class Trainer:
             g.sub_((g * W).sum(1, keepdim=True) * W)  # rows are unit norm
         self.opt.step(lr)
         sae.normalize_decoder()
-        if sae.architecture == "jumprelu":
-            sae.threshold.data.clamp_(min=0.0)  # below 0 the gate would pass negative pre-activations
-        elif sae.architecture == "batchtopk":
-            with torch.no_grad():
-                f = enc[0].detach().float()
-                smallest = dp.all_min(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().reshape(1))[0]
-                moved = sae.threshold.lerp(smallest.expand_as(sae.threshold), BATCHTOPK_THRESHOLD_RATE)
-                sae.threshold.copy_(torch.where(torch.isfinite(smallest), moved, sae.threshold))
+        arch.after_step(sae, enc, dp)
         with torch.no_grad():
             self.since_fired += cfg.batch_size
             self.since_fired.masked_fill_(fired > 0, 0)
@@ -176,7 +169,7 @@ class Trainer:
 
     def log_record(self, with_val: bool) -> dict | None:
         """Every rank takes part (the sums are reduced); rank 0 validates, writes and returns the record."""
-        cfg = self.cfg
+        cfg, arch = self.cfg, self.sae.arch
         self._fold_acc()
         if not self.dp.is_main:
             self.acc_n, self.acc = 0, torch.zeros_like(self.acc)
@@ -188,10 +181,10 @@ class Trainer:
                "loss": a["objective"] / n, "erm_loss": a["loss"] / tokens, "mse": a["mse"] / tokens,
                "l0": a["l0"] / tokens,
                "dead_fraction": float((self.since_fired >= cfg.dead_tokens).float().mean()),
-               "lr": lr_at(cfg, self.step - 1), "l1": l1_at(cfg, self.step - 1) if cfg.architecture == "relu" else 0.0,
+               "lr": lr_at(cfg, self.step - 1), "l1": arch.coefficient(cfg, self.step - 1) if arch.penalty == "l1" else 0.0,
                "tilt": a["tilt"] / n, "tilt_ess_fraction": a["ess_fraction"] / n,
                "tilt_max_weight_x_n": a["max_weight_x_n"] / n}
-        if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k:
+        if arch.auxk and cfg.aux_k:
             rec["aux_loss"] = a["aux"] / n
         if with_val and self.val is not None:
             self.last_val = validation_metrics(self.sae, self.val, cfg)
