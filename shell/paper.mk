@@ -22,12 +22,38 @@ BIOS ?= hf:LabHC/bias_in_bios:test
 PROFESSIONS ?= professor nurse
 endif
 MED_SEEDS ?= $(ROOT)/shell/data/medical_seeds.txt
+# The second domain, toxicity: ../shared's labelled tweets split into retrieval seeds, held-out test and
+# in-domain text (shell/paper_page.py split); without ../shared, the texts in shell/data (no in-domain set).
+ifneq ($(wildcard $(DATA)/toxicity/toxicity.jsonl.gz),)
+TOX_DATA ?= $(DATA)/toxicity/toxicity.jsonl.gz
+TOX_SEEDS ?= $(PAPER)/toxicity/data/seeds.jsonl
+TOX_TEST ?= $(PAPER)/toxicity/data/test.jsonl
+TOX_INDOMAIN ?= $(PAPER)/toxicity/data/indomain.jsonl
+else
+TOX_SEEDS ?= $(ROOT)/shell/data/toxicity_seeds.txt
+TOX_TEST ?= $(ROOT)/shell/data/toxicity_test.txt
+TOX_INDOMAIN ?=
+endif
 MODEL ?= smollm2
 HOOK ?= blocks.6.hook_resid_post
 DEVICE ?= auto
+# `make paper-quick` is `make paper QUICK=1`: the same page at small sizes, in its own folder
+ifeq ($(QUICK),1)
+PAPER ?= $(ROOT)/ssae-work/paper-quick
+GENERAL_TOKENS ?= 100000
+GSAE_TOKENS ?= 300000
+SUB_DOCS ?= 400
+SUB_TOKENS ?= 40000
+SSAE_TOKENS ?= 100000
+EVAL_TOKENS ?= 6000
+BATCH_SIZE ?= 1024
+K_SWEEP ?= 8 64
+RECIPES ?= bm25 indomain
+SHIFT_SEEDS ?= 3
+endif
 PAPER ?= $(ROOT)/ssae-work/paper
 GENERAL_TOKENS ?= 600000
-GSAE_TOKENS ?= 2000000
+GSAE_TOKENS ?= 1000000
 SUB_DOCS ?= 1500
 SUB_TOKENS ?= 150000
 SSAE_TOKENS ?= 500000
@@ -35,13 +61,24 @@ SSAE_TOKENS ?= 500000
 DENSE_MAX_LENGTH ?= 128
 EXPANSION ?= 4
 K ?= 32
-K_SWEEP ?= 8 16 64
-TILTS ?= 0 500 1e9
+K_SWEEP ?= 8 64
 RECIPES ?= bm25 dense dense_tracin indomain
-EVAL_TOKENS ?= 30000
+EVAL_TOKENS ?= 15000
 BATCH_SIZE ?= 4096
-FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size $(BATCH_SIZE) --seed 0
+FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size $(BATCH_SIZE)
 EVERY := --model $(MODEL) --device $(DEVICE)
+# The scoreboard: the domains, the seeds every comparison is paired over (>= 3 for a verdict), the TERM
+# settings beside ERM (t0) for the GSAEs from scratch and the SSAEs (ess<F>: --tilt-ess F, the recommended
+# TERM; t<T>: --tilt T, the paper's own 500 and 1e9), the recipe whose SSAEs are tilted, the longer-budget
+# point (LONG_TERM and ERM at LONG_FACTOR x SSAE_TOKENS) and the TERM of the k sweep's SSAEs.
+DOMAINS ?= physics toxicity
+BOARD_SEEDS ?= 0 1 2
+TERMS ?= ess0.5 t500 t1e9
+RECIPE ?= bm25
+LONG_FACTOR ?= 5
+LONG_TERM ?= ess0.5
+LONG_DOMAINS ?= $(firstword $(DOMAINS))
+PARETO_TERM ?= ess0.5
 
 P := $(PAPER)
 # run a tool with its stderr in OUTPUT.log (shown on failure)
@@ -51,73 +88,118 @@ logged = mkdir -p $(dir $(2)) && { $(1); } 2> $(2).log || { tail -n 20 $(2).log 
 # writes them: 0 500 1e9 0.5, so write the variables' values that way, not 1e3 or 5e2)
 comma := ,
 commas = $(subst $() ,$(comma),$(strip $(1)))
+# a setting's flags: erm or t0 (none), t<T> (--tilt T), ess<F> (--tilt-ess F), type-<setting> (by token type)
+setting_flags = $(if $(filter ess%,$(1)),--tilt-ess $(patsubst ess%,%,$(1)),$(if $(filter erm t0,$(1)),,--tilt $(patsubst t%,%,$(1))))
+tilt_flags = $(if $(filter type-%,$(1)),--tilt-groups token )$(call setting_flags,$(patsubst type-%,%,$(1)))
+# the --tilt values (ERM's 0 first) and the --tilt-ess values of a list of settings
+t_values = 0 $(filter-out 0,$(patsubst t%,%,$(filter t%,$(1))))
+ess_values = $(patsubst ess%,%,$(filter ess%,$(1)))
 
-SSAES := $(foreach r,$(RECIPES),$(foreach t,$(TILTS),$(P)/ssae/$(r)-t$(t)/cfg.json))
-SWEEP := $(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json $(P)/sweep/ssae-k$(k)/cfg.json)
+# per domain: retrieval seeds, held-out test text, what retrieval excludes, in-domain text, data to build first
+SEEDS_physics = $(SEEDS)
+TEST_physics = $(TEST)
+EXCLUDE_physics = --exclude $(TEST) --exclude $(OOD_TEST)
+INDOMAIN_physics = $(INDOMAIN)
+SEEDS_toxicity = $(TOX_SEEDS)
+TEST_toxicity = $(TOX_TEST)
+EXCLUDE_toxicity = --exclude $(TOX_TEST)
+INDOMAIN_toxicity = $(TOX_INDOMAIN)
+# the split files are made here; any other path is the user's
+built = $(filter $(P)/%,$(1))
+recipes_of = $(if $(INDOMAIN_$(1)),$(RECIPES),$(filter-out indomain,$(RECIPES)))
+D1 := $(firstword $(DOMAINS))
 
-.PHONY: paper paper-gsae paper-ssae paper-eval paper-sweep paper-shift
-paper: $(P)/tables.txt $(P)/tilt/tables.txt
-	@cat $^ >&2
-	@echo "paper: these tables are in $^; plots and definitions in $(P)/eval/*/report.html" >&2
-paper-gsae: $(P)/gsae/cfg.json
-paper-ssae: $(SSAES)
-paper-eval: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json
-paper-sweep: $(P)/eval/pareto/metrics.json
+GSAE_T := $(call t_values,$(TERMS))
+GSAE_ESS := $(call ess_values,$(TERMS))
+gsae = $(P)/gsae/s$(1)/gsae-t0
+gsaes_of = $(foreach t,$(GSAE_T),$(P)/gsae/s$(1)/gsae-t$(t)) $(foreach f,$(GSAE_ESS),$(P)/gsae/s$(1)/gsae-ess$(f))
+# the SSAE folders of domain $(1), seed $(2)
+ssaes_of = $(foreach t,$(GSAE_T),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-t$(t)) \
+	$(foreach f,$(GSAE_ESS),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess$(f)) \
+	$(foreach r,$(filter-out $(RECIPE),$(call recipes_of,$(1))),$(P)/$(1)/s$(2)/ssae-$(r)-t0) \
+	$(if $(filter $(1),$(LONG_DOMAINS)),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-t0 $(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-$(LONG_TERM))
+EVALS := $(foreach d,$(DOMAINS),$(foreach s,$(BOARD_SEEDS),$(P)/$(d)/eval-s$(s)/metrics.json))
+PARETO_EVALS := $(if $(strip $(K_SWEEP)),$(foreach s,$(BOARD_SEEDS),$(P)/pareto/eval-s$(s)/metrics.json))
+
+.PHONY: paper paper-quick paper-gsae paper-ssae paper-eval paper-sweep paper-shift
+# the page; its verdicts (also paper/verdicts.txt) on stdout
+paper: $(P)/paper/index.html
+	@cat $(P)/paper/verdicts.txt
+	@echo "paper: $(P)/paper/index.html; every evaluation's own report is beside its metrics.json" >&2
+paper-quick:
+	$(MAKE) --no-print-directory paper QUICK=1
+paper-gsae: $(foreach s,$(BOARD_SEEDS),$(addsuffix /cfg.json,$(call gsaes_of,$(s))))
+paper-ssae: $(foreach d,$(DOMAINS),$(foreach s,$(BOARD_SEEDS),$(addsuffix /cfg.json,$(call ssaes_of,$(d),$(s)))))
+paper-eval: $(EVALS)
+paper-sweep: $(PARETO_EVALS)
 paper-shift: $(P)/shift/shift.json
 
-# the subdomain sets' composition (by source, largest document) closes the tables
-$(P)/tables.txt: $(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json $(P)/eval/pareto/metrics.json $(P)/shift/shift.json
-	$(PY) -m ssae_tools.tables $^ > $@
-	$(PY) -m ssae_tools.tables $(foreach r,$(RECIPES) medical,$(P)/acts/$(r).h5) >> $@
+$(P)/paper/index.html: $(EVALS) $(PARETO_EVALS) $(P)/shift/shift.json $(ROOT)/ssae_common/eval/paper.py
+	mkdir -p $(@D)
+	$(PY) $(ROOT)/shell/paper_page.py score $(P) $(@D) --domains $(DOMAINS) --seeds $(BOARD_SEEDS) --terms $(TERMS) --recipes $(RECIPES) --recipe $(RECIPE) --long-term $(LONG_TERM) --ks $(K_SWEEP) > $(@D)/verdicts.txt
 
 $(P)/general.h5:
 	mkdir -p $(@D)
 	$(call logged,ssae-harvest $(CORPUS) $(EVERY) --hook $(HOOK) --max-tokens $(GENERAL_TOKENS) --force -o $@ > /dev/null,$@)
 
-$(P)/gsae/cfg.json: $(P)/general.h5
-	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(K) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+# GSAEs from scratch on the general text, every seed of a kind (ERM and --tilt T; --tilt-ess F) in one call
+$(foreach s,$(BOARD_SEEDS),$(foreach t,$(GSAE_T),$(P)/gsae/s$(s)/gsae-t$(t)/cfg.json)) &: $(P)/general.h5
+	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(K) --tilt $(call commas,$(GSAE_T)) --seed $(call commas,$(BOARD_SEEDS)) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(P)/gsae/s{seed}/gsae-t{tilt} > /dev/null,$(P)/gsae/t)
+ifneq ($(GSAE_ESS),)
+$(foreach s,$(BOARD_SEEDS),$(foreach f,$(GSAE_ESS),$(P)/gsae/s$(s)/gsae-ess$(f)/cfg.json)) &: $(P)/general.h5
+	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(K) --tilt-ess $(call commas,$(GSAE_ESS)) --seed $(call commas,$(BOARD_SEEDS)) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(P)/gsae/s{seed}/gsae-ess{tilt_ess} > /dev/null,$(P)/gsae/ess)
+endif
 
-# subdomain documents by each retrieval recipe; the test set never leaks in
-$(P)/docs/bm25.jsonl $(P)/docs/dense.jsonl: $(P)/docs/%.jsonl:
-	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method $* --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --force -o $@ > /dev/null,$@)
+$(P)/toxicity/data/seeds.jsonl $(P)/toxicity/data/test.jsonl $(P)/toxicity/data/indomain.jsonl &: $(TOX_DATA)
+	$(call logged,$(PY) $(ROOT)/shell/paper_page.py split $(TOX_DATA) $(@D),$(@D)/split)
 
-$(P)/docs/dense_tracin.jsonl: $(P)/gsae/cfg.json
-	mkdir -p $(@D)
-	$(call logged,ssae-retrieve $(SEEDS) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) --exclude $(TEST) --exclude $(OOD_TEST) --rerank tracin --sae $(P)/gsae $(EVERY) --force -o $@ > /dev/null,$@)
-
-$(P)/acts/%.h5: $(P)/docs/%.jsonl
-	mkdir -p $(@D)
-	$(call logged,ssae-harvest $< $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
-
+# per domain: documents by each retrieval recipe (the test set never leaks in), their activations
+define domain_rule
+$(P)/$(1)/docs/bm25.jsonl $(P)/$(1)/docs/dense.jsonl: $(P)/$(1)/docs/%.jsonl: $(call built,$(SEEDS_$(1)) $(TEST_$(1)))
+	mkdir -p $$(@D)
+	$$(call logged,ssae-retrieve $(SEEDS_$(1)) --corpus $(CORPUS) --method $$* --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) $(EXCLUDE_$(1)) --force -o $$@ > /dev/null,$$@)
+$(P)/$(1)/docs/dense_tracin.jsonl: $(call gsae,0)/cfg.json $(call built,$(SEEDS_$(1)) $(TEST_$(1)))
+	mkdir -p $$(@D)
+	$$(call logged,ssae-retrieve $(SEEDS_$(1)) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) $(EXCLUDE_$(1)) --rerank tracin --sae $(call gsae,0) $(EVERY) --force -o $$@ > /dev/null,$$@)
+$(P)/$(1)/acts/%.h5: $(P)/$(1)/docs/%.jsonl
+	$$(call logged,ssae-harvest $$< $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $$@ > /dev/null,$$@)
 # the "train on in-domain data directly" baseline
-$(P)/acts/indomain.h5:
-	mkdir -p $(@D)
-	$(call logged,ssae-harvest $(INDOMAIN) $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
-
-# SSAE = GSAE finetuned on a recipe's text, with ERM (t0) or TERM: every tilt of a recipe in one ssae-fit
-define ssae_rule
-$(foreach t,$(TILTS),$(P)/ssae/$(1)-t$(t)/cfg.json) &: $(P)/acts/$(1).h5 $(P)/gsae/cfg.json
-	$$(call logged,ssae-fit $$< --init $(P)/gsae --tilt $$(call commas,$(TILTS)) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(P)/ssae/$(1)-t{tilt} > /dev/null,$(P)/ssae/$(1))
+$(P)/$(1)/acts/indomain.h5: $(call built,$(INDOMAIN_$(1)))
+	$$(call logged,ssae-harvest $(INDOMAIN_$(1)) $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $$@ > /dev/null,$$@)
+$(foreach s,$(BOARD_SEEDS),$(eval $(call seed_rule,$(1),$(s)))$(if $(GSAE_ESS),$(eval $(call seed_ess_rule,$(1),$(s)))))
 endef
-$(foreach r,$(RECIPES),$(eval $(call ssae_rule,$(r))))
 
-$(P)/eval/physics/metrics.json $(P)/eval/mmlu/metrics.json: $(P)/eval/%/metrics.json: $(P)/gsae/cfg.json $(SSAES)
-	$(call logged,ssae-eval $(P)/gsae $(dir $(SSAES)) --baseline $(P)/gsae --docs $(if $(filter physics,$*),$(TEST),$(OOD_TEST)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
-
-# L0 sweep for the Pareto curves: GSAEs at several k (one ssae-fit), each with its SSAE (dense+TracIn text,
-# t = 500; one call each: every k has its own parent)
-$(foreach k,$(K_SWEEP),$(P)/sweep/gsae-k$(k)/cfg.json) &: $(P)/general.h5
-	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(call commas,$(K_SWEEP)) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(P)/sweep/gsae-k{k} > /dev/null,$(P)/sweep/gsae)
-
-define sweep_rule
-$(P)/sweep/ssae-k$(1)/cfg.json: $(P)/acts/dense_tracin.h5 $(P)/sweep/gsae-k$(1)/cfg.json
-	$$(call logged,ssae-fit $$< --init $(P)/sweep/gsae-k$(1) --tilt 500 --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+# per domain and seed: SSAEs finetuned from that seed's ERM GSAE (RECIPE's text by ERM and every TERM setting,
+# the other recipes' by ERM, the longer budget), and one ssae-eval of every GSAE and SSAE on the held-out text
+ssae_fit = ssae-fit $(1) --init $(call gsae,$(2)) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed $(2) --device $(DEVICE) --force
+define seed_rule
+$(foreach t,$(GSAE_T),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-t$(t)/cfg.json) &: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json
+	$$(call logged,$$(call ssae_fit,$$<,$(2)) --tilt $$(call commas,$(GSAE_T)) --train-tokens $(SSAE_TOKENS) -o $(P)/$(1)/s$(2)/ssae-$(RECIPE)-t{tilt} > /dev/null,$(P)/$(1)/s$(2)/ssae-$(RECIPE)-t)
+$(P)/$(1)/s$(2)/ssae-%-t0/cfg.json: $(P)/$(1)/acts/%.h5 $(call gsae,$(2))/cfg.json
+	$$(call logged,$$(call ssae_fit,$$<,$(2)) --train-tokens $(SSAE_TOKENS) -o $$(@D) > /dev/null,$$(@D))
+$(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-%/cfg.json: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json
+	$$(call logged,$$(call ssae_fit,$$<,$(2)) $$(call setting_flags,$$*) --train-tokens $$$$(($(SSAE_TOKENS) * $(LONG_FACTOR))) -o $$(@D) > /dev/null,$$(@D))
+$(P)/$(1)/eval-s$(2)/metrics.json: $(addsuffix /cfg.json,$(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2))) $(call built,$(TEST_$(1)))
+	$$(call logged,ssae-eval $(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2)) --baseline $(call gsae,$(2)) --docs $(TEST_$(1)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 endef
-$(foreach k,$(K_SWEEP),$(eval $(call sweep_rule,$(k))))
+define seed_ess_rule
+$(foreach f,$(GSAE_ESS),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess$(f)/cfg.json) &: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json
+	$$(call logged,$$(call ssae_fit,$$<,$(2)) --tilt-ess $$(call commas,$(GSAE_ESS)) --train-tokens $(SSAE_TOKENS) -o $(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess{tilt_ess} > /dev/null,$(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess)
+endef
+$(foreach d,$(DOMAINS),$(eval $(call domain_rule,$(d))))
 
-$(P)/eval/pareto/metrics.json: $(SWEEP) $(P)/gsae/cfg.json $(P)/ssae/dense_tracin-t500/cfg.json
-	$(call logged,ssae-eval $(dir $(SWEEP)) $(P)/gsae $(P)/ssae/dense_tracin-t500 --baseline $(P)/gsae --docs $(TEST) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+# L0 sweep for the Pareto curves (first domain): GSAEs at each k of K_SWEEP, every seed in one ssae-fit, each
+# finetuned by PARETO_TERM on RECIPE's text of that domain; per seed one ssae-eval on its held-out text
+$(foreach s,$(BOARD_SEEDS),$(foreach k,$(K_SWEEP),$(P)/pareto/s$(s)/gsae-k$(k)/cfg.json)) &: $(P)/general.h5
+	$(call logged,ssae-fit $< $(FIT_ARGS) --k $(call commas,$(K_SWEEP)) --seed $(call commas,$(BOARD_SEEDS)) --train-tokens $(GSAE_TOKENS) --device $(DEVICE) --force -o $(P)/pareto/s{seed}/gsae-k{k} > /dev/null,$(P)/pareto/gsae)
+
+define pareto_rule
+$(P)/pareto/s$(1)/ssae-k%/cfg.json: $(P)/$(D1)/acts/$(RECIPE).h5 $(P)/pareto/s$(1)/gsae-k%/cfg.json
+	$$(call logged,ssae-fit $$< --init $(P)/pareto/s$(1)/gsae-k$$* $(call setting_flags,$(PARETO_TERM)) --train-tokens $(SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed $(1) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(P)/pareto/eval-s$(1)/metrics.json: $(foreach k,$(K_SWEEP),$(P)/pareto/s$(1)/gsae-k$(k)/cfg.json $(P)/pareto/s$(1)/ssae-k$(k)/cfg.json) $(call built,$(TEST_$(D1)))
+	$$(call logged,ssae-eval $(foreach k,$(K_SWEEP),$(P)/pareto/s$(1)/gsae-k$(k) $(P)/pareto/s$(1)/ssae-k$(k)) --docs $(TEST_$(D1)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+endef
+$(foreach s,$(BOARD_SEEDS),$(eval $(call pareto_rule,$(s))))
 
 # ---- SHIFT (Table 1): begin -------------------------------------------------------------------------
 # The GSAE against two SSAEs finetuned from it on medical/biography text retrieved from the corpus by BM25
@@ -139,6 +221,7 @@ else
 SHIFT_PROFESSIONS ?= $(PROFESSIONS)
 endif
 SHIFT_TERM ?= ess0.5
+SHIFT_GSAE ?= $(call gsae,0)
 SHIFT_SSAE_TOKENS ?= $(SSAE_TOKENS)
 SHIFT_SEEDS ?= 5
 SHIFT_ARGS ?= --mask-professions --probe l2 $(SHIFT_BIOS_ARGS) --auto-min-drop 0 --seeds $(SHIFT_SEEDS)
@@ -148,12 +231,15 @@ $(P)/docs/medical.jsonl:
 	mkdir -p $(@D)
 	$(call logged,ssae-retrieve $(MED_SEEDS) --corpus $(CORPUS) --method bm25 --top-k $(SUB_DOCS) --exclude $(BIOS) --force -o $@ > /dev/null,$@)
 
-$(P)/ssae/medical-%/cfg.json: $(P)/acts/medical.h5 $(P)/gsae/cfg.json
-	$(call logged,ssae-fit $< --init $(P)/gsae $(call tilt_flags,$*) --train-tokens $(SHIFT_SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+$(P)/acts/medical.h5: $(P)/docs/medical.jsonl
+	$(call logged,ssae-harvest $< $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $@ > /dev/null,$@)
 
-$(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
+$(P)/ssae/medical-%/cfg.json: $(P)/acts/medical.h5 $(SHIFT_GSAE)/cfg.json
+	$(call logged,ssae-fit $< --init $(SHIFT_GSAE) $(call tilt_flags,$*) --train-tokens $(SHIFT_SSAE_TOKENS) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed 0 --device $(DEVICE) --force -o $(@D) > /dev/null,$(@D))
+
+$(P)/shift/shift.json: $(SHIFT_GSAE)/cfg.json $(SHIFT_SSAES)
 	mkdir -p $(@D)
-	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(P)/gsae --sae ssae-erm=$(P)/ssae/medical-erm --sae ssae-term=$(P)/ssae/medical-$(SHIFT_TERM) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
+	$(call logged,ssae-shift --data $(BIOS) --professions $(SHIFT_PROFESSIONS) --sae gsae=$(SHIFT_GSAE) --sae ssae-erm=$(P)/ssae/medical-erm --sae ssae-term=$(P)/ssae/medical-$(SHIFT_TERM) --ablate auto $(SHIFT_ARGS) --device $(DEVICE) --force -o $@ > /dev/null,$@)
 # ---- SHIFT (Table 1): end ---------------------------------------------------------------------------
 
 # ---- TERM tilt sweep: `make -C shell paper-tilt` ----------------------------------------------------
@@ -164,7 +250,7 @@ $(P)/shift/shift.json: $(P)/gsae/cfg.json $(SHIFT_SSAES)
 # A setting is a folder name: erm, t<T> (--tilt T), ess<F> (--tilt-ess F), type-t<T> / type-ess<F> (the
 # same with --tilt-groups token).  Quick CPU size, e.g.:
 #   make -C shell paper-tilt TILT_GSAE=path/to/gsae TILT_TOKENS=100000 TILT_EVAL_TOKENS=10000 TILT_SEEDS=0
-TILT_GSAE ?= $(P)/gsae
+TILT_GSAE ?= $(call gsae,0)
 TILT_RECIPE ?= bm25
 TILT_SETTINGS ?= erm t1 t10 t100 t500 t1e9 ess0.5 ess0.1 ess0.01 type-ess0.1
 TILT_SEEDS ?= 0 1
@@ -187,7 +273,7 @@ $(P)/tilt/tables.txt: $(TILT_EVALS)
 # One ssae-fit per kind of setting (erm, t<T>, ess<F>, type-t<T>, type-ess<F>) over its values and the seeds:
 # the settings of a seed share every batch.  tilt_values: the values of kind $(1) in TILT_SETTINGS
 tilt_values = $(patsubst $(1)%,%,$(filter $(1)%,$(filter-out $(if $(filter type-%,$(1)),,type-%),$(TILT_SETTINGS))))
-TILT_DEPS := $(P)/acts/$(TILT_RECIPE).h5 $(TILT_GSAE)/cfg.json
+TILT_DEPS := $(P)/$(D1)/acts/$(TILT_RECIPE).h5 $(TILT_GSAE)/cfg.json
 # $(1): the kind, $(2): its flags and values, $(3): the folder name template
 define tilt_rule
 $(foreach s,$(TILT_SEEDS),$(foreach v,$(or $(call tilt_values,$(1)),_),$(P)/tilt/s$(s)/$(1)$(v:_=)/cfg.json)) &: $(TILT_DEPS)

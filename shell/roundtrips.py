@@ -31,11 +31,12 @@ def main() -> None:
     print("| architecture | library | library vs ssae | re-imported vs ssae | max abs x_hat |")
     print("|---|---|---|---|---|")
     for arch, to in [("relu", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"), ("batchtopk", "saelens"),
-                     ("topk", "sparsify")]:
-        sae = random_sae(64, 512, 0, arch, k=32 if arch in ("topk", "batchtopk") else None, act_scale=0.37)
+                     ("matryoshka-batchtopk", "saelens"), ("topk", "sparsify")]:
+        sae = random_sae(64, 512, 0, arch, k=None if arch in ("relu", "jumprelu") else 32, act_scale=0.37,
+                         group_sizes=(16, 48, 448) if arch == "matryoshka-batchtopk" else None)
         if arch == "jumprelu":
             sae.threshold.data = torch.rand(512, generator=torch.Generator().manual_seed(3)) * 0.5
-        elif arch == "batchtopk":
+        elif sae.arch.threshold:
             sae.threshold.data.fill_(0.3)
         sae.cfg = {"model": "m", "hook": "blocks.0.hook_resid_post"}
         with torch.no_grad():

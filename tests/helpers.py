@@ -12,19 +12,24 @@ WORDS = ("the a of and to in is was for on that with as by at from it an be this
          "cat dog house tree river city music film game team market price bank").split()
 
 
-def make_tokenizer(folder: str):
+def make_tokenizer(folder: str, bos: str | None = "<s>", eos: str = "</s>", pad: str | None = None):
+    """A word-level tokenizer over WORDS saved into `folder`, with a family's special tokens: `bos` None
+    for a tokenizer without one (Qwen's), `pad` None pads with EOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = {"<unk>": 0}
+    for special in (bos, eos, pad):
+        if special is not None:
+            vocab.setdefault(special, len(vocab))
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"()-":
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                   pad_token=pad or eos)
     fast.save_pretrained(folder)
     return fast
 
@@ -42,6 +47,69 @@ def make_tiny_model(folder: str, n_layers: int = 2, d_model: int = 16, seed: int
                          tie_word_embeddings=True)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# Tiny configurations of the model families a researcher brings, each with its family's special tokens:
+# (config class, model class, special tokens, config fields). Every one has 3 layers, d_model 32, 4 heads
+# of 8 (Gemma 2: of 16, so that attn.hook_z is wider than d_model); the sliding windows (Gemma 2/3,
+# Mistral) are shorter than a test window so that they matter.
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(bos="<|endoftext|>", eos="<|endoftext|>"),
+             dict(n_embd=32, n_layer=3, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(bos="<|endoftext|>", eos="<|endoftext|>"),
+                 dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=256, use_parallel_residual=True, rotary_pct=0.25,
+                      tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(bos="<bos>", eos="<eos>", pad="<pad>"),
+               dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=4,
+                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=8)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(bos="<bos>", eos="<eos>", pad="<pad>"),
+               dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                    sliding_window_pattern=2, query_pre_attn_scalar=8)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+               dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+                    tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(bos=None, eos="<|endoftext|>"),
+              dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(bos=None, eos="<|endoftext|>"),
+              dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(bos="<s>", eos="</s>"),
+                dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                     tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(bos="<s>", eos="<|endoftext|>"),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=256,
+                  sliding_window=None, tie_word_embeddings=False)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(bos=None, eos="<|endoftext|>", pad="<|pad|>"),
+              dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)),
+}
+
+
+def make_family_model(folder: str, family: str, seed: int = 0) -> str:
+    """A tiny random model of `family` (a FAMILIES key) saved as a local model folder."""
+    import torch
+    import transformers
+
+    config_class, model_class, specials, fields = FAMILIES[family]
+    os.makedirs(folder, exist_ok=True)
+    tok = make_tokenizer(folder, **specials)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    config = getattr(transformers, config_class)(vocab_size=len(tok), **ids, **fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():  # random weights at a scale that keeps every layer's output informative
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

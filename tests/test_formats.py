@@ -347,9 +347,12 @@ def test_eval_on_saelens_and_sparsify_folders_equals_the_imported_copy(tmp_path)
         results = []
         for sae in (folder, copy):
             out = tmp_path / f"eval-{name}-{os.path.basename(str(sae))}"
-            r = invoke(eval_main, [sae, "--activations", store, "-o", out], code=0)
-            if sae == saelens:  # another library's model name: said, not refused (the hook matches)
-                assert "names model 'synthetic-alias'" in r.stderr
+            if sae == saelens:  # another model's name: refused, unless allowed (then said)
+                r = invoke(eval_main, [sae, "--activations", store, "-o", out], code=2)
+                assert "trained on model 'synthetic-alias'" in r.stderr and "--allow-model-mismatch" in r.stderr
+            r = invoke(eval_main, [sae, "--activations", store, "--allow-model-mismatch", "-o", out], code=0)
+            if sae == saelens:
+                assert "trained on model 'synthetic-alias'; evaluating on 'synthetic-lm'" in r.stderr
             results.append(json.load(open(out / "metrics.json"))["saes"][0])
         ours, theirs = results[1], results[0]
         assert theirs["architecture"] == ("jumprelu" if name == "saelens" else "topk")

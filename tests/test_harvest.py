@@ -154,12 +154,19 @@ def test_bad_documents_exit_2_and_leave_nothing(tmp_path, tiny_model, content, m
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
-def test_unknown_hook_lists_close_names(tmp_path, tiny_model, docs):
+def test_unknown_hook_lists_close_names_and_the_valid_hooks(tmp_path, tiny_model, docs):
     r = run([docs, "--model", tiny_model, "--hook", "blocks.1.hook_resid_pst", "-o", str(tmp_path / "a.h5")])
-    assert r.exit_code == 2
-    assert "--hook blocks.1.hook_resid_pst: not a hook point" in r.stderr
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--hook blocks.1.hook_resid_pst: not a hook of" in r.stderr
     assert "did you mean blocks.1.hook_resid_post" in r.stderr
+    assert ("valid: blocks.L.{hook_resid_pre, hook_resid_mid, hook_resid_post, hook_mlp_out, attn.hook_z} "
+            "for L in 0..1") in r.stderr
     assert not (tmp_path / "a.h5").exists()
+    # hooks TransformerLens has but SAE libraries do not train on, and layers the model lacks: refused
+    # from config.json, before the model loads
+    for hook in ("blocks.1.ln1.hook_normalized", "blocks.2.hook_resid_post", "hook_embed"):
+        r = run([docs, "--model", tiny_model, "--hook", hook, "-o", str(tmp_path / "a.h5")])
+        assert r.exit_code == 2 and f"--hook {hook}: not a hook of" in r.stderr and "loading model" not in r.stderr
 
 
 def test_existing_output_needs_force_and_unwritable_folder(tmp_path, tiny_model, docs):

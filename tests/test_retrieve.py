@@ -142,7 +142,7 @@ def test_blocked_top_k_equals_brute_force():
 
 def test_dense_matches_numpy_cosine_and_caches(corpus):
     store = _store(corpus)
-    index = R.DenseIndex(store, batch_size=16)
+    index = R.DenseIndex(store, batch_size=16, backend="torch")
     assert index.encoded_now == len(store)
     assert index.embeddings.dtype == np.float16 and index.embeddings.shape == (len(store), 384)
     model = index.encoder  # the same model; encoded here without the index's normalisation and float16
@@ -158,14 +158,14 @@ def test_dense_matches_numpy_cosine_and_caches(corpus):
     assert got.positions.tolist() == np.argsort(-cos, kind="stable")[:10].tolist()
     np.testing.assert_allclose(got.scores, cos[got.positions], atol=5e-3)
     assert store.ids[got.positions[0]] == "t9"
-    again = R.DenseIndex(store)  # second run: embeddings reused, nothing encoded
+    again = R.DenseIndex(store, backend="torch")  # second run: embeddings reused, nothing encoded
     assert again.encoded_now == 0 and again._encoder is None
 
 
 def test_dense_max_length_cuts_texts_and_has_its_own_cache(corpus):
     store = _store(corpus)
-    full = R.DenseIndex(store, batch_size=16)
-    short = R.DenseIndex(store, batch_size=16, max_length=8)
+    full = R.DenseIndex(store, batch_size=16, backend="torch")
+    short = R.DenseIndex(store, batch_size=16, max_length=8, backend="torch")
     assert short.path != full.path and short.encoded_now == len(store)
     assert short.encoder.max_seq_length == 8
     texts = list(store.iter_texts())

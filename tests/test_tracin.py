@@ -129,6 +129,6 @@ def test_cli_tracin_bad_inputs(tiny_model, sae_dir, tmp_path):
     assert res.exit_code == 2 and "no such SAE folder" in res.stderr
     res = CliRunner().invoke(main, [seeds, "--corpus", corpus, "--rerank", "tracin", "--sae", sae_dir,
                                     "--hook", "blocks.9.hook_resid_post"])
-    assert res.exit_code == 2 and "not a hook point" in res.stderr
+    assert res.exit_code == 2 and "--hook blocks.9.hook_resid_post: not a hook of" in res.stderr
     res = CliRunner().invoke(main, [seeds, "--corpus", corpus, "--sae", sae_dir])
     assert res.exit_code == 2 and "only used with --rerank tracin" in res.stderr

@@ -37,7 +37,7 @@ from ssae_common import __version__
 from ssae_common.core.config import ConfigError, field_types, flag_name, option_specs
 from ssae_common.core.errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
 from ssae_common.core.records import write_record
-from ssae_common.core.runtime import RunContext, seed_everything
+from ssae_common.core.runtime import RunContext, configure_threads, seed_everything
 
 log = logging.getLogger("ssae")
 ENV_PREFIX = "SSAE"
@@ -47,6 +47,7 @@ SHARED_ENV = ("CONFIG", "DEVICE", "SEED", "QUIET", "VERBOSE", "MODEL", "HOOK", "
 # SSAE_* variables read by other parts of the toolkit (not options); never taken for typos
 OTHER_ENV = {"SSAE_WORKDIR": "default output folder (./ssae-work)",
              "SSAE_CACHE": "cache of converted models and corpus indexes (~/.cache/ssae)",
+             "SSAE_THREADS": "CPU threads (default: the CPUs this process may use, affinity and cgroup quota)",
              "SSAE_TF32": "0: float32 matmuls on CUDA in full precision, not TF32 (docs/scale.md)",
              "SSAE_DATA": "shell/demo.sh: the data folder", "SSAE_TOKENS": "shell/paper.mk: SSAE token budget",
              "SSAE_PEERS_PYTHON": "bench-peers and the format round trips: the peers venv's python"}
@@ -355,7 +356,7 @@ def scope_environment(cmd: click.Command, tool: str) -> click.Command:
         "\b", "Environment variables (used when the option is not on the command line):",
         f"  SSAE_{tool.upper()}_<OPTION>  any option of this tool, e.g. {example}",
         f"  SSAE_<OPTION>  the shared ones: {', '.join(shared)}",
-        *(f"  {k}  {v}" for k, v in OTHER_ENV.items() if k in ("SSAE_WORKDIR", "SSAE_CACHE")),
+        *(f"  {k}  {v}" for k, v in OTHER_ENV.items() if k in ("SSAE_WORKDIR", "SSAE_CACHE", "SSAE_THREADS")),
         "", "\b", f"Exit codes: {EXIT_CODES}."])
     return cmd
 
@@ -377,6 +378,7 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                                 force=force, config_file=config_file, stdout=data, seeds=seeds)
                 try:
                     check_environment(tool)
+                    configure_threads()
                     seed_everything(seeds[0])
                     return f(common, **kwargs)
                 except Interrupted as e:

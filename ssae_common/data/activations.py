@@ -182,6 +182,10 @@ class ActivationStore:
         self.hook = str(a.get("hook", ""))
         self.context_size = int(a.get("context_size", 0))
         self.bos_dropped = bool(a.get("bos_dropped", True))
+        # None in files harvested before these were recorded (BOS was then prepended when the tokenizer had one)
+        self.prepend_bos = bool(a["prepend_bos"]) if "prepend_bos" in a else None
+        self.hook_module = str(a["hook_module"]) if "hook_module" in a else None
+        self.model_dtype = str(a["model_dtype"]) if "model_dtype" in a else None
         self._acts = self.f["activations"]
 
     @property

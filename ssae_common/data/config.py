@@ -7,6 +7,9 @@ from ..core.config import ConfigError, check_bounds, option, replace
 from ..core.runtime import parse_shard
 
 DTYPES = ("float16", "float32", "bfloat16")  # how /activations may be stored
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what the language model runs in
+MODEL_DTYPE_HELP = ("What the language model's weights and forward pass run in (auto: the checkpoint's dtype "
+                    "on CUDA, float32 on CPU).")
 DEFAULT_MODEL = "smollm2"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 # A document contributes at most its first 1024 tokens: whole for an abstract, a news story or a
@@ -39,7 +42,11 @@ class HarvestConfig:
         help="With --max-tokens: count every input document's tokens in a first pass and cut all of them "
              "at one length, the largest that fits the budget, so the budget covers every document "
              "instead of the first ones (reads the inputs twice; not for hf: streams).")
-    dtype: str = option("float16", help="How activations are stored.", choices=DTYPES)
+    dtype: str = option("float16", help="How activations are stored (not what the model runs in: --model-dtype).",
+                        choices=DTYPES)
+    model_dtype: str = option("auto", help=MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
+    bos: bool = option(True, negative="no-bos",
+                       help="Start every window with BOS (SAELens prepend_bos); --no-bos: the text alone.")
     drop_bos: bool = option(True, help="Store the BOS position or not.", negative="keep-bos")
     min_tokens: int = option(1, help="Documents with fewer tokens are skipped (and counted on stderr).", min=1)
     text_field: str = option("text", help="Field holding the text in JSON inputs.")

@@ -1,7 +1,8 @@
 """Documents -> activations at one hook point, streamed to an HDF5 file with bounded memory.
 
 Each document is tokenised without special tokens and cut into windows of `context_size - 1` tokens,
-each prefixed by BOS (when the tokenizer has one), so every window starts like a fresh sequence.
+each prefixed by BOS (when the tokenizer has one, unless --no-bos), so every window starts like a fresh
+sequence.
 Windows are right-padded into batches; the model is causal, so padding never changes real positions.
 The forward pass stops after the hooked layer.
 
@@ -51,7 +52,7 @@ class _Counter:
 def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
                  counter: _Counter) -> Iterator[Window]:
     shard_i, shard_n = cfg.shard_index
-    span = cfg.context_size - (1 if model.bos_token_id is not None else 0)
+    span = cfg.context_size - (1 if model.prepends_bos else 0)
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
             continue
@@ -132,7 +133,7 @@ def harvest_into(model, docs: Iterable[tuple[dict, Source]], writer: ActivationW
     state = writer.resume_state
     counter = _Counter()
     counter.short = int(state.get("n_short", 0))
-    skip = 1 if (model.bos_token_id is not None and cfg.drop_bos) else 0
+    skip = 1 if (model.prepends_bos and cfg.drop_bos) else 0
     n_docs = writer.n_docs
     last_input = state.get("last_input_doc", -1)  # input index of the newest doc row
     composition = Composition(state.get("composition"))
@@ -228,13 +229,13 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
                                "(use --force to start over)")
             os.remove(tmp)
     try:
-        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=resume)
+        writer = ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=resume)
     except OSError as e:
         if not resume:
             raise
         log.warning("cannot resume %s (%s): starting over", tmp, e)  # torn before its last checkpoint
         resume = False
-        writer = ActivationWriter(tmp, d_model=model.d_model, dtype=cfg.dtype, attrs=attrs, resume=False)
+        writer = ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=False)
     try:
         with StopFlag() as stop:
             summary = harvest_into(model, docs, writer, cfg, stop, quiet=quiet)

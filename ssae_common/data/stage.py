@@ -14,7 +14,7 @@ from .activations import ActivationStore, activation_artifact, merge_shards, sto
 from .composition import merge_compositions
 from .config import HarvestConfig
 from .harvester import document_lengths, harvest_activations, spread_cap
-from .models import load_model, model_identity
+from .models import check_hook_name, load_model, model_identity, resolve_model_dtype
 from ..core.config import ConfigError, hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target, exclusive, existing_output, workdir
@@ -46,8 +46,10 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
         inputs = [spooled if p == "-" else p for p in inputs]
     try:
         inputs = follow_doc_artifacts(inputs)
+        check_hook_name(config.model, config.hook)
+        model_dtype = resolve_model_dtype(config.model_dtype, context.device, config.model)
         resolved = context.resolved(**hashed_values(
-            config, model=model_identity(config.model),
+            config, model=model_identity(config.model), model_dtype=model_dtype,
             # stdin is named by its bytes' hash (never by the spool's per-process name), so that an
             # identical pipe reuses the output and an interrupted one resumes it
             inputs=[{"path": "-" if p == spooled else p, "sha256": input_fingerprint(p)}
@@ -62,12 +64,14 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
             n_docs = count_docs(inputs, config.text_field)
             if n_docs is not None:
                 log.info("%d document(s) to harvest", n_docs)
-            lm = load_model(config.model, device=context.device)
-            lm.check_hook(config.hook)
+            lm = load_model(config.model, device=context.device, model_dtype=model_dtype, prepend_bos=config.bos)
+            hook_module = lm.check_hook(config.hook)
             if config.spread:
                 config = _spread(lm, config, inputs)
-            attrs = {"model": lm.name, "hook": config.hook, "context_size": config.context_size,
-                     "dtype": config.dtype, "bos_dropped": bool(config.drop_bos and lm.bos_token_id is not None),
+            attrs = {"model": lm.name, "hook": config.hook, "hook_module": hook_module,
+                     "hook_shape": list(lm.hook_shape(config.hook)), "model_dtype": lm.model_dtype,
+                     "prepend_bos": lm.prepends_bos, "context_size": config.context_size,
+                     "dtype": config.dtype, "bos_dropped": bool(config.drop_bos and lm.prepends_bos),
                      "config": resolved, "created_by": created_by(context.program),
                      "store_text": config.store_text, "shard": config.shard, "seed": context.seed}
             return harvest_activations(lm, iter_docs(inputs, config.text_field), out, config, attrs,
@@ -80,8 +84,8 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
 def _spread(lm, config: HarvestConfig, inputs: list[str]) -> HarvestConfig:
     """The config with its per-document cap lowered so that max_tokens reaches every input document."""
     lengths = document_lengths(lm, iter_docs(inputs, config.text_field), config)
-    bos_rows = lm.bos_token_id is not None and not config.drop_bos
-    window = config.context_size - (1 if lm.bos_token_id is not None else 0)
+    bos_rows = lm.prepends_bos and not config.drop_bos
+    window = config.context_size - (1 if lm.prepends_bos else 0)
     cap = spread_cap(lengths, config.max_tokens, config.max_tokens_per_doc, window, bos_rows)
     fits = cap == config.max_tokens_per_doc  # the budget reaches every document without a lower cap
     log.info("spread: %d documents of %d tokens in all; %s", len(lengths), sum(lengths),

@@ -4,10 +4,11 @@ Light on purpose (standard library and core.config only): `ssae-eval --help` is 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option, replace
-from ..data.config import DEFAULT_MODEL
+from ..data.config import DEFAULT_MODEL, MODEL_DTYPE_HELP, MODEL_DTYPES
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class EvalConfig:
                                derived=f"the model in the SAEs' cfg.json, else {DEFAULT_MODEL}")
     hook: str | None = option(None, help="With --docs: the hook point to splice.",
                               derived="the hook in the SAEs' cfg.json")
+    model_dtype: str = option("auto", help="With --docs: " + MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
+    allow_model_mismatch: bool = option(
+        False, help="Evaluate SAEs that record another model than the evaluated one (a warning, not an error).")
     context_size: int = option(128, min=2, help="With --docs: tokens per window, BOS included.")
     batch_size: int = option(8, min=1, help="With --docs: windows per forward pass.")
     rows: int = option(4096, min=1, help="With --activations: rows per chunk.")
@@ -57,6 +61,7 @@ class EvalConfig:
                     raise ConfigError(name, given, f"{self.activations} holds activations of {held!r}")
             return replace(self, model=store_model, hook=store_hook)
         model = self.model or next((c["model"] for c in sae_cfgs if c.get("model")), DEFAULT_MODEL)
+        model = model if os.path.exists(model) else model_identity(model)  # SAELens's gpt2-small loads as gpt2
         hook = self.hook or next((c["hook"] for c in sae_cfgs if c.get("hook")), None)
         if hook is None:
             raise ConfigError("hook", None, "not given and no SAE's cfg.json records one: cannot tell where to splice")

@@ -112,7 +112,8 @@ def _replace(mask: torch.Tensor, values: torch.Tensor | None):
 
     def fn(x, hook):
         out = x.clone()
-        out[mask] = 0 if values is None else values.to(out.dtype)
+        # attn.hook_z is [batch, seq, heads, d_head]: its rows were encoded with the heads concatenated
+        out[mask] = 0 if values is None else values.to(out.dtype).reshape(-1, *out.shape[2:])
         return out
 
     return fn

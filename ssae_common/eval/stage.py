@@ -93,13 +93,21 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                        "sha256": input_fingerprint(d)} for d in config.docs if d != "-"]
         lm_name = model_identity(config.model)
         for p, c in zip(paths, cfgs):
-            _check_identity(p, c, lm_name, config.hook, where)
+            _check_identity(p, c, lm_name, config.hook, where, config.allow_model_mismatch)
+        bos = _windows_bos(paths, cfgs) if config.docs else None
+        if config.docs:
+            from ..data.models import check_hook_name, resolve_model_dtype
+
+            check_hook_name(config.model, config.hook)
+            model_dtype = resolve_model_dtype(config.model_dtype, context.device, config.model)
+        else:
+            model_dtype = None
 
         sae_shas = [sha256_file(p) for p in paths]
         infos = [{"name": n, "path": os.path.abspath(p), "sha256": s, "is_baseline": n == baseline,
                   **{k: c.get(k) for k in INFO_FIELDS}, "training_data": training_composition(c)}
                  for n, p, c, s in zip(names, paths, cfgs, sae_shas)]
-        resolved = _resolved(config, context, infos, baseline, inputs, lm_name)
+        resolved = _resolved(config, context, infos, baseline, inputs, lm_name, model_dtype, bos)
         key = config_hash(resolved)
         if out is None:
             out, reuse = existing_output("metrics", key, "", marker="metrics.json", force=context.force)
@@ -107,7 +115,7 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                 return metrics_artifact(out)
         check_target(out, context.force)
         with exclusive(out):  # one writer per output (and per resume state)
-            state, loaded = _accumulate(config, paths, names, store, key, out, context)
+            state, loaded = _accumulate(config, paths, names, store, key, out, context, model_dtype, bos)
             doc = _metrics_doc(config, state, loaded, infos, baseline, inputs, lm_name, store, resolved, context)
             _write(out, doc, context)
             _remove(partial_path(out) + ".state")
@@ -118,34 +126,50 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str) -> None:
+def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str, allow_model_mismatch: bool) -> None:
+    """Refuse an SAE recorded at another hook, or on another model (names compared through the alias table:
+    SAELens's gpt2-small is gpt2) unless `allow_model_mismatch`."""
+    from ..data.models import same_hook, same_model
+
     sae_model, sae_hook = cfg.get("model"), cfg.get("hook")
     if not sae_model or not sae_hook:
         log.warning("%s records no model or hook: cannot check it matches %s", path, where)
         return
-    if sae_hook == hook and sae_model != model and cfg.get("format") not in (None, "ssae"):
-        # another library's model name (SAELens uses TransformerLens aliases such as gpt2-small) need not be
-        # the name this package resolves: the hook matches, so say it and go on
-        log.warning("%s (%s) names model %r; evaluating on %r", path, cfg["format"], sae_model, model)
-        return
-    if sae_model != model or sae_hook != hook:
+    if not same_hook(sae_hook, hook):
         raise BadInput(f"{path}: SAE was trained on model {sae_model!r} at hook {sae_hook!r}, "
                        f"but {where} is model {model!r} at hook {hook!r}")
+    if not same_model(sae_model, model):
+        if allow_model_mismatch:
+            log.warning("%s was trained on model %r; evaluating on %r (--allow-model-mismatch)", path, sae_model, model)
+            return
+        raise BadInput(f"{path}: SAE was trained on model {sae_model!r}, but {where} is model {model!r} "
+                       "(--allow-model-mismatch to evaluate it anyway)")
+
+
+def _windows_bos(paths: list[str], cfgs: list[dict]) -> bool:
+    """Whether the evaluated windows start with BOS: as the SAEs' activations were taken (cfg.json
+    prepend_bos; an SAE that does not record it had BOS); SAEs that disagree cannot share windows."""
+    recorded = {p: c.get("prepend_bos") for p, c in zip(paths, cfgs) if c.get("prepend_bos") is not None}
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{p} prepend_bos={v}" for p, v in recorded.items())
+        raise BadInput(f"the SAEs were trained on windows with and without BOS ({listed}): evaluate them apart")
+    return next(iter(recorded.values()), True)
 
 
 def _resolved(config: EvalConfig, context: RunContext, infos: list[dict], baseline: str | None,
-              inputs: list[dict], lm_name: str) -> dict:
+              inputs: list[dict], lm_name: str, model_dtype: str | None, bos: bool | None) -> dict:
     """The configuration recorded in metrics.json, whose hash names the default output and the resume
     state; options of the other mode are None so they do not change the hash."""
     docs = bool(config.docs)
     other_mode = ("rows",) if docs else ("context_size", "batch_size", "splice_bos", "text_field")
     return context.resolved(**hashed_values(
         config, saes=[{k: i[k] for k in ("name", "path", "sha256")} for i in infos], baseline=baseline,
-        mode="docs" if docs else "activations", inputs=inputs, model=lm_name, **dict.fromkeys(other_mode)))
+        mode="docs" if docs else "activations", inputs=inputs, model=lm_name, model_dtype=model_dtype, bos=bos,
+        **dict.fromkeys(other_mode)))
 
 
 def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, key: str, out: str,
-                context: RunContext):
+                context: RunContext, model_dtype: str | None = None, bos: bool = True):
     """Run every SAE over the evaluation set (resuming from OUT's partial state) -> (EvalState, [(name, SAE)])."""
     from ..core.records import iter_docs
     from ..core.signals import StopFlag
@@ -166,9 +190,9 @@ def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, k
         from ..data.models import load_model
 
         count_docs(config.docs, config.text_field)  # bad input is refused before the model loads
-        lm = load_model(config.model, device=device)
+        lm = load_model(config.model, device=device, model_dtype=model_dtype or "auto", prepend_bos=bos)
         lm.check_hook(config.hook)
-        d_model = lm.d_model
+        d_model = lm.hook_width(config.hook)
     for (_, sae), p in zip(loaded, paths):
         if sae.d_in != d_model:
             raise BadInput(f"{p}: SAE input width d_in {sae.d_in} differs from the activations' width {d_model}")

@@ -129,6 +129,11 @@ def _check_inputs(store, model, sae: str) -> None:
     if model.d_in != store.d_model:
         raise BadInput(f"{store.path}: activations have width {store.d_model}, the SAE {sae} expects "
                        f"d_in {model.d_in}")
+    sae_bos, store_bos = model.cfg.get("prepend_bos"), store.prepend_bos
+    if sae_bos is not None and store_bos is not None and sae_bos != store_bos:
+        raise BadInput(f"{store.path}: harvested {'with' if store_bos else 'without'} BOS, but the SAE {sae} was "
+                       f"trained {'with' if sae_bos else 'without'} "
+                       f"(harvest again with {'--bos' if sae_bos else '--no-bos'})")
     for attr in ("model", "hook"):
         if model.cfg.get(attr) and getattr(store, attr) and model.cfg[attr] != getattr(store, attr):
             log.warning("the SAE was trained on %s %s, the activations come from %s", attr, model.cfg[attr],

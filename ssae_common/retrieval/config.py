@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option, replace
-from ..data.config import DEFAULT_MAX_TOKENS_PER_DOC
+from ..data.config import DEFAULT_MAX_TOKENS_PER_DOC, MODEL_DTYPE_HELP, MODEL_DTYPES
 
 METHODS = ("bm25", "dense", "hybrid")
 ENGINES = ("bm25s", "rank-bm25")
+DENSE_BACKENDS = ("auto", "torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
 COMBINERS = ("rrf", "max", "sum")
 RERANKERS = ("none", "tracin")
 DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
@@ -39,6 +40,10 @@ class RetrieveConfig:
     dense_max_length: int | None = option(
         None, min=1, derived="the model's own, 256 for MiniLM",
         help="Encoder tokens per text (longer texts are cut).")
+    dense_backend: str = option(
+        "auto", choices=DENSE_BACKENDS,
+        help="Encoder runtime: auto (CUDA: torch-fp16; CPU: torch-bf16 on bfloat16 hardware, else onnx when "
+             "onnxruntime is installed, else torch), torch (float32), torch-bf16, torch-fp16, onnx or onnx-int8.")
     combine: str = option("rrf", choices=COMBINERS, help="How per-seed rankings combine: rrf, max or sum.")
     rrf_k: int = option(RRF_K, min=1, help="k of reciprocal-rank fusion.")
     depth: int = option(1000, min=1, help="Ranked documents kept per seed (and method).")
@@ -60,6 +65,7 @@ class RetrieveConfig:
     model: str | None = option(None, derived="the SAE's, else smollm2",
                                help="Language model for TracIn and --budget-tokens.")
     hook: str | None = option(None, derived="the SAE's", help="Hook for TracIn activations.")
+    model_dtype: str = option("auto", help="TracIn: " + MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
     rerank_pool: float = option(
         3.0, min=1,
         help="TracIn reranks this many times the output size (documents or budget) of first-stage results.")

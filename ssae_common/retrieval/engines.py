@@ -35,7 +35,7 @@ from ..core.progress import Progress
 from ..core.provenance import config_hash, input_fingerprint
 from ..core.records import iter_docs
 from ..core.signals import StopFlag
-from .config import COMBINERS, DEFAULT_DENSE_MODEL, ENGINES, RRF_K
+from .config import COMBINERS, DEFAULT_DENSE_MODEL, DENSE_BACKENDS, ENGINES, RRF_K
 
 log = logging.getLogger("ssae")
 
@@ -354,16 +354,70 @@ def dense_identity(spec: str) -> str:
     return os.path.abspath(spec) if os.path.isdir(spec) else spec
 
 
-def load_encoder(spec: str, device: str):
+def load_encoder(spec: str, device: str, backend: str = "torch"):
+    """The sentence encoder of `--dense-model SPEC` on `backend` (a resolve_dense_backend() value)."""
     path = resolve_dense_model(spec)
     if os.path.isdir(path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if backend in ("onnx", "onnx-int8"):
+        from ..core.runtime import thread_count
+        from .encoders import OnnxSentenceEncoder, mean_pooling_layout
+
+        return OnnxSentenceEncoder(path, backend == "onnx-int8", thread_count(), mean_pooling_layout(path))
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(path, device=device)
+        model = SentenceTransformer(path, device=device)
     except OSError as e:
         raise ConfigError("dense_model", spec, f"cannot load ({e})".splitlines()[0]) from None
+    if backend in ("torch-fp16", "torch-bf16"):
+        import torch
+
+        model.to(torch.float16 if backend == "torch-fp16" else torch.bfloat16)
+    return model
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16), where torch in bfloat16 is
+    several times faster than float32; elsewhere it is emulated and slower."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve_dense_backend(spec: str, model: str, device: str) -> str:
+    """The encoder runtime of `--dense-backend SPEC`.  auto: fp16 on CUDA; on CPU, torch in bfloat16 where
+    the CPU has bfloat16 hardware (it keeps the bundled MiniLM's top-100 rankings), else ONNX Runtime in
+    float32 when installed and the model is transformer + mean pooling, else torch float32.  int8 weights
+    (onnx-int8) are asked for, never picked: they moved the bundled MiniLM's top-100 rankings (overlap
+    0.94; docs/benchmarks.md, "Dense encoding")."""
+    check_choice("--dense-backend", spec, DENSE_BACKENDS)
+    from .encoders import mean_pooling_layout, onnx_available
+
+    cuda = device.startswith("cuda")
+    if spec == "auto":
+        if cuda:
+            return "torch-fp16"
+        if native_bf16():
+            return "torch-bf16"
+        path = resolve_dense_model(model)
+        if not (onnx_available() and os.path.isdir(path) and mean_pooling_layout(path)):
+            return "torch"
+        return "onnx"
+    if spec == "torch-fp16" and not cuda:
+        raise BadInput(f"--dense-backend {spec}: float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
+    if spec.startswith("torch"):
+        return spec
+    if cuda:
+        raise BadInput(f"--dense-backend {spec}: runs on CPU only (use auto or torch with --device {device})")
+    if not onnx_available():
+        raise BadInput(f"--dense-backend {spec}: onnxruntime is not installed (pip install onnxruntime onnx)")
+    path = resolve_dense_model(model)
+    if not (os.path.isdir(path) and mean_pooling_layout(path)):
+        raise BadInput(f"--dense-backend {spec}: --dense-model {model} is not a local sentence-transformers folder "
+                       f"of a transformer with mean pooling")
+    return spec
 
 
 class DenseIndex:
@@ -371,37 +425,43 @@ class DenseIndex:
 
     def __init__(self, store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, device: str = "cpu",
                  batch_size: int = 64, block_rows: int = 65536, quiet: bool = False, chunk_docs: int | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, backend: str = "auto"):
         self.store, self.model_spec, self.device = store, model, device
+        self.backend = resolve_dense_backend(backend, model, device)
         self.max_length = max_length  # encoder tokens per text; None keeps the model's own limit
         self.chunk_docs = chunk_docs or max(batch_size * 4, 256)  # documents between checkpoints
         self.batch_size, self.block_rows, self.quiet = batch_size, block_rows, quiet
         self._encoder = None
-        self.path = self.cache_path(store, model, max_length)
+        self.path = self.cache_path(store, model, max_length, self.backend)
         self.encoded_now = 0  # documents embedded by this process (0 when the cache was reused)
         self.seconds_encoding = 0.0
         self._ensure_embeddings()
         self.embeddings = np.load(self.path, mmap_mode="r")
 
     @staticmethod
-    def cache_path(store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, max_length: int | None = None) -> str:
+    def cache_path(store: CorpusStore, model: str = DEFAULT_DENSE_MODEL, max_length: int | None = None,
+                   backend: str = "torch") -> str:
         parts = [store.key, dense_identity(model), "unit-norm float16"]
         if max_length:  # the model's own limit keeps the key caches were written under
             parts.append(f"max_length={max_length}")
+        if backend != "torch":  # float32 torch keeps the key caches were written under
+            parts.append(f"backend={backend}")
         key = config_hash(*parts)
         return os.path.join(index_dir(), f"dense-{key}.npy")
 
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = load_encoder(self.model_spec, self.device)
+            self._encoder = load_encoder(self.model_spec, self.device, self.backend)
             if self.max_length:
                 self._encoder.max_seq_length = self.max_length
         return self._encoder
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         emb = self.encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                  convert_to_numpy=True, show_progress_bar=False)
+                                  convert_to_tensor=self.backend.startswith("torch"), show_progress_bar=False)
+        if not isinstance(emb, np.ndarray):  # a torch tensor (numpy has no bfloat16)
+            emb = emb.float().cpu().numpy()
         return np.asarray(emb, dtype=np.float32)
 
     def _ensure_embeddings(self) -> None:

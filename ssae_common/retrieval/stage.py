@@ -179,7 +179,8 @@ def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: li
              "exclude": list(config.exclude), "sae": [os.path.abspath(p) for p in config.sae],
              "seeds": [{"id": r["id"]} for r in seed_docs]}
     unused = ((() if sparse else ("engine", "k1", "b", "stopwords", "stemmer"))
-              + (() if dense else ("dense_model", "dense_max_length"))
+              + (() if dense else ("dense_model", "dense_max_length", "dense_backend"))
+              + (() if config.rerank == "tracin" else ("model_dtype",))
               + (() if config.budget_tokens else ("max_tokens_per_doc",)))
     return context.resolved(**hashed_values(config, **{**given, **dict.fromkeys(unused)}))
 
@@ -192,7 +193,8 @@ def _first_stage(config: RetrieveConfig, context: RunContext, store, params, que
         per_method["bm25"] = index.rank(queries, config.depth, quiet=context.quiet)
     if config.method in ("dense", "hybrid"):
         dense = R.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
-                             quiet=context.quiet, max_length=config.dense_max_length)
+                             quiet=context.quiet, max_length=config.dense_max_length,
+                             backend=config.dense_backend)
         per_method["dense"] = dense.rank(queries, config.depth)
     if config.method != "hybrid":
         return per_method[config.method]
@@ -205,12 +207,16 @@ def _load_saes(config: RetrieveConfig, context: RunContext):
     from ..sae.imports import load_any
     from .tracin import check_saes
 
+    from ..data.models import check_hook_name
+
     saes = [load_any(p, context.device, field="sae") for p in config.sae]
     sae_model, sae_hook = check_saes(saes, list(config.sae))
     hook = config.hook or sae_hook
     if not hook:
         raise ConfigError("sae", config.sae[0], "cfg.json names no hook; give the hook")
-    return saes, config.model or sae_model or DEFAULT_MODEL, hook
+    model = config.model or sae_model or DEFAULT_MODEL
+    check_hook_name(model, hook)
+    return saes, model, hook
 
 
 def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hook: str, store, kept: list[int],
@@ -222,7 +228,9 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     from ..data.models import document_activations, load_model
     from .tracin import tracin_rerank_scores
 
-    lm = load_model(lm_spec, device=context.device)
+    # documents are cut as the SAEs' activations were (with BOS unless their cfg.json says otherwise)
+    bos = saes[0].cfg.get("prepend_bos")
+    lm = load_model(lm_spec, device=context.device, model_dtype=config.model_dtype, prepend_bos=bos is not False)
     lm.check_hook(hook)
     if lm.d_model != saes[0].d_in:
         raise ConfigError("sae", None, f"d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "

@@ -133,8 +133,13 @@ def _saelens(path: str) -> SAE:
     if norm in ("constant_norm_rescale", "layer_norm"):
         raise BadInput(f"{path}/cfg.json: normalize_activations {norm!r} rescales each token; ssae.sae/1 has only "
                        "a constant act_scale, so this SAE cannot be imported exactly")
-    if cfg.get("reshape_activations") not in (None, "none"):
-        raise BadInput(f"{path}/cfg.json: reshape_activations {cfg['reshape_activations']!r} (hook_z) is not supported")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    # hook_z: SAELens concatenates the heads, as ssae-harvest stores attn.hook_z
+    if cfg.get("reshape_activations") not in (None, "none") and not (
+            cfg["reshape_activations"] == "hook_z" and str(hook).endswith("attn.hook_z")):
+        raise BadInput(f"{path}/cfg.json: reshape_activations {cfg['reshape_activations']!r} at hook {hook!r} "
+                       "is not supported")
     if "scaling_factor" in t:  # old SAELens: f is multiplied by scaling_factor
         W_dec = W_dec * t["scaling_factor"].float()[:, None]
     if not cfg.get("apply_b_dec_to_input", True):
@@ -145,14 +150,14 @@ def _saelens(path: str) -> SAE:
         norms = W_dec.norm(dim=1).clamp_min(1e-8)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
         threshold = threshold * norms if threshold is not None else None
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     # SAELens penalises the summed squared error, ssae its mean over d_in: its coefficients / d_in are ours
     d_in = W_enc.shape[0] if W_enc.dim() == 2 else 1
     per_dim = {f"{n}_coefficient": float(cfg[f"{n}_coefficient"]) / d_in for n in ("l1", "l0")
                if isinstance(cfg.get(f"{n}_coefficient"), (int, float))}
+    prepend_bos = meta.get("prepend_bos", cfg.get("prepend_bos"))
     return _build(path, W_enc, b_enc, W_dec, b_dec, architecture, k,
-                  {"model": meta.get("model_name") or cfg.get("model_name"),
-                   "hook": meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"), **per_dim},
+                  {"model": meta.get("model_name") or cfg.get("model_name"), "hook": hook,
+                   "prepend_bos": prepend_bos if isinstance(prepend_bos, bool) else None, **per_dim},
                   threshold)
 
 

@@ -3,7 +3,7 @@ tilted ERM, from scratch or finetuned from a parent SAE (`FitConfig.init`).
 
     from ssae_common.core.runtime import RunContext
     from ssae_common.sae import FitConfig, fit
-    record = fit(FitConfig(k=4, d_sae=64, tilt=500), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
+    record = fit(FitConfig(k=4, d_sae=64, tilt_ess=0.5), ["acts.h5"], out="sae", context=RunContext(device_spec="cpu"))
 
 Several SAEs from one read of the data (a sweep; one record each):
 
@@ -62,6 +62,9 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     stores = open_stores(activations)
     try:
         d_in, model, hook = stores[0].d_model, stores[0].model, stores[0].hook
+        # where and how the activations were taken, for the tools that rerun the model with this SAE
+        source = {k: getattr(stores[0], k) for k in ("hook_module", "prepend_bos", "model_dtype")
+                  if getattr(stores[0], k) is not None}
         n_rows = sum(s.n_tokens for s in stores)
     finally:
         for s in stores:
@@ -74,7 +77,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
         if sae.d_in != d_in:
             raise ConfigError("init", config.init, f"d_in {sae.d_in} differs from the activations' d_model {d_in} "
                                                    f"({activations[0]})")
-        _check_parent_source(sae, config, model, hook, activations[0])
+        _check_parent_source(sae, config, model, hook, activations[0], source.get("prepend_bos"))
         parent = Parent(config.init, fmt, parent_sha256(config.init), sae)
     inputs = [{"path": os.path.abspath(p), "fingerprint": store_fingerprint(p)} for p in activations]
 
@@ -97,7 +100,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
                 records.append(where)
                 continue
         records.append(where)
-        extra = {"model": model, "hook": hook, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess,
+        extra = {"model": model, "hook": hook, **source, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess,
                  "tilt_groups": cfg.tilt_groups, "l1_coefficient": cfg.l1,
                  **({"l0_coefficient": cfg.l0} if get_architecture(cfg.architecture).penalty == "l0" else {}),
                  "parent": parent.record() if parent else None, "seed": seed, "inputs": inputs,
@@ -152,12 +155,18 @@ def _member(out: str | None, values: dict, varied: list[str]) -> str | None:
     return os.path.join(out, "-".join(f"{SWEEPS.get(f, f)}{value_text(values[f])}" for f in varied))
 
 
-def _check_parent_source(sae, config: FitConfig, model: str, hook: str, where: str) -> None:
-    """Refuse to finetune a parent trained on another model or hook (same width is not the same space),
-    unless told to (--allow-init-mismatch); a parent that records neither is taken as it is."""
-    recorded = {"model": sae.cfg.get("model"), "hook": sae.cfg.get("hook")}
-    wanted = {"model": model, "hook": hook}
-    differ = [k for k in ("model", "hook") if recorded[k] and wanted[k] and recorded[k] != wanted[k]]
+def _check_parent_source(sae, config: FitConfig, model: str, hook: str, where: str,
+                         prepend_bos: bool | None = None) -> None:
+    """Refuse to finetune a parent trained on another model or hook, or on windows with(out) a BOS these
+    lack (same width is not the same space), unless told to (--allow-init-mismatch); what a parent does
+    not record is taken as it is."""
+    from ..data.models import same_hook, same_model
+
+    recorded = {k: sae.cfg.get(k) for k in ("model", "hook", "prepend_bos")}
+    wanted = {"model": model, "hook": hook, "prepend_bos": prepend_bos}
+    differ = [k for k in recorded if recorded[k] is not None and wanted[k] is not None and recorded[k] != wanted[k]
+              and not (k == "model" and same_model(recorded[k], wanted[k]))
+              and not (k == "hook" and same_hook(recorded[k], wanted[k]))]
     if not differ:
         return
     what = " and ".join(f"{k} {recorded[k]!r}" for k in differ)

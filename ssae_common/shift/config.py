@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import ConfigError, check_bounds, option
+from ..data.config import MODEL_DTYPE_HELP, MODEL_DTYPES
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ShiftConfig:
     slice: str | None = option(
         None, help="Keep only the most active fraction of latents as candidates, e.g. 1/8 (the rest counts as error).")
     model: str | None = option(None, help="Language model", derived="the SAE's cfg.json model")
+    model_dtype: str = option("auto", help=MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
     explanations: tuple[str, ...] = option(
         (), multiple=True, help="ssae-explain output (folder or explanations.jsonl), in --sae order or NAME=PATH.",
         hashed=False, why="hashed per SAE (saes[].explanations)")

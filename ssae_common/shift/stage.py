@@ -13,7 +13,8 @@ from ..core.progress import Progress
 from ..core.provenance import config_hash, created_by, input_fingerprint
 from ..core.records import artifact_record, dump_json, resolve_artifacts
 from ..core.runtime import RunContext
-from ..data.models import document_activations, load_model, model_identity
+from ..data.models import (check_hook_name, document_activations, load_model, model_identity, resolve_model_dtype,
+                           same_model)
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
 from .attribution import read_explanations
@@ -45,11 +46,14 @@ def shift(config: ShiftConfig, saes, *, out: str | None = None, context: RunCont
     if config.mask_words is not None and not os.path.isfile(config.mask_words):
         raise ConfigError("mask_words", config.mask_words, "no such file")
 
+    check_hook_name(model, hook, flag="the SAEs' hook")
+    model_dtype = resolve_model_dtype(config.model_dtype, context.device, model)
+    bos = _windows_bos(named)
     resolved = context.resolved(**hashed_values(
         config, data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
         saes=[{"name": n, "path": os.path.abspath(p), "sha256": sha256_file(p), "ablate": ablate_by[n],
                "explanations": explain_by[n]} for n, p in named],
-        model=model_identity(model), hook=hook,
+        model=model_identity(model), model_dtype=model_dtype, bos=bos, hook=hook,
         mask_words=None if config.mask_words is None else {"path": os.path.abspath(config.mask_words),
                                                            "sha256": input_fingerprint(config.mask_words)}))
     if out is None:
@@ -74,12 +78,12 @@ def shift(config: ShiftConfig, saes, *, out: str | None = None, context: RunCont
             sae = load_any(p, device, field="saes")
             latents = None if ablate_by[n] == "auto" else _latents(ablate_by[n], sae.d_sae, n)
             specs.append(SaeSpec(n, p, sae, latents, read_explanations(explain_by[n]) if explain_by[n] else None))
-        lm = load_model(model, device=device)
+        lm = load_model(model, device=device, model_dtype=model_dtype, prepend_bos=bos)
         lm.check_hook(hook)
         for spec in specs:
-            if spec.sae.d_in != lm.d_model:
-                raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s d_model "
-                                                     f"{lm.d_model}")
+            if spec.sae.d_in != lm.hook_width(hook):
+                raise ConfigError("saes", spec.path, f"d_in {spec.sae.d_in} does not match {lm.name}'s width "
+                                                     f"{lm.hook_width(hook)} at {hook}")
         # one LM pass over every document some split uses
         used = sorted({i for cells in splits for i in cells.train_ambiguous + cells.train_balanced + cells.val + cells.test})
         with Progress("activations", total=len(used), unit="docs", quiet=context.quiet) as progress:
@@ -181,6 +185,15 @@ def _latents(spec: str, d_sae: int, sae_name: str) -> list[int]:
         raise ConfigError("ablate", spec, f"{e.message} in SAE {sae_name}") from None
 
 
+def _windows_bos(named: list[tuple[str, str]]) -> bool:
+    """Whether documents start with BOS: as the SAEs' activations were taken (cfg.json prepend_bos)."""
+    recorded = {n: sae_config(p, field="saes").get("prepend_bos") for n, p in named}
+    values = {v for v in recorded.values() if v is not None}
+    if len(values) > 1:
+        raise ConfigError("saes", [p for _, p in named], f"the SAEs were trained with and without BOS ({recorded})")
+    return values.pop() if values else True
+
+
 def _hook_and_model(named: list[tuple[str, str]], model: str | None) -> tuple[str, str]:
     """The hook the SAEs share (from cfg.json) and the model to run: `model`, else the one the SAEs name."""
     configs = {n: sae_config(p, field="saes") for n, p in named}
@@ -197,6 +210,6 @@ def _hook_and_model(named: list[tuple[str, str]], model: str | None) -> tuple[st
         return hooks.pop(), models.pop()
     for n, c in configs.items():
         recorded = c.get("model")
-        if recorded and model_identity(recorded) != model_identity(model):
+        if recorded and not same_model(recorded, model):
             log.warning("%s was trained on %s, running it on %s", n, recorded, model)
     return hooks.pop(), model

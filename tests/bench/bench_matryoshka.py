@@ -68,9 +68,10 @@ def main() -> None:
         saes[arch] = sorted(os.path.join(folder, name) for folder in [out] for name in [""] + os.listdir(out)
                             if os.path.exists(os.path.join(folder, name, "cfg.json")))
     paths = [p for arch in ARCHITECTURES for p in saes[arch]]
-    record = tool("eval", *paths, "--activations", test, "-o", os.path.join(args.workdir, f"eval-{len(paths)}-{tag}"),
-                  "--force")[0]
-    metrics = {s["path"]: s for s in json.load(open(record["path"]))["saes"]}
+    evaluated = os.path.join(args.workdir, f"eval-{len(paths)}-{tag}-d{args.d_sae}-s{args.steps}", "metrics.json")
+    if not os.path.exists(evaluated):
+        evaluated = tool("eval", *paths, "--activations", test, "-o", os.path.dirname(evaluated))[0]["path"]
+    metrics = {s["path"]: s for s in json.load(open(evaluated))["saes"]}
     table(args, saes, metrics, test)
 
 

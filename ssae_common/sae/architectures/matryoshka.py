@@ -8,8 +8,10 @@ form nested groups.  Prefix g is groups 1..g; each prefix reconstructs on its ow
 and the per-token reconstruction loss is the mean of the G prefixes' mse (dictionary_learning's default
 weights, 1/G each; its logged loss is this times d_in / G), so the first latents learn what is common and
 the later ones refine it.  Group g holds floor(fraction_g x d_sae) latents, the last one the rest; the
-default fractions 1/32, 1/16, 1/8, 1/4, 17/32 double from group to group.  AuxK reconstructs the whole
-SAE's residual.  For inference it is a BatchTopK SAE: SAELens saves it as jumprelu, and so does ssae-export.
+default fractions 1/32, 1/16, 1/8, 1/4, 17/32 double from group to group.  The rest is batchtopk.py's:
+the running threshold (SAELens's rate 0.01 from the first step, where dictionary_learning uses 0.001 from
+step 1000) and AuxK on --aux-k, reconstructing the whole SAE's residual.  For inference it is a BatchTopK
+SAE: SAELens saves it as jumprelu, and so does ssae-export.
 """
 from __future__ import annotations
 
