@@ -406,16 +406,16 @@ def resolve_dense_backend(spec: str, model: str, device: str) -> str:
             return "torch"
         return "onnx"
     if spec == "torch-fp16" and not cuda:
-        raise BadInput(f"--dense-backend {spec}: float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
+        raise ConfigError("dense_backend", spec, "float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
     if spec.startswith("torch"):
         return spec
     if cuda:
-        raise BadInput(f"--dense-backend {spec}: runs on CPU only (use auto or torch with --device {device})")
+        raise ConfigError("dense_backend", spec, f"runs on CPU only (use auto or torch with --device {device})")
     if not onnx_available():
-        raise BadInput(f"--dense-backend {spec}: onnxruntime is not installed (pip install onnxruntime onnx)")
+        raise ConfigError("dense_backend", spec, "onnxruntime is not installed (pip install onnxruntime onnx)")
     path = resolve_dense_model(model)
     if not (os.path.isdir(path) and mean_pooling_layout(path)):
-        raise BadInput(f"--dense-backend {spec}: --dense-model {model} is not a local sentence-transformers folder "
+        raise ConfigError("dense_backend", spec, f"--dense-model {model} is not a local sentence-transformers folder "
                        f"of a transformer with mean pooling")
     return spec
 
