@@ -199,6 +199,13 @@ def invoke(command, args, input=None, code=None, catch_exceptions=False):
     return result
 
 
+def one_error_line(stderr: str, tool: str) -> str:
+    """The single error line a refused command prints."""
+    errors = [line for line in stderr.splitlines() if line.startswith(f"ssae-{tool}: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 def identity_sae(d: int, signed: bool = True):
     """An SAE whose latents are the coordinates of x.  signed: d_sae = 2d with encoders [I, -I] and
     decoders [I; -I], so relu(x) - relu(-x) = x reconstructs exactly; else d_sae = d, latent i = relu(x_i)."""

@@ -331,3 +331,29 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, case):
     lines = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert _nothing_written(tmp_path) == []
+
+
+@pytest.mark.parametrize("normalize_grad", [True, False])
+def test_normalize_grad_hands_adam_a_unit_norm_gradient(tmp_path, normalize_grad):
+    """--normalize-grad scales the whole step's gradient (after the decoder-row projection) to norm 1;
+    without it Adam gets the raw gradient, whose norm here is far from 1."""
+    from helpers import random_sae
+    from ssae_common.sae.trainer import Trainer
+
+    cfg = FitConfig(k=4, d_sae=64, batch_size=128, train_tokens=128 * 4, warmup_steps=0,
+                    normalize_grad=normalize_grad).resolve(d_in=16, n_rows=512)
+    trainer = Trainer(cfg, random_sae(16, 64, 0, "topk", k=4), None, str(tmp_path), np.empty((0, 16), np.float32))
+    trainer.sae.normalize_decoder()
+    seen, adam_step = [], trainer.opt.step
+
+    def spy(lr: float) -> None:
+        W = trainer.sae.W_dec
+        seen.append((float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.opt.params]))),
+                     float((W.grad * W).sum(1).abs().max())))
+        adam_step(lr)
+    trainer.opt.step = spy
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((128, 16)).astype(np.float32)) * 30 + 5
+    trainer.train_step(x)
+    norm, along_rows = seen[0]
+    assert along_rows < 1e-5 * max(norm, 1.0)  # the projection came first
+    assert (norm == pytest.approx(1.0, rel=1e-5)) is normalize_grad

@@ -140,7 +140,7 @@ def test_stdin_pipe_from_a_real_shell(tmp_path, tiny_model, docs):
 @pytest.mark.parametrize("content, message", [
     ('{"id": "a", "text": "the star"}\n{"id": "b", "text": "the\n', r"docs.jsonl:2: malformed JSON"),
     ('{"id": "a", "text": "the star"}\n{"id": "b"}\n', r"docs.jsonl:2: record has no 'text' field"),
-    ('', r"no tokens harvested: the input had no usable documents"),
+    ('', r"docs.jsonl: no documents"),
 ])
 def test_bad_documents_exit_2_and_leave_nothing(tmp_path, tiny_model, content, message):
     path = tmp_path / "docs.jsonl"

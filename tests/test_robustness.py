@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import identity_sae, invoke, make_store, parse_records, random_sae, sample_docs, write_jsonl
+from helpers import (identity_sae, invoke, make_store, one_error_line, parse_records, random_sae, sample_docs,
+                     write_jsonl)
 from ssae_common.core.errors import BadInput
 from ssae_tools.eval import main as eval_main
 from ssae_tools.explain import main as explain_main
@@ -28,13 +29,6 @@ from ssae_tools.retrieve import main as retrieve_main
 BIN = os.path.dirname(sys.executable)
 HOOK = "blocks.1.hook_resid_post"
 TOOLS = ("retrieve", "harvest", "fit", "eval", "explain", "shift")
-
-
-def one_error_line(stderr: str, tool: str) -> str:
-    """The single error line a refused command prints."""
-    errors = [line for line in stderr.splitlines() if line.startswith(f"ssae-{tool}: error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import click
 from ssae_common import __version__
 from ssae_common.core.config import ConfigError, field_types, flag_name, option_specs
 from ssae_common.core.errors import EXIT_FAILURE, BadInput, Interrupted, SsaeError
+from ssae_common.core.outputs import is_full_disk
 from ssae_common.core.records import write_record
 from ssae_common.core.runtime import RunContext, configure_threads, seed_everything
 
@@ -121,7 +122,7 @@ def check_environment(tool: str, environ=None) -> None:
             use = mine if mine in scoped[var] else " or ".join(scoped[var])
             raise BadInput(f"{var}: only the options every tool shares take SSAE_<OPTION>; this one is set per "
                            f"tool: use {use} (see --help)")
-        hint = _closest(var, known)
+        hint = f" (did you mean {var.upper()}?)" if var.upper() in known else _closest(var, known)
         if hint:
             raise BadInput(f"{var}: no ssae tool reads this environment variable{hint}")
 
@@ -308,6 +309,17 @@ class _StdoutGuard:
             os.close(self._saved_fd)
 
 
+def _discard(stream) -> None:
+    """Point a broken data stream at /dev/null, so that flushing what it still holds raises nothing."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
 def _fail(tool: str, message: str, code: int) -> None:
     click.echo(f"ssae-{tool}: error: {message}", err=True)
     sys.exit(code)
@@ -336,7 +348,23 @@ class SsaeCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            raise UsageError(e.format_message(), self.name) from None
+            raise UsageError(_from_environment(e) or e.format_message(), self.name) from None
+
+
+def _from_environment(error: click.UsageError) -> str | None:
+    """A bad value that came from an SSAE_* variable, named by the variable (not by the option it sets)."""
+    from click.core import ParameterSource
+
+    param, ctx = getattr(error, "param", None), getattr(error, "ctx", None)
+    if not isinstance(error, click.BadParameter) or param is None or ctx is None:
+        return None
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return None
+    names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+    var = next((n for n in names if n and os.environ.get(n)), None)
+    if var is None:
+        return None
+    return f"{var}: {error.message.rstrip('.')}, for {param.opts[0]}"
 
 
 def scope_environment(cmd: click.Command, tool: str) -> click.Command:
@@ -379,6 +407,8 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                 try:
                     check_environment(tool)
                     configure_threads()
+                    if device_spec not in ("auto", "cpu"):
+                        common.device  # noqa: B018 (a device this machine lacks is refused before any work)
                     seed_everything(seeds[0])
                     return f(common, **kwargs)
                 except Interrupted as e:
@@ -396,6 +426,10 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                     _fail(tool, str(e), e.exit_code)
                 except KeyboardInterrupt:
                     _fail(tool, "interrupted", 130)
+                except BrokenPipeError:
+                    # the reader of stdout went away (`| head`): stop quietly, as any writer to a pipe does
+                    _discard(data)
+                    sys.exit(0)
                 except click.exceptions.Exit:
                     raise
                 except click.ClickException:
@@ -403,6 +437,10 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                 except MemoryError:
                     _fail(tool, "out of memory (try a smaller --batch-size)", EXIT_FAILURE)
                 except Exception as e:
+                    if is_full_disk(e):
+                        where = getattr(e, "filename", None)
+                        _fail(tool, f"{where + ': ' if where else ''}no space left on the device (or the file "
+                                    "size limit was reached); free space and rerun", EXIT_FAILURE)
                     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) \
                             and e.filename:
                         # a path the user gave (an input, or the output's folder): bad input, not a crash

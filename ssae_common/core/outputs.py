@@ -4,30 +4,120 @@ Never click's File(atomic=True): it replaces the target even when the command fa
 permissions the umask gives (0644 files, 0755 folders by default), not the private ones of temporary
 names, so colleagues on a shared cluster can read them.  One process at a time writes an output
 (`exclusive`).
+
+The folder may be shared and writable by others, so the fixed names beside an output (its `.partial`,
+lock and resume state) are never followed when they are symbolic links: a planted link is refused, and
+state files are opened with O_NOFOLLOW, created with O_EXCL.  A full disk is one line naming the path
+(`no_space`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
-from typing import Iterator
+from typing import IO, Iterator
 
-from .errors import BadInput
+from .errors import BadInput, SsaeError
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether `error` (an OSError, or a library's error wrapping one) says the disk or quota is full."""
+    if isinstance(error, OSError) and error.errno in FULL_DISK:
+        return True
+    text = str(error).lower()
+    return any(words in text for words in ("no space left", "disk quota", "file too large"))
+
+
+def no_space(path: str, kept: bool = True) -> SsaeError:
+    """The one-line failure of a write that ran out of space (exit 1: the run can be repeated as it is).
+    `kept`: a resumable partial stays (else nothing was written)."""
+    then = ("the partial output is kept: free space and rerun to resume, or --force to start over" if kept else
+            "nothing was written: free space and rerun")
+    return SsaeError(f"{path}: no space left on the device (or the file size limit was reached); {then}")
+
+
+def bytes_free(path: str) -> int:
+    """Bytes that can still be written to the file `path` (it may not exist yet): the space left on its
+    file system for this user, and under the file size limit (ulimit -f) what remains of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    vfs = os.statvfs(folder)
+    free = vfs.f_bavail * vfs.f_frsize
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, ValueError, OSError):
+        limit = -1
+    if limit >= 0:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        free = min(free, max(0, limit - size))
+    return free
+
+
+def refuse_link(path: str) -> None:
+    """Refuse a symbolic link at a name where the toolkit keeps its own files (partials, locks, state):
+    following it would write over whatever it points to."""
+    if os.path.islink(path):
+        raise BadInput(f"{path}: a symbolic link where ssae keeps its partial output; remove it (nothing was "
+                       "written through it)")
+
+
+def open_partial(path: str) -> IO[bytes] | None:
+    """`path` opened for reading when it is a regular file (never through a symbolic link); None when it
+    is absent, a link or anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # absent, a link (ELOOP), unreadable
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically: a new file (O_EXCL, never through a link) renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # replaces a link itself, never what it points to
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def check_target(path: str, force: bool) -> None:
     """Refuse to overwrite without --force, and fail early on an unwritable folder."""
     if os.path.exists(path) and not force:
         raise BadInput(f"{path}: exists (use --force to overwrite)")
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"{folder}: cannot create output folder ({e.strerror})") from None
+    folder = make_folder(os.path.dirname(os.path.abspath(path)) or ".")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BadInput(f"{folder}: output folder is not writable")
+
+
+def make_folder(folder: str) -> str:
+    """Create the output folder `folder` (and its parents), or say in one line why it cannot be."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        above = folder
+        while above and not os.path.isdir(above):
+            if os.path.lexists(above):
+                raise BadInput(f"{folder}: cannot create output folder ({above} is a file)") from None
+            above = os.path.dirname(above)
+        raise BadInput(f"{folder}: cannot create output folder (not a folder)") from None
+    except OSError as e:
+        raise BadInput(f"{folder}: cannot create output folder ({e.strerror})") from None
+    return folder
 
 
 def partial_path(path: str) -> str:
@@ -85,8 +175,10 @@ def atomic_file(path: str, force: bool = False, suffix: str = "") -> Iterator[st
     os.close(fd)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if isinstance(e, Exception) and is_full_disk(e):
+            raise no_space(path, kept=False) from None
         raise
     commit(tmp, path)
 
@@ -99,8 +191,10 @@ def atomic_dir(path: str, force: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".", suffix=".tmp", dir=folder)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if isinstance(e, Exception) and is_full_disk(e):
+            raise no_space(path, kept=False) from None
         raise
     commit(tmp, path)
 
@@ -147,9 +241,22 @@ def exclusive(path: str) -> Iterator[None]:
     import fcntl
 
     lock = lock_path(path)
-    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
+    folder = make_folder(os.path.dirname(lock))
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        refuse_link(lock)
+        try:
+            # never through a link planted at the lock's name (it would truncate what it points to)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                refuse_link(lock)
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise BadInput(f"{folder}: output folder is not writable") from None
+            raise BadInput(f"{lock}: cannot create the output's lock ({e.strerror})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            raise BadInput(f"{lock}: not a lock file ssae made (a hard link or special file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -275,8 +275,10 @@ def text_of(obj: dict | str, source: Source, text_field: str = "text") -> str:
 def id_of(obj: dict | str, source: Source) -> str:
     if isinstance(obj, dict):
         for key in ("id", "_id", "doc_id"):
-            if obj.get(key) is not None:
-                return str(obj[key])
+            value = obj.get(key)
+            if value is not None:
+                # a list or object id is kept as its JSON text, never as a Python repr
+                return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return f"{os.path.basename(source.name)}:{source.line}"
 
 
@@ -378,13 +380,25 @@ def spool_stdin(folder: str) -> str:
     identical pipe then reuses it, an interrupted one resumes it); returns the path.  Callers record the
     input as "-" with that hash, never the spool's name, which is per process (two identical pipes at once
     must not delete each other's spool) and carries the pid, so that spools of killed runs are cleaned."""
+    from .outputs import is_full_disk, make_folder, no_space
+
     if stdin_is_terminal():
         raise BadInput("no input: give document paths or pipe documents on stdin")
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     _clean_spools(folder)
-    fd, path = tempfile.mkstemp(prefix=f"stdin.{os.getpid()}.", suffix=".jsonl", dir=folder)
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, out)
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"stdin.{os.getpid()}.", suffix=".jsonl", dir=folder)
+    except OSError as e:
+        raise BadInput(f"{folder}: cannot keep a copy of stdin there ({e.strerror}); set SSAE_WORKDIR to a "
+                       "writable folder, or give the documents as a file") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, out)
+    except BaseException as e:
+        os.remove(path)  # nothing left behind, whatever stopped the copy
+        if isinstance(e, OSError) and is_full_disk(e):
+            raise no_space(path, kept=False) from None
+        raise
     return path
 
 

@@ -54,8 +54,25 @@ def chunk_rows(d: int, target_bytes: int = 1 << 20) -> int:
 def _copy_checkpointed(path: str, block_rows: int = 65536) -> None:
     """Rewrite a partial file as just its checkpointed rows and documents. After a kill, HDF5 metadata
     and string heaps written past the last flush can be torn, and writing on top of them fails."""
+    from ..core.outputs import bytes_free, no_space, refuse_link
+
     fresh = path + ".rebuild"
-    with h5py.File(path, "r") as old, h5py.File(fresh, "w") as new:
+    refuse_link(fresh)
+    if os.path.exists(fresh):
+        os.remove(fresh)
+    if bytes_free(path) < os.path.getsize(path) + (1 << 20):
+        raise no_space(path)
+    try:
+        _copy_rows(path, fresh, block_rows)
+    except BaseException:
+        if os.path.exists(fresh):
+            os.remove(fresh)
+        raise
+    os.replace(fresh, path)
+
+
+def _copy_rows(path: str, fresh: str, block_rows: int) -> None:
+    with h5py.File(path, "r") as old, h5py.File(fresh, "x") as new:
         n, d = int(old.attrs["n_tokens"]), int(old.attrs["n_docs"])
         for key, value in old.attrs.items():
             new.attrs[key] = value
@@ -66,13 +83,14 @@ def _copy_checkpointed(path: str, block_rows: int = 65536) -> None:
                                      dtype=src.dtype, chunks=src.chunks)
             for i in range(0, rows, block_rows):
                 dst[i:min(rows, i + block_rows)] = src[i:min(rows, i + block_rows)]
-    os.replace(fresh, path)
 
 
 class ActivationWriter:
     """Create or resume a partial activation file and append rows batch by batch."""
 
-    def __init__(self, path: str, *, d_model: int, dtype: str, attrs: dict, resume: bool):
+    def __init__(self, path: str, *, d_model: int, dtype: str, attrs: dict, resume: bool, create: str = "w"):
+        """`create` is h5py's mode for a new file: "x" for a fixed name in a shared folder (fails rather than
+        write through whatever was planted there), "w" for a fresh temporary name."""
         if dtype not in DTYPES:
             raise ConfigError("dtype", dtype, f"expected one of {', '.join(DTYPES)}")
         self.path, self.dtype = path, dtype
@@ -80,7 +98,7 @@ class ActivationWriter:
             _copy_checkpointed(path)
             self.f = h5py.File(path, "r+")
             return
-        self.f = h5py.File(path, "w")
+        self.f = h5py.File(path, create)
         rows = chunk_rows(d_model)
         store = "uint16" if dtype == "bfloat16" else dtype
         self.f.create_dataset("activations", shape=(0, d_model), maxshape=(None, d_model), dtype=store,
@@ -115,6 +133,22 @@ class ActivationWriter:
     @property
     def resume_state(self) -> dict:
         return json.loads(self.f.attrs["resume"])
+
+    def reserve(self, n_rows: int, text_bytes: int) -> None:
+        """Refuse (one line, exit 1) a batch that may not fit on the disk or under the file size limit,
+        before HDF5 writes any of it: a write that fails half-way tears the file, whereas refused here the
+        last checkpoint stays whole and a rerun resumes from it."""
+        from ..core.outputs import bytes_free, no_space
+
+        ds = self.f["activations"]
+        # each dataset may start a new chunk, HDF5 may rewrite its metadata; twice the data for slack
+        chunks = sum(int(np.prod(d.chunks)) * d.dtype.itemsize for d in self._datasets())
+        need = 2 * (n_rows * (ds.shape[1] * ds.dtype.itemsize + 12) + text_bytes) + chunks + (256 << 10)
+        if bytes_free(self.path) < need:
+            raise no_space(self.path)
+
+    def _datasets(self) -> list:
+        return [self.f[n] for n in ("activations", "token_ids", "doc_index", "position")] + list(self.f["docs"].values())
 
     def add_docs(self, ids: list[str], texts: list[str], input_indices: list[int]) -> None:
         docs = self.f["docs"]
@@ -174,18 +208,27 @@ class ActivationStore:
         if not bool(a.get("complete", False)) and not allow_incomplete:
             self.f.close()
             raise BadInput(f"{path}: incomplete activation file (harvest was interrupted; rerun it to finish)")
-        self.dtype = str(a["dtype"])
-        self.n_tokens = int(a["n_tokens"])
-        self.n_docs = int(a["n_docs"])
-        self.d_model = int(a["d_model"])
-        self.model = str(a.get("model", ""))
-        self.hook = str(a.get("hook", ""))
-        self.context_size = int(a.get("context_size", 0))
-        self.bos_dropped = bool(a.get("bos_dropped", True))
-        # None in files harvested before these were recorded (BOS was then prepended when the tokenizer had one)
-        self.prepend_bos = bool(a["prepend_bos"]) if "prepend_bos" in a else None
-        self.hook_module = str(a["hook_module"]) if "hook_module" in a else None
-        self.model_dtype = str(a["model_dtype"]) if "model_dtype" in a else None
+        missing = [name for name in ("activations", "token_ids", "doc_index", "position", "docs/id")
+                   if name not in self.f]
+        if missing:
+            self.f.close()
+            raise BadInput(f"{path}: no /{missing[0]} dataset: not a whole {SCHEMA} file")
+        try:
+            self.dtype = str(a["dtype"])
+            self.n_tokens = int(a["n_tokens"])
+            self.n_docs = int(a["n_docs"])
+            self.d_model = int(a["d_model"])
+            self.model = str(a.get("model", ""))
+            self.hook = str(a.get("hook", ""))
+            self.context_size = int(a.get("context_size", 0))
+            self.bos_dropped = bool(a.get("bos_dropped", True))
+            # None in files harvested before these were recorded (BOS was then prepended when the tokenizer had one)
+            self.prepend_bos = bool(a["prepend_bos"]) if "prepend_bos" in a else None
+            self.hook_module = str(a["hook_module"]) if "hook_module" in a else None
+            self.model_dtype = str(a["model_dtype"]) if "model_dtype" in a else None
+        except (KeyError, ValueError, TypeError) as e:
+            self.f.close()
+            raise BadInput(f"{path}: a bad or missing attribute ({type(e).__name__}: {e})") from None
         self._acts = self.f["activations"]
 
     @property

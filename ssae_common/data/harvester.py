@@ -16,6 +16,7 @@ output and reuse, provenance, model loading).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from .activations import ActivationStore, ActivationWriter, activation_artifact
 from .composition import Composition, describe, source_of
 from .config import HarvestConfig
 from ..core.errors import BadInput
-from ..core.outputs import check_target, exclusive, partial_path
+from ..core.outputs import check_target, exclusive, is_full_disk, no_space, partial_path, refuse_link
 from ..core.progress import Progress
 from ..core.records import Source
 from ..core.signals import StopFlag
@@ -49,14 +50,40 @@ class _Counter:
     short = 0
 
 
+PREFIX_MARGIN = 64  # tokens read past a document's cap: the tokens before them do not depend on where the text was cut
+
+
+def token_cap(cfg: HarvestConfig) -> int:
+    """The most tokens of one document a harvest can store (0: no bound)."""
+    caps = [c for c in (cfg.max_tokens_per_doc, cfg.max_tokens) if c]
+    return min(caps) if caps else 0
+
+
+def tokenize_prefix(model, text: str, cap: int) -> tuple[list[int], str]:
+    """The tokens of `text` up to one past `cap` (all of them when `cap` is 0 or the text is short), and the
+    prefix of the text they come from.  A long document is tokenised in growing prefixes, never whole: a
+    50 MB line costs what its first tokens cost."""
+    if cap:
+        chars = (cap + PREFIX_MARGIN) * 8
+        while chars < len(text):
+            tokens = model.tokenize(text[:chars])
+            if len(tokens) > cap + PREFIX_MARGIN:
+                return tokens[:cap + 1], text[:chars]
+            chars *= 4
+    return model.tokenize(text), text
+
+
 def iter_windows(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestConfig, start: dict,
                  counter: _Counter) -> Iterator[Window]:
     shard_i, shard_n = cfg.shard_index
     span = cfg.context_size - (1 if model.prepends_bos else 0)
+    cap = token_cap(cfg)
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n != shard_i or input_index < start["next_input_doc"]:
             continue
-        tokens = model.tokenize(doc["text"])
+        tokens, text = tokenize_prefix(model, doc["text"], cap)
+        if len(text) < len(doc["text"]):
+            doc = {**doc, "text": text}  # what is stored: the part of the text the stored tokens come from
         if len(tokens) < cfg.min_tokens:
             counter.short += 1
             continue
@@ -75,7 +102,7 @@ def document_lengths(model, docs: Iterable[tuple[dict, Source]], cfg: HarvestCon
     lengths = []
     for input_index, (doc, _source) in enumerate(docs):
         if input_index % shard_n == shard_i:
-            n = len(model.tokenize(doc["text"]))
+            n = len(tokenize_prefix(model, doc["text"], token_cap(cfg))[0])
             if n >= cfg.min_tokens:
                 lengths.append(n)
     return lengths
@@ -119,6 +146,7 @@ def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
 
 
 def _write_batch(writer, ids, texts, inputs, acts, token_ids, doc_rows, positions, checkpoint) -> None:
+    writer.reserve(len(token_ids), sum(len(t) for t in texts) * 4)  # UTF-8: at most 4 bytes a character
     if ids:
         writer.add_docs(ids, texts, inputs)
     writer.add_rows(acts, token_ids, doc_rows, positions)
@@ -209,15 +237,30 @@ def harvest_activations(model, docs: Iterable[tuple[dict, Source]], out: str, cf
         return _harvest_locked(model, docs, out, cfg, attrs, force=force, quiet=quiet)
 
 
+def _open_writer(tmp: str, model, cfg: HarvestConfig, attrs: dict, resume: bool) -> ActivationWriter:
+    """The partial's writer: resumed, or a new file created only where nothing is (never through a link)."""
+    try:
+        return ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=resume,
+                                create="x")
+    except Exception as e:
+        if is_full_disk(e):
+            if not resume and os.path.exists(tmp):
+                os.remove(tmp)
+            raise no_space(tmp) from None
+        raise
+
+
 def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     tmp = partial_path(out)
+    refuse_link(tmp)
     resume = False
     if os.path.exists(tmp):
         try:
             old = ActivationStore(tmp, allow_incomplete=True)
             same = old.attrs.get("config") == attrs["config"]
             old.close()
-        except BadInput as e:  # a checkpoint cut off mid-write (e.g. SIGKILL): nothing to resume
+        except (BadInput, OSError, RuntimeError, KeyError, ValueError) as e:
+            # a checkpoint cut off mid-write (SIGKILL, a full disk): nothing to resume
             log.warning("cannot resume %s (%s): starting over", tmp, e)
             same = None
         if same:  # same configuration and inputs: resuming gives what a fresh run would, even under --force
@@ -229,13 +272,14 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
                                "(use --force to start over)")
             os.remove(tmp)
     try:
-        writer = ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=resume)
+        writer = _open_writer(tmp, model, cfg, attrs, resume)
     except OSError as e:
-        if not resume:
-            raise
+        if not resume or is_full_disk(e):
+            raise no_space(tmp) if is_full_disk(e) else e
         log.warning("cannot resume %s (%s): starting over", tmp, e)  # torn before its last checkpoint
         resume = False
-        writer = ActivationWriter(tmp, d_model=model.hook_width(cfg.hook), dtype=cfg.dtype, attrs=attrs, resume=False)
+        os.remove(tmp)
+        writer = _open_writer(tmp, model, cfg, attrs, resume)
     try:
         with StopFlag() as stop:
             summary = harvest_into(model, docs, writer, cfg, stop, quiet=quiet)
@@ -244,8 +288,10 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
         if not resume:
             os.remove(tmp)
         raise
-    except BaseException:
+    except BaseException as e:
         writer.close()  # the checkpoint stays for a rerun
+        if isinstance(e, Exception) and is_full_disk(e):
+            raise no_space(tmp) from None
         raise
     n_tokens, n_docs = writer.n_tokens, writer.n_docs
     if n_tokens == 0:
@@ -256,6 +302,7 @@ def _harvest_locked(model, docs, out, cfg, attrs, *, force, quiet) -> dict:
     if summary["n_short"]:
         log.warning("%d document(s) shorter than %d token(s) were skipped", summary["n_short"], cfg.min_tokens)
     composition = summary["composition"].finish(cfg.max_tokens_per_doc or None)
+    writer.reserve(0, len(json.dumps(composition)))
     writer.finish(n_short_docs=summary["n_short"], composition=composition)
     os.replace(tmp, out)
     log.info("wrote %s: %d tokens from %d documents", out, n_tokens, n_docs)

@@ -34,6 +34,7 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
     record."""
     context = context or RunContext()
     config = config.resolve()
+    check_hook_name(config.model, config.hook)  # before any input is read
     inputs = list(docs) or ["-"]
     if config.spread and any(p.startswith("hf:") for p in inputs):
         raise ConfigError("spread", None, "reads the inputs twice: not for hf: streams")
@@ -46,7 +47,6 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
         inputs = [spooled if p == "-" else p for p in inputs]
     try:
         inputs = follow_doc_artifacts(inputs)
-        check_hook_name(config.model, config.hook)
         model_dtype = resolve_model_dtype(config.model_dtype, context.device, config.model)
         resolved = context.resolved(**hashed_values(
             config, model=model_identity(config.model), model_dtype=model_dtype,
@@ -62,6 +62,8 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
         check_target(out, context.force)
         with exclusive(out):
             n_docs = count_docs(inputs, config.text_field)
+            if n_docs == 0:
+                raise BadInput(f"{', '.join('<stdin>' if p == spooled else p for p in inputs)}: no documents")
             if n_docs is not None:
                 log.info("%d document(s) to harvest", n_docs)
             lm = load_model(config.model, device=context.device, model_dtype=model_dtype, prepend_bos=config.bos)

@@ -409,8 +409,15 @@ class LMScores:
 
 
 # ---- a whole evaluation: state (checkpointable), the activation-file pass, the final summary ----------
+STATE_SCHEMA = "ssae.evalstate/1"
+
+
 class EvalState:
-    """Everything accumulated so far; pickled at an interruption and resumed by a rerun."""
+    """Everything accumulated so far; saved at an interruption and resumed by a rerun.
+
+    The saved file cannot run code: a first line `ssae.evalstate/1 <key>` (read and compared before
+    anything else is parsed, so another run's file is never decoded), a line of JSON naming the SAEs and
+    their settings, then an .npz (loaded without pickle) holding every number."""
 
     def __init__(self, key: str, dims: dict[str, tuple[int, int]], cfg: MetricConfig, with_lm: bool,
                  vocab_size: int = 0):
@@ -421,33 +428,74 @@ class EvalState:
         self.n_tokens = 0      # evaluated tokens
         self.n_short_docs = 0
 
-    def save(self, path: str) -> None:
-        import os
-        import pickle
-        import tempfile
+    def _parts(self) -> dict:
+        """name -> object whose numeric attributes are saved ("" is the state itself)."""
+        parts = {"": self, **{f"acc{i}": acc for i, acc in enumerate(self.acc.values())}}
+        if self.lm is not None:
+            parts["lm"] = self.lm
+        return parts
 
-        for acc in self.acc.values():
-            acc._consolidate()
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
+    def save(self, path: str) -> None:
+        import dataclasses
+        import io
+        import json
+
+        from ..core.outputs import write_private_file
+
+        arrays = {}
+        for prefix, obj in self._parts().items():
+            if isinstance(obj, SaeMetrics):
+                obj._consolidate()
+            for name, value in vars(obj).items():
+                if isinstance(value, (bool, int, float, np.ndarray, np.generic)):
+                    arrays[f"{prefix}.{name}"] = np.asarray(value)
+        if self.lm is not None:
+            arrays["lm.spliced"] = np.asarray([self.lm.spliced[n] for n in self.acc], dtype=np.float64)
+        header = {"names": list(self.acc), "with_lm": self.lm is not None,
+                  "metric_config": [dataclasses.asdict(acc.cfg) for acc in self.acc.values()]}
+        body = io.BytesIO()
+        np.savez(body, **arrays)
+        write_private_file(path, f"{STATE_SCHEMA} {self.key}\n{json.dumps(header)}\n".encode() + body.getvalue())
 
     @staticmethod
     def load(path: str, key: str) -> "EvalState | None":
-        """The checkpoint at `path` when it belongs to the same inputs and configuration."""
-        import os
-        import pickle
+        """The checkpoint at `path` when it belongs to the same inputs and configuration (its first line
+        says so); None for anything else, which is never decoded further."""
+        import json
 
-        if not os.path.exists(path):
+        from ..core.outputs import open_partial
+
+        f = open_partial(path)
+        if f is None:
             return None
-        try:
-            with open(path, "rb") as f:
-                state = pickle.load(f)
-        except Exception:
-            return None
-        return state if isinstance(state, EvalState) and state.key == key else None
+        with f:
+            if f.readline(len(STATE_SCHEMA) + len(key) + 2) != f"{STATE_SCHEMA} {key}\n".encode():
+                return None
+            try:
+                header = json.loads(f.readline(1 << 24))
+                saved = np.load(f, allow_pickle=False)
+                arrays = {name: saved[name] for name in saved.files}
+                names, cfgs = list(header["names"]), header["metric_config"]
+                state = EvalState(key, {n: (int(arrays[f"acc{i}.d_in"]), int(arrays[f"acc{i}.d_sae"]))
+                                        for i, n in enumerate(names)},
+                                  MetricConfig(), with_lm=bool(header["with_lm"]))
+                for i, acc in enumerate(state.acc.values()):
+                    acc.cfg = MetricConfig(**cfgs[i])
+            except (ValueError, KeyError, TypeError, OSError, EOFError) as e:
+                log.warning("%s: unreadable evaluation state (%s): starting over", path, e)
+                return None
+        for prefix, obj in state._parts().items():
+            for name, value in list(vars(obj).items()):
+                saved_value = arrays.get(f"{prefix}.{name}")
+                if saved_value is None:
+                    continue
+                if isinstance(value, np.ndarray):
+                    setattr(obj, name, saved_value)
+                elif isinstance(value, (bool, int, float)):
+                    setattr(obj, name, saved_value.item())  # int, float or bool, as saved
+        if state.lm is not None:
+            state.lm.spliced = {n: float(v) for n, v in zip(state.acc, arrays["lm.spliced"])}
+        return state
 
 
 @torch.no_grad()

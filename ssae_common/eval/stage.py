@@ -15,7 +15,8 @@ import sys
 
 from ..core.config import hashed_values, replace
 from ..core.errors import BadInput
-from ..core.outputs import atomic_dir, check_target, exclusive, existing_output, partial_path, sha256_file, workdir
+from ..core.outputs import (atomic_dir, check_target, exclusive, existing_output, partial_path, refuse_link,
+                            sha256_file, workdir)
 from ..core.parse import unique_names
 from ..core.provenance import config_hash, created_by, input_fingerprint
 from ..core.records import artifact_record, dump_json, resolve_artifacts, spool_stdin
@@ -93,7 +94,7 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                        "sha256": input_fingerprint(d)} for d in config.docs if d != "-"]
         lm_name = model_identity(config.model)
         for p, c in zip(paths, cfgs):
-            _check_identity(p, c, lm_name, config.hook, where, config.allow_model_mismatch)
+            check_identity(p, c, lm_name, config.hook, where, config.allow_model_mismatch)
         bos = _windows_bos(paths, cfgs) if config.docs else None
         if config.docs:
             from ..data.models import check_hook_name, resolve_model_dtype
@@ -115,7 +116,8 @@ def _evaluate(config: EvalConfig, paths: list[str], out: str | None, context: Ru
                 return metrics_artifact(out)
         check_target(out, context.force)
         with exclusive(out):  # one writer per output (and per resume state)
-            state, loaded = _accumulate(config, paths, names, store, key, out, context, model_dtype, bos)
+            refuse_link(partial_path(out) + ".state")
+            state, loaded = _accumulate(config, paths, names, store, key, out, context, model_dtype, bos, spooled)
             doc = _metrics_doc(config, state, loaded, infos, baseline, inputs, lm_name, store, resolved, context)
             _write(out, doc, context)
             _remove(partial_path(out) + ".state")
@@ -126,7 +128,7 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_identity(path: str, cfg: dict, model: str, hook: str, where: str, allow_model_mismatch: bool) -> None:
+def check_identity(path: str, cfg: dict, model: str, hook: str, where: str, allow_model_mismatch: bool = False) -> None:
     """Refuse an SAE recorded at another hook, or on another model (names compared through the alias table:
     SAELens's gpt2-small is gpt2) unless `allow_model_mismatch`."""
     from ..data.models import same_hook, same_model
@@ -169,7 +171,7 @@ def _resolved(config: EvalConfig, context: RunContext, infos: list[dict], baseli
 
 
 def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, key: str, out: str,
-                context: RunContext, model_dtype: str | None = None, bos: bool = True):
+                context: RunContext, model_dtype: str | None = None, bos: bool = True, spooled: str | None = None):
     """Run every SAE over the evaluation set (resuming from OUT's partial state) -> (EvalState, [(name, SAE)])."""
     from ..core.records import iter_docs
     from ..core.signals import StopFlag
@@ -189,7 +191,9 @@ def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, k
         from ..core.records import count_docs
         from ..data.models import load_model
 
-        count_docs(config.docs, config.text_field)  # bad input is refused before the model loads
+        # bad input is refused before the model loads
+        if count_docs(config.docs, config.text_field) == 0:
+            raise BadInput(f"{', '.join('<stdin>' if d == spooled else d for d in config.docs)}: no documents")
         lm = load_model(config.model, device=device, model_dtype=model_dtype or "auto", prepend_bos=bos)
         lm.check_hook(config.hook)
         d_model = lm.hook_width(config.hook)

@@ -19,6 +19,15 @@ def table_of(path: str) -> str:
     except (OSError, ValueError) as e:
         raise BadInput(f"{path}: cannot read JSON ({e})") from None
     schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema not in (METRICS_SCHEMA, SHIFT_SCHEMA):
+        raise BadInput(f"{path}: not ssae-eval metrics or ssae-shift output (schema {schema!r})")
+    try:
+        return _table(path, doc, schema)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise BadInput(f"{path}: a malformed {schema} file ({type(e).__name__}: {e})") from None
+
+
+def _table(path: str, doc: dict, schema: str) -> str:
     if schema == METRICS_SCHEMA:
         inputs = ", ".join(os.path.basename(p) for p in doc.get("dataset", {}).get("paths", []))
         clean = doc["saes"][0].get("ppl_clean") if doc["saes"] else None
@@ -26,9 +35,7 @@ def table_of(path: str) -> str:
         if clean is not None:
             title += f"; clean-model perplexity {clean:.3f}"
         return title + "\n" + text_table(doc["saes"])
-    if schema == SHIFT_SCHEMA:
-        return f"{path}: accuracies in %\n" + format_table(doc)
-    raise BadInput(f"{path}: not ssae-eval metrics or ssae-shift output (schema {schema!r})")
+    return f"{path}: accuracies in %\n" + format_table(doc)
 
 
 def tables(paths: list[str]) -> str:

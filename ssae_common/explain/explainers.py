@@ -18,6 +18,7 @@ activate; precision, recall and F1 follow.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from ..core.errors import BadInput, SsaeError
@@ -52,6 +54,23 @@ class EndpointError(SsaeError):
 
 # ----------------------------------------------------------------------------------------- backends
 
+USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*)@")
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` without the user:password it may carry (never stored or shown)."""
+    return USERINFO.sub(r"\1***@", url) if url else url
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` (e.g. an error body that echoes the request) with Authorization values and `secrets` hidden."""
+    text = re.sub(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|basic\s+)?[^\s\"',}]+", r"\1\2***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def chat_completions_url(url: str) -> str:
     url = url.rstrip("/")
     if url.endswith("/chat/completions"):
@@ -72,10 +91,16 @@ class OpenAIChat:
         if not url:
             raise BadInput(f"{option}: required for an openai backend")
         if not re.match(r"^https?://", url):
-            raise BadInput(f"{option} {url}: expected an http:// or https:// URL")
+            raise BadInput(f"{option} {redact_url(url)}: expected an http:// or https:// URL")
         if not model:
             raise BadInput(f"{option.replace('url', 'model')}: required with an openai backend (the served model name)")
-        self.url, self.model, self.api_key = chat_completions_url(url), model, api_key
+        m = USERINFO.match(url)
+        userinfo = m.group(2) if m else ""
+        # user:password in the URL is sent as Basic authentication (unless an API key is set) and never shown
+        self.url, self.model, self.api_key = chat_completions_url(USERINFO.sub(r"\1", url)), model, api_key
+        self.basic = base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode() if userinfo else None
+        self.secrets = tuple(x for x in (api_key, userinfo, userinfo.partition(":")[2], self.basic) if x)
+        self.shown = redact_url(chat_completions_url(url))
         self.timeout, self.max_retries, self.option = timeout, max_retries, option
         self.name = f"openai:{model}"
         self.requests = 0
@@ -86,6 +111,8 @@ class OpenAIChat:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self.basic:
+            headers["Authorization"] = f"Basic {self.basic}"
         delay = self.backoff
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
@@ -96,25 +123,25 @@ class OpenAIChat:
                     payload = response.read()
                 break
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace").strip()
+                detail = redact(e.read()[:300].decode("utf-8", "replace").strip(), self.secrets)
                 if e.code in self.retry_status and not last:
-                    log.info("%s: HTTP %d, retrying in %.1f s", self.url, e.code, delay)
+                    log.info("%s: HTTP %d, retrying in %.1f s", self.shown, e.code, delay)
                 else:
-                    raise EndpointError(f"{self.option} {self.url}: HTTP {e.code} {e.reason}"
+                    raise EndpointError(f"{self.option} {self.shown}: HTTP {e.code} {e.reason}"
                                         + (f": {detail}" if detail else "")) from None
             except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
                 reason = getattr(e, "reason", e)
                 if last:
-                    raise EndpointError(f"{self.option} {self.url}: cannot reach the endpoint ({reason})") from None
-                log.info("%s: %s, retrying in %.1f s", self.url, reason, delay)
+                    raise EndpointError(f"{self.option} {self.shown}: cannot reach the endpoint ({reason})") from None
+                log.info("%s: %s, retrying in %.1f s", self.shown, reason, delay)
             time.sleep(delay)
             delay *= 2
         try:
             data = json.loads(payload)
             content = data["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise EndpointError(f"{self.option} {self.url}: not an OpenAI chat completion response "
-                                f"({payload[:200].decode('utf-8', 'replace')!r})") from None
+            raise EndpointError(f"{self.option} {self.shown}: not an OpenAI chat completion response "
+                                f"({redact(payload[:200].decode('utf-8', 'replace'), self.secrets)!r})") from None
         return content or ""
 
 

@@ -13,6 +13,7 @@ configuration resumes there; at the end the browser page is written and the fold
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -25,7 +26,7 @@ from ..core.errors import BadInput
 from ..core.records import dump_json, to_json
 from ..core.runtime import RunContext
 from .config import LM_LATENTS, ExplainConfig
-from .explainers import EndpointError, explain_latent, make_backend, score_latent
+from .explainers import EndpointError, explain_latent, make_backend, redact_url, score_latent
 
 log = logging.getLogger("ssae")
 
@@ -66,14 +67,18 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             config, sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
             activations={"path": os.path.abspath(store_path), "fingerprint": store_fingerprint(store_path)},
             latents=config.latents or ("all" if len(latents) == model.d_sae else f"0-{len(latents) - 1}"),
-            n_latents=len(latents)))
+            n_latents=len(latents), explainer_url=redact_url(config.explainer_url),
+            scorer_url=redact_url(config.scorer_url)))
         digest = config_hash(resolved)
         if out is None:
             out, reuse = existing_output("explanations", digest, marker="explanations.jsonl", force=context.force)
             if reuse:
                 return explanations_artifact(out)
         check_target(out, context.force)
-        with exclusive(out):  # one writer per output (and per partial folder)
+        tokenizer = None
+        if not os.path.exists(os.path.join(partial_path(out), "contexts.jsonl.gz")):
+            tokenizer = load_tokenizer(config.tokenizer_model)  # a bad model is refused before anything is written
+        with exclusive(out), _cleared_when_refused(partial_path(out)):
             work = partial_path(out)
             run_file = os.path.join(work, "run.json")
             _open_work(work, run_file, digest, resolved, context)
@@ -84,7 +89,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
                 if os.path.exists(contexts_file):
                     contexts = read_contexts(contexts_file)
                 else:
-                    tokenizer = load_tokenizer(config.tokenizer_model)
+                    tokenizer = tokenizer or load_tokenizer(config.tokenizer_model)
                     log.info("extracting contexts of %d latent(s) from %s (%d tokens)", len(latents), store_path,
                              store.n_tokens)
                     with Progress("contexts", total=store.n_tokens, unit="tokens", quiet=context.quiet) as progress:
@@ -134,10 +139,23 @@ def _check_inputs(store, model, sae: str) -> None:
         raise BadInput(f"{store.path}: harvested {'with' if store_bos else 'without'} BOS, but the SAE {sae} was "
                        f"trained {'with' if sae_bos else 'without'} "
                        f"(harvest again with {'--bos' if sae_bos else '--no-bos'})")
-    for attr in ("model", "hook"):
-        if model.cfg.get(attr) and getattr(store, attr) and model.cfg[attr] != getattr(store, attr):
-            log.warning("the SAE was trained on %s %s, the activations come from %s", attr, model.cfg[attr],
-                        getattr(store, attr))
+    from ..eval.stage import check_identity
+
+    if store.model and store.hook:
+        check_identity(sae, model.cfg, store.model, store.hook, store.path)
+
+
+@contextlib.contextmanager
+def _cleared_when_refused(work: str):
+    """Remove the partial folder `work` when this run made it and then refused its input (exit 2): nothing
+    of a refused run is left to block the corrected one.  An interrupted or failed run keeps it."""
+    fresh = not os.path.exists(work)
+    try:
+        yield
+    except BadInput:
+        if fresh and os.path.isdir(work) and not os.path.islink(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _open_work(work: str, run_file: str, digest: str, resolved: dict, context: RunContext) -> None:
@@ -217,7 +235,7 @@ def _backends(config: ExplainConfig, device: str):
     """The explainer and the scorer (None when not scoring; the explainer itself unless told otherwise)."""
     key = os.environ.get(config.api_key_env) if config.api_key_env else None
     if config.explainer == "openai" and not key:
-        log.info("%s is not set: calling %s without an API key", config.api_key_env, config.explainer_url)
+        log.info("%s is not set: calling %s without an API key", config.api_key_env, redact_url(config.explainer_url))
     explainer = make_backend(config.explainer, model=config.explainer_model, url=config.explainer_url,
                              api_key=key, device=device, timeout=config.timeout)
     if not config.score:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..core.config import ConfigError
 from ..core.errors import BadInput
-from ..core.outputs import atomic_dir
+from ..core.outputs import atomic_dir, refuse_link, write_private_file
 from ..core.progress import Progress
 from ..core.provenance import config_hash, input_fingerprint
 from ..core.records import iter_docs
@@ -471,7 +471,9 @@ class DenseIndex:
         import fcntl
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + ".lock", "w") as lock:
+        for name in (".lock", ".partial.npy", ".partial.json"):
+            refuse_link(self.path + name)  # a shared cache: never write through a planted link
+        with os.fdopen(os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666), "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -508,9 +510,7 @@ class DenseIndex:
 
         def checkpoint():
             out.flush()
-            with open(state_path + ".tmp", "w") as f:
-                json.dump({"done": done}, f)
-            os.replace(state_path + ".tmp", state_path)
+            write_private_file(state_path, json.dumps({"done": done}).encode())
 
         chunk = self.chunk_docs
         t0 = time.perf_counter()

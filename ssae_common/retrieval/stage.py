@@ -75,6 +75,7 @@ def _retrieve(config: RetrieveConfig, seeds: Sequence[str], out: str | None, con
     params = R.BM25Params(k1=config.k1, b=config.b, tokenization=R.Tokenization(
         stopwords=_off(config.stopwords), stemmer=_off(config.stemmer)))
     resolved = _resolved(config, context, params, seed_docs)
+    _check_before_reading(config, context, params)
     if out is None and default_output:
         # the seeds' text names the output too: the provenance records their ids only
         out, reuse = existing_output("docs", config_hash(resolved, [r["text"] for r in seed_docs]), ".jsonl",
@@ -129,6 +130,22 @@ def _retrieve(config: RetrieveConfig, seeds: Sequence[str], out: str | None, con
             write_retrieval(result, out, force=context.force)
         result.artifact = docs_artifact(out)
     return result
+
+
+def _check_before_reading(config: RetrieveConfig, context: RunContext, params) -> None:
+    """Refuse a bad --stopwords, --stemmer, --dense-model, --sae or --device before the corpus is read (minutes
+    on a large one) and any model loads."""
+    if config.method != "dense":
+        params.tokenization.build()
+    if config.method != "bm25":
+        R.resolve_dense_model(config.dense_model)
+    if config.rerank == "tracin":
+        from ..sae.imports import detect_format
+
+        for path in config.sae:
+            detect_format(path, field="sae")
+    if config.method != "bm25" or config.rerank == "tracin":
+        context.device  # noqa: B018 (resolving it refuses a device this machine lacks)
 
 
 def docs_artifact(path: str) -> dict:

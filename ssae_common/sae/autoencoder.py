@@ -127,7 +127,23 @@ def read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG)
     if not os.path.exists(path):
         raise BadInput(f"{folder}: not an SAE directory (no {CONFIG})")
-    return read_json_object(path)
+    cfg = read_json_object(path)
+    check_config_types(path, cfg)
+    return cfg
+
+
+def check_config_types(path: str, cfg: dict) -> None:
+    """BadInput naming `path` and the field when a cfg.json field has the wrong type (d_sae "16")."""
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    rules = {"d_in": (integer, "a positive integer"), "d_sae": (integer, "a positive integer"),
+             "k": (lambda v: v is None or integer(v), "a positive integer or null"),
+             "act_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+             "architecture": (lambda v: isinstance(v, str), "a string")}
+    for name, (ok, what) in rules.items():
+        if name in cfg and not ok(cfg[name]):
+            raise BadInput(f"{path}: {name} is {json.dumps(cfg[name])}, expected {what}")
 
 
 def read_json_object(path: str) -> dict:

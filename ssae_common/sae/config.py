@@ -84,6 +84,10 @@ class FitConfig:
     aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (the topk and batchtopk "
                                        "architectures; 0 off).")
     aux_coefficient: float = option(1 / 32, min=0, help="Weight of the AuxK loss (with --aux-k).")
+    normalize_grad: bool = option(
+        True, help="Scale each step's gradient (all parameters together) to unit norm before Adam, so that every "
+                   "step weighs alike in Adam's moment estimates (dictionary_learning's and SAELens's norm-1 clip "
+                   "does this to theirs, which always exceed 1; docs/benchmarks.md).")
     # jumprelu (sae.objective: the straight-through estimator, as SAELens 6)
     l0: float | None = option(None, min=0, derived="1/d_in, or the parent's",
                               help="L0 coefficient for jumprelu (on the per-token loss, see docs/fit.md).")

@@ -52,6 +52,15 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     {tilt}, {tilt_ess}, {k} and {seed} (runs/ssae-t{tilt}); without `out`, each goes where `fit` with its
     options would put it (a complete one there is reused).  Returns the artifact records (none on the
     ranks other than 0 of a torchrun job)."""
+    from ..core.signals import StopFlag
+
+    # one handler from the start: a signal at any moment (between two seeds too) checkpoints and exits 75
+    with StopFlag() as stop:
+        return _fit_sweep(config, activations, sweep, out, context, stop)
+
+
+def _fit_sweep(config: FitConfig, activations: list[str], sweep: dict | None, out: str | None,
+               context: RunContext, stop) -> list[dict]:
     from ..data.activations import open_stores, store_fingerprint
     from .imports import import_sae
     from .train import Parent, Run, parent_sha256, refuse_sweep_under_torchrun, train_saes
@@ -82,7 +91,7 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     inputs = [{"path": os.path.abspath(p), "fingerprint": store_fingerprint(p)} for p in activations]
 
     varied = [f for f in combos[0] if len({c[f] for c in combos}) > 1]
-    runs, records = [], []
+    runs, records, kept = [], [], []
     for combo in combos:  # every combination is checked before any is trained
         seed = combo.pop("seed")
         ctx = replace(context, seed=seed)
@@ -99,6 +108,10 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
             if reuse:
                 records.append(where)
                 continue
+        elif len(combos) > 1 and not context.force and _trained_with(where, digest):
+            kept.append(where)  # an interrupted sweep: its finished SAEs stay as they are
+            records.append(where)
+            continue
         records.append(where)
         extra = {"model": model, "hook": hook, **source, "tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess,
                  "tilt_groups": cfg.tilt_groups, "l1_coefficient": cfg.l1,
@@ -109,10 +122,27 @@ def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None =
     if len({os.path.abspath(r) for r in records}) < len(records):
         raise BadInput(f"-o {out}: names the same folder for several SAEs (give a placeholder for every listed "
                        "option, e.g. {tilt})")
-    written = train_saes(activations, runs, force=context.force, quiet=context.quiet) if runs else []
+    if kept and not runs:  # the whole sweep is there: as for one output, overwrite only with --force
+        raise BadInput(f"{kept[0]}: exists (use --force to overwrite)")
+    if kept:
+        log.info("%d of %d SAEs already trained (%s): training the others", len(kept), len(records),
+                 ", ".join(os.path.basename(k) for k in kept))
+    written = train_saes(activations, runs, force=context.force, quiet=context.quiet, stop=stop) if runs else []
     if runs and written[0] is None:  # a torchrun rank other than 0
         return []
     return [sae_artifact(path) for path in records] if main_rank() else []
+
+
+def _trained_with(folder: str, digest: str) -> bool:
+    """Whether `folder` holds a finished SAE trained with the configuration whose hash is `digest`."""
+    from .autoencoder import read_config
+
+    if not os.path.exists(os.path.join(folder, MARKER)):
+        return False
+    try:
+        return config_hash(read_config(folder).get("config")) == digest
+    except BadInput:
+        return False
 
 
 def _combinations(sweep: dict, seed: int) -> list[dict]:

@@ -22,14 +22,14 @@ from ..data.activations import ActivationStore
 from ..data.batches import ActivationStream
 from ..core.config import ConfigError
 from ..core.errors import BadInput
-from ..core.outputs import atomic_dir, check_target, exclusive, partial_path, sha256_file
+from ..core.outputs import atomic_dir, check_target, exclusive, partial_path, refuse_link, sha256_file
 from ..core.records import dump_json
 from ..core.signals import StopFlag
 from .autoencoder import SAE
 from .config import FitConfig
 from .distributed import DataParallel, data_parallel
 from .architectures import get as architecture
-from .trainer import CHECKPOINT, LOG, Trainer, train_together
+from .trainer import CHECKPOINT, LOG, Trainer, read_checkpoint, train_together
 
 log = logging.getLogger("ssae")
 STATE = "partial.json"
@@ -177,7 +177,11 @@ def train_saes(paths: list[str], runs: list[Run], *, force: bool = False, quiet:
             for run in runs:
                 check_target(run.out, force)
             written = {}
+            if stop is None:
+                stop = locks.enter_context(StopFlag())
             for group in groups.values():
+                if written:
+                    stop.check()  # between two seeds: the finished SAEs are written, a rerun trains the rest
                 written.update(zip(map(id, group), _fit(stores, group, force, quiet, stop)))
             return [written[id(run)] for run in runs]
     finally:
@@ -208,12 +212,12 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
             if dp.is_main:
                 try:
                     resume = _resume_or_clear(folder, run.digest, force)
+                    state = _checkpoint_or_clear(folder) if resume else None
                     val = stream.validation() if val is None else val
-                    if resume:
+                    if state is not None:
                         log.info("resuming %s", folder)
                         sae = new_sae(run.cfg, d_in)
                         trainer = Trainer(run.cfg, sae, stream, folder, np.empty((0, d_in), np.float32), dp)
-                        state = trainer.read_checkpoint()
                         trainer.load_state(state)
                         trainer.val = (torch.from_numpy(val).to(trainer.device) * trainer.sae.act_scale
                                        if len(val) else None)
@@ -223,7 +227,7 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
                         # each SAE finetunes its own copy of the parent (init_sae changes it in place)
                         parent = copy.deepcopy(run.parent.sae) if run.parent is not None else None
                         sae = init_sae(run.cfg, d_in, sample, parent)
-                        os.makedirs(folder)
+                        os.makedirs(folder, mode=0o700)  # private while in progress: nothing planted inside
                         created.append(folder)
                         with open(os.path.join(folder, STATE), "w") as f:
                             dump_json({"config_hash": run.digest, "config": run.resolved}, f, indent=2, default=str)
@@ -294,9 +298,20 @@ def _write(run: Run, trainer: Trainer, stream: ActivationStream, elapsed: float,
     return out
 
 
+def _checkpoint_or_clear(folder: str) -> dict | None:
+    """The checkpoint in `folder`, or None (and the folder cleared) when it is not one ssae wrote."""
+    try:
+        return read_checkpoint(os.path.join(folder, CHECKPOINT))
+    except BadInput as e:
+        log.warning("%s: starting over", e)
+        shutil.rmtree(folder)
+        return None
+
+
 def _resume_or_clear(folder: str, digest: str, force: bool) -> bool:
     """True when `folder` holds a checkpoint of this configuration (resumed even under --force: the
     result is the same as a fresh run's); otherwise clears it, or refuses without --force."""
+    refuse_link(folder)
     if not os.path.isdir(folder):
         return False
     state = _read_state(folder)

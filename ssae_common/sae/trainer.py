@@ -1,11 +1,11 @@
 """The training loop: a Trainer per SAE (its step, its checkpoints, its log records), the batches of a stream
 built once for every SAE trained on it (Batches, prefetched), and train_together, which steps SAEs that share
 a stream.  Each step: the objective (objective.py) is back-propagated, the gradient component along each
-decoder row is removed, Adam steps, the decoder rows are renormalised, and the architecture's per-step hook
-runs (architectures/: a threshold kept >= 0, or following the batch).  Batches come from `ActivationStream`,
-a pure function of (seed, step), so a checkpoint (weights, Adam state, counters, RNG states, the step)
-resumes exactly.  The t used is logged (its mean over the steps since the last record) with the weights'
-ESS fraction."""
+decoder row is removed, the gradient is scaled to unit norm (normalize_grad), Adam steps, the decoder rows
+are renormalised, and the architecture's per-step hook runs (architectures/: a threshold kept >= 0, or
+following the batch).  Batches come from `ActivationStream`, a pure function of (seed, step), so a checkpoint
+(weights, Adam state, counters, RNG states, the step) resumes exactly.  The t used is logged (its mean over
+the steps since the last record) with the weights' ESS fraction."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data.batches import ActivationStream
-from ..core.errors import Interrupted
+from ..core.errors import BadInput, Interrupted
 from ..core.progress import Progress
 from ..core.records import to_json
 from ..core.signals import StopFlag
@@ -38,6 +38,43 @@ SMALL_STEP = 10**8  # batch x d_in x d_sae below which CPU training runs on one 
 ACC_GLOBAL = ("objective", "tilt", "ess_fraction", "max_weight_x_n")  # same value on every rank
 ACC_LOCAL = ("loss", "mse", "l0", "aux")  # sums over this rank's tokens (aux: this rank's share)
 ACC = ACC_GLOBAL + ACC_LOCAL
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write a checkpoint atomically: a new file (never through a link planted at a fixed name) renamed
+    into place; a full disk leaves the previous checkpoint and says so in one line."""
+    import tempfile
+
+    from ..core.outputs import is_full_disk, no_space
+
+    fd, tmp = tempfile.mkstemp(prefix=CHECKPOINT + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e, Exception) and (is_full_disk(e) or is_full_disk(e.__cause__ or e.__context__ or e)):
+            raise no_space(os.path.dirname(path)) from None
+        raise
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's tensors and numbers; never code (torch.load with weights_only: a pickle that names
+    anything but tensors, containers and numbers is refused), and never through a symbolic link."""
+    import pickle
+
+    from ..core.outputs import open_partial
+
+    f = open_partial(path)
+    if f is None:
+        raise BadInput(f"{path}: not a regular file (a link, or missing)")
+    with f:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise BadInput(f"{path}: not a checkpoint ssae wrote ({type(e).__name__}: {first})") from None
 
 
 class Trainer:
@@ -75,15 +112,13 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self._fold_acc()  # every rank takes part
         if self.dp.is_main:
-            path = os.path.join(self.folder, CHECKPOINT)
-            torch.save(self.state(), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            save_checkpoint(self.state(), os.path.join(self.folder, CHECKPOINT))
             log.debug("checkpoint at step %d", self.step)
         # no rank leaves before the file is written: when one exits, torchrun stops the others
         self.dp.barrier()
 
     def read_checkpoint(self) -> dict:
-        return torch.load(os.path.join(self.folder, CHECKPOINT), map_location="cpu", weights_only=False)
+        return read_checkpoint(os.path.join(self.folder, CHECKPOINT))
 
     def load_state(self, st: dict) -> None:
         self.sae.load_state_dict(st["model"])
@@ -148,6 +183,11 @@ class Trainer:
                 fired = flat[offset:]
             W, g = sae.W_dec, sae.W_dec.grad
             g.sub_((g * W).sum(1, keepdim=True) * W)  # rows are unit norm
+            if cfg.normalize_grad:
+                grads = [p.grad for p in self.opt.params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in grads])).clamp_min(1e-30)
+                for p in grads:
+                    p.div_(norm)
         self.opt.step(lr)
         sae.normalize_decoder()
         arch.after_step(sae, enc, dp)

@@ -1,21 +1,23 @@
-"""Benchmark ssae's TopK training against the field's libraries: ssae (its real Trainer.train_step, sparse and
-dense decoder), SAELens 6.54.12 (default and use_sparse_activations), sparsify 1.3.3 (no Triton) and
-dictionary_learning 0.1.0 train TopK SAEs on the same rows in the same order with the same settings (d_sae,
-k, batch, Adam learning rate held constant, steps), one thread each.  Each trainer is a persistent worker
-process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps at a time,
-so drifting machine load hits all alike.  Printed: tokens per CPU-second of each worker's training steps
-(its own process time) and the ratio to ssae, and the FVU on the same held-out rows, computed here by one
-function from the weights each worker hands back.
+"""Benchmark ssae's TopK training against the field's libraries as trainers: ssae (its real Trainer.train_step),
+SAELens 6.54.12, sparsify 1.3.3 (no Triton) and dictionary_learning 0.1.0 train TopK SAEs on the same rows in the
+same order (d_sae, k, batch, steps), one thread each, each peer once with its own standard recipe (its optimiser,
+learning rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae's (ssae's learning rate
+and schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the
+peer's own step, gradient clipping included).  Every schedule is sized to the budget (--steps).  Each trainer is a
+persistent worker process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps
+at a time, so drifting machine load hits all alike.  Printed, from one evaluator on the same held-out rows and
+the weights each worker hands back: at the budget, tokens per CPU-second of each worker's training steps (its
+own process time) and the ratio to sparsify's, held-out FVU, the fraction of latents that fire on no held-out
+row, L0; and at equal CPU-seconds, each trainer's last evaluation (every --eval-every steps) within the CPU
+time ssae took for the whole budget.
 
     make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps N] ...)
 
 Rows: --store (an ssae activation store), else SmolLM2 blocks.6 activations of the shared general pool
-(harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  Everything else is each
-library's default: input scaling (ssae normalises, the others do not), decoder-bias start, SAELens's
-gradient clipping and decoder-norm rescaling.  AuxK is off in ssae and sparsify (their defaults); SAELens
-counts a latent dead after 1000 steps unfired and dictionary_learning after 10M tokens, so theirs does not
-start within the default 50 steps.  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell peers);
-a peer that is missing or fails to start is skipped with one line.
+(harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  --trainers picks the trainers;
+ssae+FIELD=VALUE changes one of ssae-fit's options (and peers_worker.py's few ablation knobs), so the same
+script gives the ablation tables.  The peers venv is $SSAE_PEERS_PYTHON or <repo>/.peers-venv (make -C shell
+peers); a peer that is missing or fails to start is skipped with one line.
 """
 from __future__ import annotations
 
@@ -37,10 +39,6 @@ from common import ROOT, shared  # noqa: E402
 
 PEERS = os.environ.get("SSAE_PEERS_PYTHON") or os.path.join(ROOT, ".peers-venv", "bin", "python")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_worker.py")
-# (label, worker name, runs in the peers venv)
-TRAINERS = [("ssae", "ssae", False), ("ssae (dense decoder)", "ssae-dense", False),
-            ("SAELens 6.54.12", "saelens", True), ("SAELens, use_sparse_activations*", "saelens-sparse", True),
-            ("sparsify 1.3.3 (no Triton)", "sparsify", True), ("dictionary_learning 0.1.0", "dictionary_learning", True)]
 
 
 def load_rows(args) -> tuple[np.ndarray, str]:
@@ -68,18 +66,26 @@ def load_rows(args) -> tuple[np.ndarray, str]:
 
 
 @torch.no_grad()
-def fvu(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> float:
-    """The one evaluator: x_hat = topk(relu((x * scale - b_dec) @ W_enc + b_enc)) @ W_dec / scale + b_dec / scale."""
+def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> dict:
+    """The one evaluator: pre = relu((x * scale - b_dec) @ W_enc + b_enc), f = its top k per row,
+    x_hat = (f @ W_dec + b_dec) / scale.  FVU, the mean L0, and the fraction of latents that fire on none of the
+    rows (dead)."""
     t = {name: torch.from_numpy(np.asarray(v)) for name, v in w.items()}
     scale = float(t["scale"])
-    sse = 0.0
+    sse, l0 = 0.0, 0.0
+    fired = torch.zeros(t["W_dec"].shape[0], dtype=torch.bool)
     for s in range(0, len(x), chunk):
         xs = x[s:s + chunk]
         pre = torch.relu((xs * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
         values, index = pre.topk(k, dim=-1)
-        x_hat = (torch.zeros_like(pre).scatter(-1, index, values) @ t["W_dec"] + t["b_dec"]) / scale
+        f = torch.zeros_like(pre).scatter(-1, index, values)
+        x_hat = (f @ t["W_dec"] + t["b_dec"]) / scale
         sse += float((xs - x_hat).double().pow(2).sum())
-    return sse / float((x - x.mean(0)).double().pow(2).sum())
+        on = f > 0
+        l0 += float(on.sum())
+        fired |= on.any(0)
+    return {"fvu": sse / float((x - x.mean(0)).double().pow(2).sum()), "l0": l0 / len(x),
+            "dead": float(1 - fired.float().mean())}
 
 
 class Worker:
@@ -118,23 +124,56 @@ class Worker:
         return f"exited {self.proc.returncode}: {errors[-1][:200] if errors else 'no message, see ' + self.log}"
 
 
+LIBRARIES = {"ssae": "ssae", "saelens": "SAELens 6.54.12", "sparsify": "sparsify 1.3.3 (no Triton)",
+             "dictionary_learning": "dictionary_learning 0.1.0"}
+DEFAULT_TRAINERS = ("ssae,dictionary_learning,dictionary_learning@ssae,sparsify,sparsify@ssae,saelens,saelens@ssae")
+
+
+def schedule_of(spec: str, steps: int, ssae_cfg) -> str:
+    """The recipe a trainer spec runs (peers_worker.py), in words."""
+    name, _, rest = spec.partition("@")
+    name, recipe = name.split("+")[0], rest.split("+")[0] or ("ssae" if name.startswith("ssae") else "own")
+    warm = min(ssae_cfg.warmup_steps, steps // 10)
+    ssae_words = (f"Adam {ssae_cfg.lr:.3g}, warm-up {warm}, decay to 0 over the last {ssae_cfg.decay_fraction:.0%}, "
+                  "normalised inputs, b_dec median")
+    if name.startswith("ssae") or recipe == "ssae":
+        words = ssae_words + ("; clip 1" if name in ("dictionary_learning", "saelens") else "")
+        knobs = spec.split("+")[1:]
+        return words + (f"; {', '.join(knobs)}" if knobs else "")
+    return {"dictionary_learning": f"Adam {ssae_cfg.lr:.3g}, warm-up {min(1000, steps // 10)}, constant; clip 1, "
+                                   "raw inputs, b_dec median of batch 1",
+            "sparsify": f"sign-SGD {5e-3 / math.sqrt(ssae_cfg.d_sae / 2**14):.3g}, schedule-free, raw inputs, "
+                        "b_dec mean of batch 1",
+            "saelens": "Adam 3e-4 constant; clip 1, raw inputs, b_dec 0, decoder rows 0.1"}[name]
+
+
 def main() -> None:
+    from ssae_common.sae.config import FitConfig
+    from ssae_common.sae.optim import lr_at
+    from ssae_common.sae.train import act_scale_of, geometric_median
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="an ssae activation store (default: harvest SmolLM2 blocks.6 of the shared pool)")
     ap.add_argument("--harvest-tokens", type=int, default=100_000, help="rows to harvest without --store")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--round", type=int, default=5, help="steps each trainer runs per turn")
+    ap.add_argument("--steps", type=int, default=200, help="the budget: every trainer's schedule is sized to it")
+    ap.add_argument("--round", type=int, default=10, help="steps each trainer runs per turn")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="held-out FVU every this many steps too (a multiple of --round; default: a tenth of the "
+                         "budget), for the comparison at equal CPU-seconds")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--lr", type=float, help="default 2e-4 / sqrt(d_sae / 2^14), as ssae, sparsify and "
-                                            "dictionary_learning derive it")
     ap.add_argument("--val-rows", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", help="comma-separated worker names (" + ", ".join(t[1] for t in TRAINERS) + ")")
+    ap.add_argument("--trainers", default=DEFAULT_TRAINERS,
+                    help="comma-separated: ssae, saelens, sparsify, dictionary_learning; NAME@ssae runs a peer with "
+                         "ssae's recipe (schedule, input scaling, b_dec); ssae+FIELD=VALUE changes one of ssae-fit's "
+                         "options (e.g. ssae+decay_fraction=0), as the ablations do")
     args = ap.parse_args()
-    lr = args.lr or 2e-4 / math.sqrt(args.d_sae / 2**14)
     started, load = time.monotonic(), os.getloadavg()[0]
+    every = args.eval_every or max(args.round, args.steps // 10 // args.round * args.round)
+    if every % args.round:
+        raise SystemExit(f"--eval-every {every} is not a multiple of --round {args.round}")
 
     rows, source = load_rows(args)
     g = np.random.default_rng(args.seed)
@@ -145,60 +184,95 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ssae-bench-peers-")
     np.save(os.path.join(tmp, "rows.npy"), train)
     np.save(os.path.join(tmp, "order.npy"), order)
-    del rows, train
+    # ssae's recipe, from ssae's own functions, for the peers that run it (@ssae)
+    init_rows = min(32768, len(order))
+    sample = np.ascontiguousarray(train[order[:init_rows]])
+    cfg = FitConfig(architecture="topk", d_sae=args.d_sae, k=args.k, batch_size=args.batch,
+                    train_tokens=need).resolve(d_in=val.shape[1], n_rows=need)
+    act_scale = act_scale_of(sample)
+    np.save(os.path.join(tmp, "b_dec.npy"), geometric_median(torch.from_numpy(sample) * act_scale).numpy())
+    del rows, train, sample
     setup = os.path.join(tmp, "setup.json")
     with open(setup, "w") as f:
         json.dump({"rows": os.path.join(tmp, "rows.npy"), "order": os.path.join(tmp, "order.npy"), "d_in": val.shape[1],
-                   "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": args.steps, "lr": lr,
-                   "seed": args.seed, "init_rows": min(32768, len(order)), "tmp": tmp}, f)
+                   "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": args.steps, "seed": args.seed,
+                   "init_rows": init_rows, "tmp": tmp, "ssae_lr": cfg.lr, "ssae_act_scale": act_scale,
+                   "ssae_b_dec": os.path.join(tmp, "b_dec.npy"),
+                   "ssae_schedule": [lr_at(cfg, i) / cfg.lr for i in range(args.steps)]}, f)
 
-    only = set(args.only.split(",")) if args.only else None
     workers, skipped = [], []
-    for label, name, peer in TRAINERS:
-        if only is not None and name not in only:
-            continue
+    for i, spec in enumerate(args.trainers.split(",")):
+        name = spec.split("@")[0].split("+")[0]
+        if name not in LIBRARIES:
+            raise SystemExit(f"--trainers: {spec!r}: expected one of {', '.join(LIBRARIES)}")
+        peer = name != "ssae"
+        recipe = spec[len(name):]
+        label = LIBRARIES[name] + (" (ssae's recipe)" if recipe.startswith("@ssae") else
+                                   f" ({recipe.lstrip('+').replace('+', ', ')})" if recipe else "")
         if peer and not os.path.exists(PEERS):
             skipped.append(f"{label}: skipped, no peers environment at {PEERS} (make -C shell peers)")
             continue
         env = ({**os.environ, "PYTHONPATH": "", "SPARSIFY_DISABLE_TRITON": "1"} if peer else
                {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        workers.append(Worker(label, name, PEERS if peer else sys.executable, setup, os.path.join(tmp, f"{name}.log"), env))
+        w = Worker(label, spec, PEERS if peer else sys.executable, setup, os.path.join(tmp, f"worker-{i}.log"), env)
+        w.schedule, w.curve = schedule_of(spec, args.steps, cfg), []
+        workers.append(w)
     for w in workers:
         w.ask({})  # {"ready": true}, or the import error
     for done in range(0, args.steps, args.round):
         n = min(args.round, args.steps - done)
-        for w in workers:
+        for i, w in enumerate(workers):
             answer = w.ask({"steps": n})
-            if answer is not None:
-                w.cpu += answer["cpu"]
-                w.steps += n
-        print(f"round {done // args.round + 1}/{math.ceil(args.steps / args.round)} done", file=sys.stderr)
+            if answer is None:
+                continue
+            w.cpu += answer["cpu"]
+            w.steps += n
+            if w.steps % every == 0 or w.steps == args.steps:
+                path = os.path.join(tmp, f"weights-{i}.npz")
+                if w.ask({"weights": path}) is not None:
+                    w.curve.append({"steps": w.steps, "cpu": w.cpu, **evaluate(dict(np.load(path)), val, args.k)})
+        print(f"round {done // args.round + 1}/{math.ceil(args.steps / args.round)} done; "
+              + "; ".join(f"{w.label.split(' ')[0]} {w.curve[-1]['fvu']:.4f}" for w in workers if w.curve),
+              file=sys.stderr)
     results = []
-    for i, w in enumerate(workers):
-        path = os.path.join(tmp, f"weights-{i}.npz")
-        if w.ask({"weights": path}) is not None:
-            results.append((w, fvu(dict(np.load(path)), val, args.k)))
+    for w in workers:
+        if w.error is None and w.steps == args.steps:
+            results.append(w)
             w.close()
         else:
             skipped.append(f"{w.label}: skipped ({w.error})")
 
     print(f"bench-peers: {source}; {len(val)} held-out rows; d_in {val.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
-          f"batch {args.batch}, lr {lr:.3g} (constant), {args.steps} steps in rounds of {args.round}, one thread each")
-    base = next((w.steps * args.batch / w.cpu for w, _ in results if w.label == "ssae"), None)
-    print("| trainer | tokens per CPU-second | ratio to ssae | held-out FVU |")
-    print("|---|---|---|---|")
-    for w, score in results:
-        rate = w.steps * args.batch / w.cpu
-        print(f"| {w.label} | {rate:,.0f} | {rate / base:.2f} | {score:.4f} |" if base else
-              f"| {w.label} | {rate:,.0f} | - | {score:.4f} |")
-    if any(w.label.endswith("*") for w, _ in results):
-        print("* without decoder-norm rescaling: with it (SAELens's default) use_sparse_activations fails in backward "
-              "under torch 2.13")
+          f"batch {args.batch}; budget {args.steps} steps ({need:,} tokens) in rounds of {args.round}, one thread each; "
+          f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    base = next((w.steps * args.batch / w.cpu for w in results if w.label.startswith("sparsify")), None)
+    print(f"\nAt {args.steps} steps (equal steps and tokens):\n")
+    print("| trainer | recipe | tokens per CPU-second | ratio to sparsify | held-out FVU | dead latents | L0 |")
+    print("|---|---|---|---|---|---|---|")
+    for w in results:
+        rate, end = w.steps * args.batch / w.cpu, w.curve[-1]
+        print(f"| {w.label} | {w.schedule} | {rate:,.0f} | {f'{rate / base:.2f}' if base else '-'} | "
+              f"{end['fvu']:.4f} | {end['dead']:.1%} | {end['l0']:.1f} |")
+    ours = next((w for w in results if w.label == "ssae"), None)
+    if ours is not None:
+        budget = ours.cpu
+        print(f"\nAt equal CPU-seconds: each trainer's last held-out evaluation within the {budget:.0f} CPU-seconds "
+              f"ssae took for its {args.steps} steps (a slower trainer is then part-way through its schedule):\n")
+        print("| trainer | steps in that time | CPU-seconds | held-out FVU | dead latents |")
+        print("|---|---|---|---|---|")
+        for w in results:
+            within = [c for c in w.curve if c["cpu"] <= budget * 1.001]
+            if within:
+                c = within[-1]
+                print(f"| {w.label} | {c['steps']} | {c['cpu']:.0f} | {c['fvu']:.4f} | {c['dead']:.1%} |")
+            else:
+                print(f"| {w.label} | < {w.curve[0]['steps']} | - | - | - |")
     for line in skipped:
         print(line)
-    print(f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {time.monotonic() - started:.0f} s "
-          f"wall; worker logs in {tmp}", file=sys.stderr)
+    with open(os.path.join(tmp, "curves.json"), "w") as f:
+        json.dump({w.label: w.curve for w in results}, f)
+    print(f"{time.monotonic() - started:.0f} s wall; worker logs and curves.json in {tmp}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """One trainer of bench_peers.py, as a persistent worker commanded over stdin/stdout (JSON lines).
 
-    python peers_worker.py TRAINER SETUP.json
+    python peers_worker.py SPEC SETUP.json
 
-TRAINER is ssae, ssae-dense, saelens, saelens-sparse, sparsify or dictionary_learning; ssae's run under the
-project's venv, the others under the peers venv.  SETUP holds the rows file (float32 .npy, memory-mapped),
-the row order (.npy of row indices, batch i = rows[order[i*B:(i+1)*B]]) and the shared settings.  Commands:
+SPEC is ssae[+FIELD=VALUE...] (ssae-fit's defaults with some options changed; run under the project's venv) or
+saelens, sparsify or dictionary_learning, each with its own recipe, or with @ssae: ssae's recipe (run under the
+peers venv).  SETUP holds the rows file (float32 .npy, memory-mapped), the row order (.npy of row indices, batch
+i = rows[order[i*B:(i+1)*B]]), the shared settings, and ssae's recipe as the bench computed it with ssae's own
+functions (learning rate, schedule factors per step, act_scale, the geometric-median b_dec).  Commands:
 
     {"steps": N}       train the next N steps; answers {"cpu": process CPU seconds of those steps}
     {"weights": PATH}  save W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, scale to PATH (.npz) in
@@ -27,16 +29,56 @@ import numpy as np
 import torch
 
 
-def ssae_trainer(s: dict, decoder: str):
+def parse_knobs(spec: str) -> tuple[str, str, dict]:
+    """'name[@recipe][+key=value...]' -> (name, recipe, knobs); recipe is 'own' (the library's standard one)
+    or 'ssae' (ssae's schedule, input scaling and decoder-bias start on a peer)."""
+    head, *pairs = spec.split("+")
+    name, _, recipe = head.partition("@")
+    return name, recipe or "own", dict(pair.split("=", 1) for pair in pairs)
+
+
+def ssae_trainer(s: dict, knobs: dict):
+    import dataclasses
+
     from ssae_common.sae.config import FitConfig
     from ssae_common.sae.train import init_sae
     from ssae_common.sae.trainer import Trainer
 
-    cfg = FitConfig(architecture="topk", d_sae=s["d_sae"], k=s["k"], lr=s["lr"], batch_size=s["batch"],
-                    train_tokens=s["batch"] * s["steps"], warmup_steps=0, decay_fraction=0.0, val_tokens=0,
-                    decoder=decoder, seed=s["seed"]).resolve(d_in=s["d_in"], n_rows=s["batch"] * s["steps"])
+    # knobs: FitConfig fields (the ablations), plus `clip=C` (global gradient-norm clip at C before Adam, as
+    # dictionary_learning and SAELens do at 1, in ssae's units), `dec_init=uniform` (decoder rows from
+    # nn.Linear's uniform init, as dictionary_learning) and `beta2=B` (Adam's)
+    types = {f.name: type(f.default) for f in dataclasses.fields(FitConfig)}
+    extra = {key: knobs.pop(key) for key in ("clip", "dec_init", "beta2") if key in knobs}
+
+    def value(key: str, text: str):
+        if types.get(key) is bool:
+            return text.lower() in ("1", "true", "yes")
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    over = {key: value(key, text) for key, text in knobs.items()}
+    cfg = FitConfig(architecture="topk", d_sae=s["d_sae"], k=s["k"],
+                    batch_size=s["batch"], train_tokens=s["batch"] * s["steps"], val_tokens=0, seed=s["seed"],
+                    **over).resolve(d_in=s["d_in"], n_rows=s["batch"] * s["steps"])
     sae = init_sae(cfg, s["d_in"], s["sample"], None)  # act_scale and the geometric-median b_dec, as ssae-fit
+    if extra.get("dec_init") == "uniform":
+        with torch.no_grad():
+            w = torch.nn.Linear(s["d_sae"], s["d_in"], bias=False).weight.T.contiguous()
+            sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            sae.W_enc.copy_(sae.W_dec.T)
     trainer = Trainer(cfg, sae, None, s["tmp"], np.empty((0, s["d_in"]), np.float32))
+    if "beta2" in extra:
+        trainer.opt.betas = (trainer.opt.betas[0], float(extra["beta2"]))
+    if "clip" in extra:
+        limit, adam_step = float(extra["clip"]), trainer.opt.step
+
+        def clipped(lr: float) -> None:
+            torch.nn.utils.clip_grad_norm_(trainer.opt.params, limit)
+            adam_step(lr)
+        trainer.opt.step = clipped
 
     def step(x: torch.Tensor) -> None:
         trainer.train_step(x * trainer.sae.act_scale)  # the run loop's scaling, then the real step
@@ -48,23 +90,36 @@ def ssae_trainer(s: dict, decoder: str):
     return step, weights
 
 
-def saelens_trainer(s: dict, sparse: bool):
+def ssae_recipe(s: dict, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """ssae's learning-rate schedule (the factors the bench computed with sae.train.lr_at) on a peer's optimiser."""
+    factors = s["ssae_schedule"]
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = s["ssae_lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: factors[min(i, len(factors) - 1)])
+
+
+def saelens_trainer(s: dict, recipe: str):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    # use_sparse_activations with the default decoder-norm rescaling fails in backward under torch 2.13
-    # (aten::view on a sparse tensor), so that variant runs without the rescaling
+    ours = recipe == "ssae"
+    # own: SAELens 6's defaults (Adam 3e-4 constant, zero b_dec, decoder rows of norm 0.1, activations rescaled by
+    # the decoder norm, AuxK after 1000 steps unfired, gradient-norm clip 1); ssae: unit rows, b_dec at ssae's
+    # geometric median, normalised inputs, ssae's learning rate and schedule
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=s["d_in"], d_sae=s["d_sae"], k=s["k"], dtype="float32",
-                                                device="cpu", use_sparse_activations=sparse,
-                                                rescale_acts_by_decoder_norm=not sparse))
+                                                device="cpu", **({"decoder_init_norm": 1.0} if ours else {})))
+    # lr_end: LanguageModelSAERunnerConfig's default (lr / 10, used by the cosine scheduler only)
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=s["batch"] * s["steps"],
-                                          train_batch_size_samples=s["batch"], lr=s["lr"], lr_end=s["lr"],
-                                          device="cpu"),
+                                          train_batch_size_samples=s["batch"], lr=3e-4, lr_end=3e-5, device="cpu"),
                          sae, data_provider=iter(()))
+    scale = s["ssae_act_scale"] if ours else 1.0
+    if ours:
+        sae.b_dec.data = torch.from_numpy(np.load(s["ssae_b_dec"]))
+        trainer.lr_scheduler = ssae_recipe(s, trainer.optimizer)
 
     def step(x: torch.Tensor) -> None:
-        trainer.step(x)  # what SAETrainer.fit does per batch
+        trainer.step(x * scale)  # what SAETrainer.fit does per batch
         trainer.n_training_steps += 1
 
     def weights() -> dict:
@@ -74,20 +129,34 @@ def saelens_trainer(s: dict, sparse: bool):
         b_enc = folded.b_enc.detach()
         if not folded.cfg.apply_b_dec_to_input:
             b_enc = b_enc + folded.b_dec.detach() @ folded.W_enc.detach()
-        return {"W_enc": folded.W_enc, "b_enc": b_enc, "W_dec": folded.W_dec, "b_dec": folded.b_dec, "scale": 1.0}
+        return {"W_enc": folded.W_enc, "b_enc": b_enc, "W_dec": folded.W_dec, "b_dec": folded.b_dec, "scale": scale}
 
     return step, weights
 
 
-def sparsify_trainer(s: dict):
+def sparsify_trainer(s: dict, recipe: str):
     from sparsify import SparseCoder, SparseCoderConfig
 
+    ours = recipe == "ssae"
     coder = SparseCoder(s["d_in"], SparseCoderConfig(num_latents=s["d_sae"], k=s["k"]), "cpu", dtype=torch.float32)
-    opt = torch.optim.Adam(coder.parameters(), lr=s["lr"])
+    scheduler = None
+    if ours:  # Adam at ssae's rate and schedule, normalised inputs, b_dec at ssae's geometric median
+        opt = torch.optim.Adam(coder.parameters(), lr=s["ssae_lr"])
+        scheduler = ssae_recipe(s, opt)
+        coder.b_dec.data = torch.from_numpy(np.load(s["ssae_b_dec"]))
+    else:  # sparsify.Trainer's default: sign-SGD under schedule-free averaging (momentum 0.95), no schedule
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD([{"params": coder.parameters(),
+                                            "lr": 5e-3 / (s["d_sae"] / 2**14) ** 0.5}]), momentum=0.95)
+        opt.train()
+    scale = s["ssae_act_scale"] if ours else 1.0
     state = {"step": 0}
 
     def step(x: torch.Tensor) -> None:  # sparsify.Trainer.fit's step, less the language model around it
-        if state["step"] == 0:
+        x = x * scale
+        if state["step"] == 0 and not ours:
             coder.b_dec.data = x.mean(0)
         coder.set_decoder_norm_to_unit_norm()
         out = coder(x)
@@ -95,40 +164,52 @@ def sparsify_trainer(s: dict):
         coder.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         state["step"] += 1
 
     def weights() -> dict:
-        return {"W_enc": coder.encoder.weight.T, "b_enc": coder.encoder.bias, "W_dec": coder.W_dec,
-                "b_dec": coder.b_dec, "scale": 1.0}
+        if not ours:
+            opt.eval()  # schedule-free: the averaged weights are the model's
+        w = {"W_enc": coder.encoder.weight.T.clone(), "b_enc": coder.encoder.bias.clone(), "W_dec": coder.W_dec.clone(),
+             "b_dec": coder.b_dec.clone(), "scale": scale}
+        if not ours:
+            opt.train()
+        return w
 
     return step, weights
 
 
-def dictionary_learning_trainer(s: dict):
+def dictionary_learning_trainer(s: dict, recipe: str):
     import types
 
     sys.modules.setdefault("nnsight", types.SimpleNamespace(LanguageModel=object))  # its activation buffer's only
     from dictionary_learning.trainers.top_k import TopKTrainer
 
+    ours = recipe == "ssae"
+    # own: TopKTrainer's defaults (its lr rule, warm-up 1000 steps or a tenth of a shorter run, no decay, AuxK
+    # after 10M tokens unfired, gradient-norm clip 1, b_dec at the first batch's geometric median)
     trainer = TopKTrainer(steps=s["steps"], activation_dim=s["d_in"], dict_size=s["d_sae"], k=s["k"], layer=6,
-                          lm_name="smollm2", lr=s["lr"], warmup_steps=0, seed=s["seed"], device="cpu")
+                          lm_name="smollm2", warmup_steps=min(1000, s["steps"] // 10), seed=s["seed"], device="cpu")
+    if ours:
+        trainer.scheduler = ssae_recipe(s, trainer.optimizer)
+    scale = s["ssae_act_scale"] if ours else 1.0
     state = {"step": 0}
 
     def step(x: torch.Tensor) -> None:
-        trainer.update(state["step"], x)
+        trainer.update(state["step"], x * scale)
         state["step"] += 1
 
     def weights() -> dict:
         ae = trainer.ae
         return {"W_enc": ae.encoder.weight.T, "b_enc": ae.encoder.bias, "W_dec": ae.decoder.weight.T,
-                "b_dec": ae.b_dec, "scale": 1.0}
+                "b_dec": ae.b_dec, "scale": scale}
 
     return step, weights
 
 
-TRAINERS = {"ssae": lambda s: ssae_trainer(s, "sparse"), "ssae-dense": lambda s: ssae_trainer(s, "dense"),
-            "saelens": lambda s: saelens_trainer(s, False), "saelens-sparse": lambda s: saelens_trainer(s, True),
-            "sparsify": sparsify_trainer, "dictionary_learning": dictionary_learning_trainer}
+TRAINERS = {"ssae": ssae_trainer, "saelens": saelens_trainer, "sparsify": sparsify_trainer,
+            "dictionary_learning": dictionary_learning_trainer}
 
 
 def main() -> None:
@@ -139,8 +220,9 @@ def main() -> None:
     rows, order = np.load(setup["rows"], mmap_mode="r"), np.load(setup["order"])
     setup["sample"] = np.ascontiguousarray(rows[order[:setup["init_rows"]]])
     torch.manual_seed(setup["seed"])
+    name, recipe, knobs = parse_knobs(name)
     try:
-        step, weights = TRAINERS[name](setup)
+        step, weights = TRAINERS[name](setup, knobs) if name == "ssae" else TRAINERS[name](setup, recipe)
     except ImportError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=reply, flush=True)
         return
