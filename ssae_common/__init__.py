@@ -7,7 +7,7 @@ One package per stage, each with a light `config.py` (the options, declared once
     data       documents -> activations      HarvestConfig, harvest(), merge()      ssae-harvest
     sae        activations -> SAE            FitConfig, fit()                       ssae-fit
     retrieval  seeds + corpus -> documents   RetrieveConfig, retrieve()             ssae-retrieve
-    eval       SAEs + test text -> metrics   EvalConfig, evaluate()                 ssae-eval, ssae-tables
+    eval       SAEs + test text -> metrics   EvalConfig, evaluate_saes()            ssae-eval, ssae-tables
     explain    SAE + activations -> labels   ExplainConfig, explain()               ssae-explain
     shift      SAEs + bios -> SHIFT report   ShiftConfig, shift()                   ssae-shift
 

@@ -224,10 +224,10 @@ def test_bundled_model_identity_splice(shared_data, tmp_path):
 def test_python_api_writes_metrics_and_returns_the_record(setup, tmp_path):
     from ssae_common.core.runtime import RunContext
     from ssae_common.data.activations import store_fingerprint
-    from ssae_common.eval import EvalConfig, evaluate, metrics_artifact
+    from ssae_common.eval import EvalConfig, evaluate_saes, metrics_artifact
 
     out = tmp_path / "py"
-    rec = evaluate(EvalConfig(activations=setup["acts"]), [setup["saes"]["rand"]], out=str(out),
+    rec = evaluate_saes(EvalConfig(activations=setup["acts"]), [setup["saes"]["rand"]], out=str(out),
                    context=RunContext(device_spec="cpu", quiet=True))
     doc = json.loads((out / "metrics.json").read_text())
     assert rec == metrics_artifact(str(out))
@@ -242,10 +242,10 @@ def test_config_errors_name_the_field_in_python_and_the_flag_on_the_command_line
     from ssae_common.core.config import ConfigError
     from ssae_common.core.runtime import RunContext
     from ssae_common.data.config import DEFAULT_MODEL
-    from ssae_common.eval import EvalConfig, evaluate
+    from ssae_common.eval import EvalConfig, evaluate_saes
 
     with pytest.raises(ConfigError) as e:
-        evaluate(EvalConfig(activations=setup["acts"], context_size=1), [setup["saes"]["rand"]],
+        evaluate_saes(EvalConfig(activations=setup["acts"], context_size=1), [setup["saes"]["rand"]],
                  out=str(tmp_path / "x"), context=RunContext(device_spec="cpu"))
     assert e.value.field_name == "context_size" and str(e.value) == "context_size 1: must be at least 2"
     r = run([setup["saes"]["rand"], "--activations", setup["acts"], "--context-size", "1", "-o", str(tmp_path / "x")],

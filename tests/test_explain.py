@@ -232,6 +232,28 @@ def test_windows_hold_out_quantiles_and_are_deterministic(tmp_path, tokenizer, t
     assert held[0]["value"] < held[1]["value"]  # quantile picks, lower then upper half
 
 
+def test_contexts_do_not_depend_on_chunking_or_on_the_other_latents(tmp_path, tokenizer, tiny_model):
+    """chunk_rows is a memory setting (left out of the output's hash): the reservoir sample, and so every
+    context, is the same whatever the chunking, and a latent's contexts do not change with the others
+    explained beside it."""
+    def acts(n):
+        rng = np.random.default_rng(3)
+        return np.where(rng.random((n, 4)) < 0.5, rng.random((n, 4)) + 0.1, 0.0).astype(np.float32)
+
+    path, _ = build_store(str(tmp_path / "a.h5"), tokenizer, tiny_model, acts)
+    sae = identity_sae(4, signed=False)
+    with ActivationStore(path) as store:
+        def contexts(latents, chunk_rows):
+            cfg = ContextConfig(n_explain=2, n_score=2, window_left=1, window_right=1, reservoir=4,
+                                chunk_rows=chunk_rows)
+            return extract_contexts(store, sae, latents, cfg, tokenizer, seed=5)
+
+        reference = contexts([0, 1], 7)
+        assert reference[0]["n_active"] > 4  # the reservoir samples: there is a choice to depend on
+        assert contexts([0, 1], 13) == contexts([0, 1], None) == reference
+        assert contexts([1], 5) == [reference[1]]
+
+
 @pytest.mark.parametrize("architecture", ["relu", "topk"])
 def test_latent_reader_matches_encode(architecture):
     torch.manual_seed(0)

@@ -325,7 +325,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, case):
             expect = "--k 40: must be between 1 and --d-sae (32)"
         else:
             args = ["--architecture", "relu", "--l1", "-1", "--d-sae", "32", *FAST]
-            expect = "--l1 -1.0: must be >= 0"
+            expect = "--l1 -1.0: must be at least 0"
     r = run([path, *args, "-o", str(tmp_path / "out")])
     assert r.exit_code == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if "error" in line]

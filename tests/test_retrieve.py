@@ -11,7 +11,7 @@ import pytest
 from helpers import invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
-from ssae_common.retrieval import RetrieveConfig, retrieve
+from ssae_common.retrieval import RetrieveConfig, rank_documents, retrieve
 from ssae_common.retrieval import engines as R
 from ssae_tools.retrieve import main
 
@@ -329,7 +329,7 @@ def test_bad_inputs(tmp_path, corpus, seeds):
 def test_retrieve_from_python(corpus, seeds, tmp_path):
     """The stage without click: the same records the tool prints, and -o's file and provenance."""
     config = RetrieveConfig(corpus=(corpus,), top_k=6, stemmer="none")
-    result = retrieve(config, [seeds], context=RunContext(device_spec="cpu", tool="python"))
+    result = rank_documents(config, [seeds], context=RunContext(device_spec="cpu", tool="python"))
     recs = result.records
     assert [r["rank"] for r in recs] == list(range(1, 7))
     assert recs[0]["id"] in ("t9", "t1", "t0") and recs[0]["method"] == "bm25" and recs[0]["seed_ids"]
@@ -340,10 +340,18 @@ def test_retrieve_from_python(corpus, seeds, tmp_path):
 
     out = str(tmp_path / "docs.jsonl")
     written = retrieve(config, [seeds], out=out, context=RunContext())
-    assert parse_records(open(out).read()) == written.records == recs
+    assert written == {"schema": "ssae.artifact/1", "kind": "docs", "path": out, "n_docs": 6}
+    assert parse_records(open(out).read()) == recs
     assert json.loads(open(out + ".provenance.json").read())["n_docs"] == 6
     with pytest.raises(Exception, match="exists"):
         retrieve(config, [seeds], out=out, context=RunContext())
+    # without out: written under $SSAE_WORKDIR, named by the seeds and the configuration, and reused
+    default = retrieve(config, [seeds])
+    assert parse_records(open(default["path"]).read()) == recs and default["path"].startswith(str(tmp_path))
+    mtime = os.path.getmtime(default["path"])
+    assert retrieve(config, [seeds]) == default and os.path.getmtime(default["path"]) == mtime
+    other = write_jsonl(str(tmp_path / "other.jsonl"), [{"id": "s1", "text": "an unrelated query"}])
+    assert retrieve(config, [other])["path"] != default["path"]
     assert RetrieveConfig(corpus=(corpus,)).resolve().top_k == 1000  # the derived default
     assert RetrieveConfig(corpus=(corpus,), budget_tokens=50).resolve().top_k is None
 

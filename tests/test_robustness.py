@@ -429,12 +429,12 @@ def test_empty_seed_texts_are_named(tmp_path):
 def test_auto_ablation_choosing_nothing_says_why():
     from types import SimpleNamespace
 
-    from ssae_common.shift.method import _why_none_chosen
+    from ssae_common.shift.attribution import why_none_chosen
 
     cfg = SimpleNamespace(auto_min_drop=0.01)
-    assert "no latent in the --slice has a non-zero attribution" in _why_none_chosen([], [], cfg)
-    assert "does not separate the genders" in _why_none_chosen([1], [{"gender_auc": 0.5}], cfg)
-    assert "by --auto-min-drop 0.01 or more" in _why_none_chosen([1, 2], [{"gender_auc": 0.9}], cfg)
+    assert "no latent in the --slice has a non-zero attribution" in why_none_chosen([], [], cfg)
+    assert "does not separate the genders" in why_none_chosen([1], [{"gender_auc": 0.5}], cfg)
+    assert "by --auto-min-drop 0.01 or more" in why_none_chosen([1, 2], [{"gender_auc": 0.9}], cfg)
 
 
 # --------------------------------------------------------------------------- feedback

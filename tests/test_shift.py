@@ -11,9 +11,10 @@ import torch
 
 from helpers import invoke, parse_records, synthetic_bios, write_jsonl
 from ssae_common.core.config import ConfigError
+from ssae_common.core.errors import BadInput
 from ssae_common.core.runtime import RunContext
 from ssae_common.shift import ShiftConfig, shift
-from ssae_common.shift import method as S
+from ssae_common.shift import attribution as A, bios as B, probe as P, report as R
 from ssae_common.data.models import document_activations, load_model
 from ssae_common.sae.autoencoder import SAE
 from ssae_tools.shift import main
@@ -28,7 +29,7 @@ def planted_sae(lm, records) -> SAE:
     (together they remove that direction from every token); 2/3: +/- the profession direction; the
     rest random. Decoder bias: the mean token activation, so the pairs split each token's projection."""
     acts, _ = document_activations(lm, [r["text"] for r in records], HOOK)
-    x = S.pooled(acts)
+    x = P.pooled(acts)
     female = np.array([r["gender"] == "female" for r in records])
     nurse = np.array([r["profession"] == "nurse" for r in records])
 
@@ -155,34 +156,34 @@ def test_explicit_list_mean_ablation_and_explanations(setup, tmp_path):
 def test_clean_splice_is_exact_and_attribution_matches_real_ablation(setup):
     records, lm = setup["records"], setup["lm"]
     sae = SAE.load(setup["sae"])
-    bios = [S.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
-    cells = S.build_cells(bios, ["nurse"], ["physician", "surgeon"], {"nurse": 1, "physician": 1, "surgeon": 1})
+    bios = [B.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
+    cells = B.build_cells(bios, ["nurse"], ["physician", "surgeon"], {"nurse": 1, "physician": 1, "surgeon": 1})
     acts, tokens = document_activations(lm, [b.text for b in bios], HOOK)
-    x = S.pooled(acts)
+    x = P.pooled(acts)
     train = cells.train_ambiguous
-    probe = S.LinearProbe.fit(x[train], cells.label[train])
+    probe = P.LinearProbe.fit(x[train], cells.label[train])
     signs = np.where(cells.label == 1, 1.0, -1.0)
-    stats = S.latent_stats(sae, acts, tokens, train)
+    stats = A.latent_stats(sae, acts, tokens, train)
     for ablate_to, mask in ((np.zeros(D_SAE), np.ones(D_SAE, bool)),
-                            (stats.train_mean, S.slice_mask(stats.frequency, (1, 2)))):
-        scores, max_diff = S.attribute_latents(sae, probe, acts, train, signs, ablate_to, mask)
+                            (stats.train_mean, A.slice_mask(stats.frequency, (1, 2)))):
+        scores, max_diff = A.attribute_latents(sae, probe, acts, train, signs, ablate_to, mask)
         assert max_diff < 1e-9  # nothing ablated: the spliced path gives the original logits
         base = signs[train] * probe.logit(x[train])
         for j in range(D_SAE):
-            ablated = S.ablate_latents(x[train], stats.pooled[train], [j], sae, ablate_to)
+            ablated = A.ablate_latents(x[train], stats.pooled[train], [j], sae, ablate_to)
             exact = float((signs[train] * probe.logit(ablated) - base).mean())
             expected = exact if mask[j] else 0.0
             assert scores[j] == pytest.approx(expected, abs=1e-5)
         assert np.abs(scores).max() > 0.1
     # the slice keeps the most often active half
-    mask = S.slice_mask(stats.frequency, (1, 2))
+    mask = A.slice_mask(stats.frequency, (1, 2))
     assert mask.sum() == D_SAE // 2 and stats.frequency[mask].min() >= stats.frequency[~mask].max()
 
 
 def test_token_level_ablation_equals_pooled_formula(setup):
     sae = SAE.load(setup["sae"])
     acts, tokens = document_activations(setup["lm"], [r["text"] for r in setup["records"][:5]], HOOK)
-    stats = S.latent_stats(sae, acts, tokens, [0, 1])
+    stats = A.latent_stats(sae, acts, tokens, [0, 1])
     with torch.no_grad():
         for i, a in enumerate(acts):
             f = sae.encode(a)
@@ -190,7 +191,7 @@ def test_token_level_ablation_equals_pooled_formula(setup):
             f_abl = f.clone()
             f_abl[:, GENDER_LATENTS] = torch.tensor(stats.train_mean[GENDER_LATENTS], dtype=f.dtype)
             token_level = (sae.decode(f_abl) + err).mean(0).double().numpy()
-            pooled = S.ablate_latents(a.mean(0, keepdim=True).double().numpy(), stats.pooled[i:i + 1],
+            pooled = A.ablate_latents(a.mean(0, keepdim=True).double().numpy(), stats.pooled[i:i + 1],
                                       GENDER_LATENTS, sae, stats.train_mean)[0]
             np.testing.assert_allclose(token_level, pooled, atol=1e-5)
 
@@ -207,12 +208,12 @@ def test_slice_restricts_candidates(setup, tmp_path):
 
 
 def test_labhc_schema_and_csv(tmp_path):
-    index = {name: i for i, name in enumerate(S.BIOS_PROFESSIONS)}
+    index = {name: i for i, name in enumerate(B.BIOS_PROFESSIONS)}
     assert index["nurse"] == 13 and index["professor"] == 21
     hf = [{"hard_text": r["text"], "profession": index[r["profession"]], "gender": int(r["gender"] == "female")}
           for r in synthetic_bios(per_cell=4)]
     path = write_jsonl(str(tmp_path / "hf.jsonl"), hf)
-    bios, seen = S.load_bios([path], {"nurse", "surgeon"})
+    bios, seen = B.load_bios([path], {"nurse", "surgeon"})
     assert seen == {"nurse": 16, "physician": 8, "surgeon": 8}
     assert len(bios) == 24 and {b.gender for b in bios} == {"male", "female"}
     assert bios[0].text == hf[0]["hard_text"] and bios[0].profession == "nurse"
@@ -222,12 +223,12 @@ def test_labhc_schema_and_csv(tmp_path):
         writer.writeheader()
         for r in synthetic_bios(per_cell=4):
             writer.writerow({k: r[k] for k in ("text", "profession", "gender")})
-    bios, _ = S.load_bios([str(csv_path)], {"nurse", "physician"})
+    bios, _ = B.load_bios([str(csv_path)], {"nurse", "physician"})
     assert len(bios) == 24
-    cells = S.build_cells(bios, ["nurse"], ["physician"], {"nurse": 16, "physician": 8}, seed=1)
+    cells = B.build_cells(bios, ["nurse"], ["physician"], {"nurse": 16, "physician": 8}, seed=1)
     assert cells.counts["test_per_cell"] == 1 and len(cells.test) == 4
     assert not set(cells.test) & set(cells.val) and not set(cells.test) & set(cells.train_ambiguous)
-    assert S.parse_side("13,physician") == ["nurse", "physician"]
+    assert B.parse_side("13,physician") == ["nurse", "physician"]
 
 
 @pytest.mark.parametrize("case,message", [
@@ -269,10 +270,10 @@ def test_bad_options_exit_2(setup, tmp_path):
 
 
 def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
-    config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],),
-                         ablate=("1,0,1",), show=3, seeds=2)
+    config = ShiftConfig(data=(setup["data"],), professions=("nurse", "physician,surgeon"), ablate=("1,0,1",),
+                         show=3, seeds=2)
     context = RunContext(device_spec="cpu", seed=0)
-    record = shift(config, context=context)
+    record = shift(config, [setup["sae"]], context=context)
     assert record["schema"] == "ssae.artifact/1" and record["kind"] == "shift" and record["rows"] == 5
     report = json.loads(open(record["path"]).read())
     assert report["created_by"]["tool"] == "python" and report["config"]["tool"] == "python"
@@ -280,12 +281,12 @@ def test_python_api_writes_and_reuses_the_report(setup, tmp_path):
     assert by_method(report["splits"][1]["rows"])["shift:planted"]["ablated_latents"] == GENDER_LATENTS
     assert record["worst_group_accuracy"] == {r["method"]: r["worst_group_accuracy"] for r in report["rows"]}
     mtime = os.path.getmtime(record["path"])
-    assert shift(config, context=context) == record  # the default output is reused
+    assert shift(config, [setup["sae"]], context=context) == record  # the default output is reused
     assert os.path.getmtime(record["path"]) == mtime
 
 
 def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup, tmp_path):
-    base = dict(data=(setup["data"],), professions=("nurse", "physician,surgeon"), saes=(setup["sae"],))
+    base = dict(data=(setup["data"],), professions=("nurse", "physician,surgeon"))
     for change, field in (({"probe_c": 0.0}, "probe_c"), ({"test_fraction": 0.5, "val_fraction": 0.5}, "val_fraction"),
                           ({"slice": "3/2"}, "slice"), ({"data": ()}, "data")):
         with pytest.raises(ConfigError) as e:
@@ -293,7 +294,7 @@ def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup
         assert e.value.field_name == field
     # a backwards range is refused, not read as no latents
     with pytest.raises(ConfigError) as e:
-        shift(ShiftConfig(**base, ablate=("5-3",)), out=str(tmp_path / "s.json"), context=RunContext(device_spec="cpu"))
+        shift(ShiftConfig(**base, ablate=("5-3",)), [setup["sae"]], out=str(tmp_path / "s.json"), context=RunContext(device_spec="cpu"))
     assert e.value.field_name == "ablate" and "'5-3' is not a latent index or a range" in str(e.value)
     args = ["--data", setup["data"], "--professions", "nurse", "physician,surgeon", "--sae", setup["sae"],
             "-o", str(tmp_path / "s.json")]
@@ -307,7 +308,7 @@ def test_config_errors_name_fields_in_python_and_flags_on_the_command_line(setup
 
 
 def test_masking_replaces_whole_profession_words_in_any_case():
-    pattern = S.mask_pattern(S.PROFESSION_WORDS)
+    pattern = B.mask_pattern(B.PROFESSION_WORDS)
     cases = {
         "Dr. Smith, MD, is a surgeon.": ("professional Smith, professional, is a professional.", 3),
         "NURSE PRACTITIONER and registered nurse (RN), BSN": (
@@ -323,13 +324,13 @@ def test_masking_replaces_whole_profession_words_in_any_case():
         "Prof. Jones, a professor, is professional.": ("professional Jones, a professional, is professional.", 2),
     }
     for text, (expected, n) in cases.items():
-        assert S.mask_text(text, pattern) == (expected, n)
+        assert B.mask_text(text, pattern) == (expected, n)
     # gender words stay
-    assert S.mask_text("She and he, Mrs. and Mr., her husband", pattern) == ("She and he, Mrs. and Mr., her husband", 0)
+    assert B.mask_text("She and he, Mrs. and Mr., her husband", pattern) == ("She and he, Mrs. and Mr., her husband", 0)
 
 
 def test_masking_specialty_words():
-    pattern = S.mask_pattern(S.SPECIALTY_WORDS)
+    pattern = B.mask_pattern(B.SPECIALTY_WORDS)
     cases = {
         "She is an Orthopaedic specialist in knee and hip replacement, operating at Spine Center.": (
             "She is an professional specialist in professional and professional professional, professional at "
@@ -341,27 +342,27 @@ def test_masking_specialty_words():
         "Handel Eyes Generally Orally": ("Handel Eyes Generally Orally", 0),
     }
     for text, (expected, n) in cases.items():
-        assert S.mask_text(text, pattern) == (expected, n)
+        assert B.mask_text(text, pattern) == (expected, n)
     # the two lists together, as --mask-professions --mask-specialties gives them
-    both = S.mask_pattern(S.PROFESSION_WORDS + S.SPECIALTY_WORDS)
-    assert S.mask_text("Dr. Lee, a plastic surgeon; her husband", both) == (
+    both = B.mask_pattern(B.PROFESSION_WORDS + B.SPECIALTY_WORDS)
+    assert B.mask_text("Dr. Lee, a plastic surgeon; her husband", both) == (
         "professional Lee, a professional professional; her husband", 3)
 
 
 def test_mask_words_file(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("# custom\nnurse\n\nsurgeons?\n")
-    words = S.read_mask_words(str(path))
+    words = B.read_mask_words(str(path))
     assert words == ["nurse", "surgeons?"]
-    assert S.mask_text("A Nurse, not nurses; Surgeons.", S.mask_pattern(words)) == (
+    assert B.mask_text("A Nurse, not nurses; Surgeons.", B.mask_pattern(words)) == (
         "A professional, not nurses; professional.", 2)
     path.write_text("# nothing\n")
     with pytest.raises(ConfigError) as e:
-        S.read_mask_words(str(path))
+        B.read_mask_words(str(path))
     assert e.value.field_name == "mask_words"
     path.write_text("ok\n(unclosed\n")
-    with pytest.raises(S.BadInput) as e:
-        S.read_mask_words(str(path))
+    with pytest.raises(BadInput) as e:
+        B.read_mask_words(str(path))
     assert str(e.value).startswith(f"{path}:2: '(unclosed' is not a regular expression")
 
 
@@ -386,17 +387,17 @@ def test_mask_option_changes_the_text_the_model_reads(setup, tmp_path):
                   "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["mask"]["words"] == ["nurse", "physician", "surgeon"] + list(S.SPECIALTY_WORDS)
+    assert report["mask"]["words"] == ["nurse", "physician", "surgeon"] + list(B.SPECIALTY_WORDS)
     assert report["config"]["mask_specialties"] is True
 
 
 def test_seeded_splits_are_disjoint_balanced_and_reproducible():
     records = synthetic_bios(per_cell=10)
-    bios = [S.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
+    bios = [B.Bio(r["id"], r["text"], r["profession"], r["gender"], "t") for r in records]
     seen = {"nurse": 40, "physician": 20, "surgeon": 20}
 
     def split(seed):
-        return S.build_cells(bios, ["nurse"], ["physician", "surgeon"], seen, seed=seed)
+        return B.build_cells(bios, ["nurse"], ["physician", "surgeon"], seen, seed=seed)
 
     for seed in range(3):
         cells = split(seed)
@@ -423,30 +424,30 @@ def test_mean_sd_aggregation_and_paired_differences():
                 r("shift:s", "s", shift_s), r("shift+retrain:s", "s", shift_s)]
 
     splits = [rows(0.2, 0.5, 0.6), rows(0.4, 0.7, 0.9), rows(0.3, 0.6, 0.6)]
-    agg = by_method(S.aggregate_rows(splits))
+    agg = by_method(R.aggregate_rows(splits))
     assert agg["original"]["worst_group_accuracy"] == pytest.approx(0.3)
     assert agg["original"]["worst_group_accuracy_sd"] == pytest.approx(0.1)  # sample sd (n - 1)
     assert agg["shift:s"]["group_accuracy"]["a"] == pytest.approx(0.7)
     assert agg["shift:s"]["group_accuracy_sd"]["a"] == pytest.approx(np.std([0.6, 0.9, 0.6], ddof=1))
     assert agg["shift:s"]["group_accuracy_sd"]["b"] == 0 and agg["shift:g"]["ablated_count"] == 2
     assert agg["original"]["splits"] == 3
-    diffs = {(d["a"], d["b"]): d for d in S.paired_differences(splits)}
+    diffs = {(d["a"], d["b"]): d for d in R.paired_differences(splits)}
     d = diffs["shift:s", "shift:g"]
     assert d["values"] == pytest.approx([0.1, 0.2, 0.0])
     assert d["mean"] == pytest.approx(0.1) and d["sd"] == pytest.approx(0.1)
     assert diffs["shift+retrain:g", "original"]["mean"] == pytest.approx(0.3)
     assert diffs["shift+retrain:g", "original"]["sd"] == pytest.approx(0.0, abs=1e-12)
-    assert S.mean_sd([0.5]) == (0.5, 0.0)
+    assert R.mean_sd([0.5]) == (0.5, 0.0)
     with pytest.raises(ValueError):
-        S.aggregate_rows([splits[0], splits[0][:2]])
+        R.aggregate_rows([splits[0], splits[0][:2]])
 
 
 def test_marks_probe_is_seeded_and_learns_the_training_labels():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     x = rng.normal(size=(80, 20)) + (2 * y[:, None] - 1)  # the classes apart along the diagonal
-    a = S.LinearProbe.fit(x, y, seed=3, kind="marks")
-    b = S.LinearProbe.fit(x, y, seed=3, kind="marks")
+    a = P.LinearProbe.fit(x, y, seed=3, kind="marks")
+    b = P.LinearProbe.fit(x, y, seed=3, kind="marks")
     assert np.array_equal(a.weight, b.weight) and a.bias == b.bias
     assert a.accuracy(x, y) > 0.9
-    assert not np.array_equal(S.LinearProbe.fit(x, y, seed=4, kind="marks").weight, a.weight)
+    assert not np.array_equal(P.LinearProbe.fit(x, y, seed=4, kind="marks").weight, a.weight)

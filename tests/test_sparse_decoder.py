@@ -8,7 +8,7 @@ from helpers import random_sae
 from ssae_common.core.config import ConfigError
 from ssae_common.sae.config import FitConfig
 from ssae_common.sae.sparse import decode, use_sparse
-from ssae_common.sae.objective import auxk_loss, evaluate, token_losses
+from ssae_common.sae.objective import auxk_loss, token_losses, validation_metrics
 from ssae_common.sae.trainer import Trainer
 
 D_IN, D_SAE, K = 24, 384, 6
@@ -82,7 +82,7 @@ def test_training_steps_match_the_dense_path(tmp_path):
     torch.testing.assert_close(sparse.acc, dense.acc, rtol=1e-4, atol=1e-6)
     assert torch.equal(sparse.since_fired, dense.since_fired)
     val = _x(512, seed=99)
-    got, want = evaluate(sparse.sae, val, sparse.cfg), evaluate(sparse.sae, val, dense.cfg)
+    got, want = validation_metrics(sparse.sae, val, sparse.cfg), validation_metrics(sparse.sae, val, dense.cfg)
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key

@@ -203,8 +203,8 @@ class ListOf(click.ParamType):
     """A comma-separated list of numbers (`0,10,500`) as a tuple; empty items and repeats are refused.
     A config file may give a list, or a single number."""
 
-    def __init__(self, base: type):
-        self.base = base
+    def __init__(self, base: type, min: int | None = None):
+        self.base, self.min = base, min
         self.name = f"{base.__name__}[,{base.__name__}...]"
 
     def convert(self, value, param, ctx):
@@ -221,6 +221,9 @@ class ListOf(click.ParamType):
                 values.append(self.base(text))
             except ValueError:
                 self.fail(f"{text!r} is not a valid {self.base.__name__}", param, ctx)
+        low = [v for v in values if self.min is not None and v < self.min]
+        if low:
+            self.fail(f"{low[0]} is not in the range x>={self.min}", param, ctx)
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             self.fail(f"{value!r}: {', '.join(repeated)} given twice", param, ctx)
@@ -228,9 +231,9 @@ class ListOf(click.ParamType):
 
 
 def common_options(f: Callable, seed_list: bool = False) -> Callable:
-    seed = (click.option("--seed", type=ListOf(int), default="0", show_default=True,
+    seed = (click.option("--seed", type=ListOf(int, min=0), default="0", show_default=True,
                          help="Random seed; a comma-separated list trains one output per seed.") if seed_list else
-            click.option("--seed", type=int, default=0, show_default=True, help="Random seed."))
+            click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed."))
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
                      expose_value=True, callback=_load_config,
@@ -412,7 +415,9 @@ def ssae_command(tool: str, seed_list: bool = False, **command_kwargs):
                     log.warning("%s", e)
                     sys.exit(e.exit_code)
                 except ConfigError as e:
-                    flags = getattr(f, "__ssae_flags__", {})
+                    # the field's flag: a config field's, else the option of that name the tool declares
+                    flags = {**{p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
+                                for p in _options(cmd.params)}, **getattr(f, "__ssae_flags__", {})}
                     message = e.with_flag(flags[e.field_name]) if e.field_name in flags else str(e)
                     _fail(tool, message, e.exit_code)
                 except BadInput as e:

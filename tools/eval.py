@@ -16,9 +16,9 @@ def main(common, saes, config, out):
     """Evaluate SAEs (folders, or ssae.artifact/1 records on stdin) on test DOCS or an ACTIVATIONS file.
 
     Writes OUT/metrics.json (ssae.metrics/1), PNG plots and report.html; prints one artifact record."""
-    from ssae_common.eval.stage import evaluate
+    from ssae_common.eval.stage import evaluate_saes
 
-    common.emit(evaluate(config, list(saes), out=out, context=common))
+    common.emit(evaluate_saes(config, list(saes), out=out, context=common))
 
 
 if __name__ == "__main__":

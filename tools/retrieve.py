@@ -16,9 +16,9 @@ from ssae_tools.base import config_options, ssae_command
               help="Write the records to this file, and print its ssae.artifact/1 record (kind docs).")
 def main(common, seeds, config, out):
     """Retrieve documents like SEEDS (paths, or - / stdin; each seed is one query) from --corpus."""
-    from ssae_common.retrieval.stage import retrieve
+    from ssae_common.retrieval.stage import rank_documents
 
-    result = retrieve(config, seeds, out=out, context=common)
+    result = rank_documents(config, seeds, out=out, context=common)
     for rec in [result.artifact] if out else result.records:
         common.emit(rec)
 

@@ -10,6 +10,7 @@ Library errors name the field (`ConfigError`); a tool maps the field to the flag
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -35,10 +36,14 @@ class OptionSpec:
     required: bool = False  # the tool refuses to run without it
     cli: bool = True  # False: library-only field, no flag
     envvar: tuple[str, ...] | None = None  # extra environment variables read by the tool
+    hashed: bool = True  # part of the stage's output hash (see hashed_values)
+    why: str | None = None  # with hashed=False: why the field cannot change the output
 
 
 def option(default: Any = MISSING, *, help: str = "", default_factory: Any = MISSING, **spec) -> Any:
     """A config field that is also a command-line option (see OptionSpec for the keywords)."""
+    if spec.get("hashed", True) is False and not spec.get("why"):
+        raise TypeError("option(hashed=False) needs why=: the reason the field cannot change the output")
     meta = {META: OptionSpec(help=help, **spec)}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
@@ -77,7 +82,8 @@ def flag_name(name: str, spec: OptionSpec) -> str:
 
 
 def check_bounds(config) -> None:
-    """Check every field's declared choices and bounds (None means not set and is skipped)."""
+    """Check every field's declared choices and bounds (None means not set and is skipped).  A number is
+    never NaN or infinite: no option means anything by them (a large tilt is written as a large number)."""
     for name, spec in option_specs(type(config)).items():
         value = getattr(config, name)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -88,12 +94,35 @@ def check_bounds(config) -> None:
                 raise ConfigError(name, v, f"expected one of {', '.join(spec.choices)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
+            if math.isnan(v):
+                raise ConfigError(name, v, "not a number")
+            if math.isinf(v):
+                raise ConfigError(name, v, "must be finite")
             if spec.min is not None and v < spec.min:
                 raise ConfigError(name, v, f"must be at least {_num(spec.min)}")
             if spec.above is not None and v <= spec.above:
                 raise ConfigError(name, v, f"must be greater than {_num(spec.above)}")
             if spec.max is not None and v > spec.max:
                 raise ConfigError(name, v, f"must be at most {_num(spec.max)}")
+
+
+def hashed_values(config, **overrides) -> dict:
+    """The fields of `config` that name its output: every field unless declared `hashed=False` (with the
+    reason beside the declaration).  `overrides` replace a field's value by the form that is hashed (a
+    model's identity for its spec, an input's fingerprint for its path) or add values that are not fields
+    (the inputs); a field that is not hashed cannot be given."""
+    specs = option_specs(type(config))
+    values = {f.name: getattr(config, f.name) for f in fields(config)
+              if f.name not in specs or specs[f.name].hashed}
+    unhashed = sorted(k for k in overrides if k in specs and not specs[k].hashed)
+    if unhashed:
+        raise TypeError(f"{type(config).__name__}: {', '.join(unhashed)} is declared not hashed")
+    return {**values, **overrides}
+
+
+def unhashed_fields(cls) -> dict[str, str]:
+    """{field: why} for the fields of `cls` declared not to change the output."""
+    return {name: spec.why for name, spec in option_specs(cls).items() if not spec.hashed}
 
 
 def _num(x: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -42,8 +43,33 @@ def artifact_record(kind: str, path: str, **summary) -> dict:
     return {"schema": ARTIFACT, "kind": kind, "path": os.path.abspath(path), **summary}
 
 
+def finite(value):
+    """`value` for strict JSON: every NaN or infinite float becomes None (null), numpy scalars Python
+    numbers.  A setting is never NaN (core.config.check_bounds); a measurement can be undefined (an AUC on
+    one class, a loss that diverged), and JSON has no NaN: strict parsers reject it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return finite(value.item())
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """json.dumps for files and streams others read: strict (no NaN or Infinity, see `finite`)."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def dump_json(value, f: IO[str], **kwargs) -> None:
+    """json.dump, strict as `to_json`."""
+    json.dump(finite(value), f, allow_nan=False, **kwargs)
+
+
 def write_record(stream: IO[str], record: dict) -> None:
-    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    stream.write(to_json(record, ensure_ascii=False) + "\n")
     stream.flush()
 
 

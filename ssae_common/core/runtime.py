@@ -37,13 +37,13 @@ def resolve_device(spec: str) -> str:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BadInput(f"--device {spec}: CUDA is not available on this machine")
+            raise ConfigError("device_spec", spec, "CUDA is not available on this machine")
         if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
-            raise BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError("device_spec", spec, f"only {torch.cuda.device_count()} CUDA device(s)")
         cuda_defaults()
         return spec
     if spec != "cpu":
-        raise BadInput(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
+        raise ConfigError("device_spec", spec, "expected auto, cpu or cuda[:N]")
     return spec
 
 

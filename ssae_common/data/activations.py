@@ -20,6 +20,7 @@ import numpy as np
 
 from .composition import composition_summary
 from .config import DTYPES
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.records import artifact_record
 
@@ -91,7 +92,7 @@ class ActivationWriter:
         """`create` is h5py's mode for a new file: "x" for a fixed name in a shared folder (fails rather than
         write through whatever was planted there), "w" for a fresh temporary name."""
         if dtype not in DTYPES:
-            raise BadInput(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+            raise ConfigError("dtype", dtype, f"expected one of {', '.join(DTYPES)}")
         self.path, self.dtype = path, dtype
         if resume:
             _copy_checkpointed(path)

@@ -58,8 +58,6 @@ def _check_finite(store: ActivationStore, block: Block, rows: np.ndarray) -> Non
 class ActivationStream:
     def __init__(self, stores: list[ActivationStore], batch_size: int, seed: int, *, shuffle_rows: int = 32768,
                  val_rows: int = 8192, val_fraction_max: float = 0.1, tokens: bool = False):
-        if batch_size < 1:
-            raise BadInput(f"--batch-size {batch_size}: must be at least 1")
         self.stores, self.batch_size, self.seed, self.tokens = stores, batch_size, seed, tokens
         self.d = stores[0].d_model
         blocks = []

@@ -28,7 +28,8 @@ class HarvestConfig:
     model: str = option(DEFAULT_MODEL,
                         help="Bundled alias (smollm2), Hugging Face name, local folder or .gguf file.")
     hook: str | None = option(None, help="TransformerLens hook name.", derived=DEFAULT_HOOK)
-    layer: int | None = option(None, help=f"Shorthand for --hook {layer_hook('L')}.")
+    layer: int | None = option(None, help=f"Shorthand for --hook {layer_hook('L')}.", min=0,
+                               hashed=False, why="resolve() turns it into the hook")
     context_size: int = option(128, help="Tokens per window, BOS included.", min=2)
     batch_size: int = option(16, help="Windows per forward pass.", min=1)
     max_tokens: int | None = option(None, help="Stop after this many stored tokens.", min=1)

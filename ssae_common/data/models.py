@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from .config import DEFAULT_MODEL, MODEL_DTYPES
 
@@ -259,7 +260,7 @@ def _close_hook(hook: str, n_layers: int | None, parallel: bool) -> str:
 def resolve_model_dtype(model_dtype: str, device: str, spec: str) -> str:
     """The dtype the language model runs in: `auto` is the checkpoint's on CUDA, float32 elsewhere."""
     if model_dtype not in MODEL_DTYPES:
-        raise BadInput(f"--model-dtype {model_dtype}: expected one of {', '.join(MODEL_DTYPES)}")
+        raise ConfigError("model_dtype", model_dtype, f"expected one of {', '.join(MODEL_DTYPES)}")
     if model_dtype != "auto":
         return model_dtype
     if not device.startswith("cuda"):
@@ -370,7 +371,7 @@ class LoadedModel:
         if SAE_HOOK.match(hook) and hook in self.bridge.hook_dict:
             return self.bridge.hook_dict[hook].name
         parallel = not any(n.endswith("hook_resid_mid") for n in self.hook_names())
-        raise BadInput(f"--hook {hook}: not a hook of {self.name}{_close_hook(hook, self.n_layers, parallel)}; "
+        raise ConfigError("hook", hook, f"not a hook of {self.name}{_close_hook(hook, self.n_layers, parallel)}; "
                        f"valid: {valid_hooks_text(self.n_layers, parallel)}")
 
     def hook_shape(self, hook: str) -> tuple[int, ...]:
@@ -517,7 +518,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", model_dtype: str 
     try:
         bridge = TransformerBridge.boot_transformers(path, device=device, dtype=getattr(torch, dtype))
     except OSError as e:
-        raise BadInput(f"--model {spec}: cannot load ({e})".splitlines()[0]) from None
+        raise ConfigError("model", spec, f"cannot load ({e})".splitlines()[0]) from None
     bridge.eval()
     tokenizer = bridge.tokenizer
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=model_identity(spec), path=path, device=device,

@@ -2,7 +2,7 @@
 
     from ssae_common.core.runtime import RunContext
     from ssae_common.data import HarvestConfig, harvest
-    record = harvest(HarvestConfig(layer=3), ["docs.jsonl"], out="acts.h5", context=RunContext(device="cpu"))
+    record = harvest(HarvestConfig(layer=3), ["docs.jsonl"], out="acts.h5", context=RunContext(device_spec="cpu"))
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .composition import merge_compositions
 from .config import HarvestConfig
 from .harvester import document_lengths, harvest_activations, spread_cap
 from .models import check_hook_name, load_model, model_identity, resolve_model_dtype
-from ..core.config import ConfigError, replace
+from ..core.config import ConfigError, hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import atomic_file, check_target, exclusive, existing_output, workdir
 from ..core.provenance import config_hash, created_by, input_fingerprint
@@ -48,17 +48,12 @@ def harvest(config: HarvestConfig, docs: list[str], *, out: str | None = None,
     try:
         inputs = follow_doc_artifacts(inputs)
         model_dtype = resolve_model_dtype(config.model_dtype, context.device, config.model)
-        resolved = context.resolved(
-            model=model_identity(config.model), model_dtype=model_dtype, bos=config.bos, hook=config.hook,
-            context_size=config.context_size,
-            batch_size=config.batch_size, max_tokens=config.max_tokens,
-            max_tokens_per_doc=config.max_tokens_per_doc, spread=config.spread, dtype=config.dtype,
-            drop_bos=config.drop_bos, min_tokens=config.min_tokens, text_field=config.text_field,
-            store_text=config.store_text, shard=config.shard,
+        resolved = context.resolved(**hashed_values(
+            config, model=model_identity(config.model), model_dtype=model_dtype,
             # stdin is named by its bytes' hash (never by the spool's per-process name), so that an
             # identical pipe reuses the output and an interrupted one resumes it
             inputs=[{"path": "-" if p == spooled else p, "sha256": input_fingerprint(p)}
-                    for p in inputs if p != "-"])
+                    for p in inputs if p != "-"]))
         if out is None:
             out, reuse = existing_output("activations", config_hash(resolved), ".h5", force=context.force)
             if reuse:

@@ -15,10 +15,11 @@ from ..data.config import DEFAULT_MODEL, MODEL_DTYPE_HELP, MODEL_DTYPES
 class EvalConfig:
     """What to evaluate the SAEs on (`docs` or `activations`, exactly one) and how."""
 
-    docs: tuple[str, ...] = option((), multiple=True,
+    docs: tuple[str, ...] = option((), multiple=True, hashed=False, why="hashed by content, as `inputs`",
                                    help="Test documents (.jsonl[.gz], .txt, .parquet, hf:NAME[:SPLIT]; repeatable): "
                                         "runs the LM for spliced-in perplexity and every activation metric.")
-    activations: str | None = option(None, help="A harvested activation file (.h5): activation metrics only.")
+    activations: str | None = option(None, hashed=False, why="hashed by content, as `inputs`",
+                                     help="A harvested activation file (.h5): activation metrics only.")
     baseline: str | None = option(None, help="The baseline SAE (the GSAE): relative perplexity, count log-ratios.")
     model: str | None = option(None, help="With --docs: the LM.",
                                derived=f"the model in the SAEs' cfg.json, else {DEFAULT_MODEL}")
@@ -37,7 +38,7 @@ class EvalConfig:
                             help="Bound on (latent, token type) pairs kept for tail coverage (16 bytes each).")
     cosine_pairs: int = option(2_000_000, min=1,
                                help="Decoder cosine: all pairs up to this many, else a random sample of this size.")
-    dense_threshold: float = option(0.1, help="A latent is dense when active on more than this fraction of tokens.")
+    dense_threshold: float = option(0.1, min=0, max=1, help="A latent is dense when active on more than this fraction of tokens.")
 
     def check(self) -> None:
         check_bounds(self)

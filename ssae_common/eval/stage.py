@@ -1,4 +1,4 @@
-"""Evaluate SAEs from Python: `evaluate(EvalConfig(...), [sae_dir, ...], context=RunContext())`.
+"""Evaluate SAEs from Python: `evaluate_saes(EvalConfig(...), [sae_dir, ...])`.
 
 Does everything ssae-eval does: SAE inputs (folders or artifact records on stdin), the identity checks
 (each SAE was trained on the evaluated model and hook), provenance, the default output under
@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 
-from ..core.config import replace
+from ..core.config import hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import (atomic_dir, check_target, exclusive, existing_output, partial_path, refuse_link,
                             sha256_file, workdir)
 from ..core.parse import unique_names
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import artifact_record, resolve_artifacts, spool_stdin
+from ..core.records import artifact_record, dump_json, resolve_artifacts, spool_stdin
 from ..core.runtime import RunContext
 from .config import EvalConfig
 
@@ -30,11 +29,13 @@ INFO_FIELDS = ("architecture", "d_in", "d_sae", "k", "tilt", "tilt_ess", "tilt_g
 SUMMARY_FIELDS = ("name", "l0", "fvu", "ppl_spliced", "rel_ppl_vs_baseline")
 
 
-def evaluate(config: EvalConfig, saes: list[str], *, out: str | None = None, context: RunContext) -> dict:
+def evaluate_saes(config: EvalConfig, saes: list[str], *, out: str | None = None,
+                  context: RunContext | None = None) -> dict:
     """Evaluate the SAEs (folders; none or "-": artifact records on stdin) and return the metrics record.
 
     `out` is the output folder; None puts it under $SSAE_WORKDIR named by a hash of the inputs and the
     resolved configuration, and reuses a complete one there (unless `context.force`)."""
+    context = context or RunContext()
     config.check()
     if not saes and "-" in config.docs:
         raise BadInput("documents and SAE records cannot both come from stdin: give SAE folders as arguments")
@@ -162,14 +163,11 @@ def _resolved(config: EvalConfig, context: RunContext, infos: list[dict], baseli
     """The configuration recorded in metrics.json, whose hash names the default output and the resume
     state; options of the other mode are None so they do not change the hash."""
     docs = bool(config.docs)
-    return context.resolved(
-        saes=[{k: i[k] for k in ("name", "path", "sha256")} for i in infos], baseline=baseline,
+    other_mode = ("rows",) if docs else ("context_size", "batch_size", "splice_bos", "text_field")
+    return context.resolved(**hashed_values(
+        config, saes=[{k: i[k] for k in ("name", "path", "sha256")} for i in infos], baseline=baseline,
         mode="docs" if docs else "activations", inputs=inputs, model=lm_name, model_dtype=model_dtype, bos=bos,
-        hook=config.hook,
-        context_size=config.context_size if docs else None, batch_size=config.batch_size if docs else None,
-        rows=None if docs else config.rows, max_tokens=config.max_tokens, splice_bos=config.splice_bos if docs else None,
-        text_field=config.text_field if docs else None, max_pairs=config.max_pairs, cosine_pairs=config.cosine_pairs,
-        dense_threshold=config.dense_threshold)
+        **dict.fromkeys(other_mode)))
 
 
 def _accumulate(config: EvalConfig, paths: list[str], names: list[str], store, key: str, out: str,
@@ -256,7 +254,7 @@ def _write(out: str, doc: dict, context: RunContext) -> None:
 
     with atomic_dir(out, context.force) as tmp:
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(_finite(doc), f, indent=1, allow_nan=False, default=_json_default)
+            dump_json(doc, f, indent=1)
         plots = make_plots(doc["saes"], tmp)
         write_report(os.path.join(tmp, "report.html"), doc, tmp, plots)
     if not context.quiet:
@@ -268,21 +266,3 @@ def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
-
-def _finite(value):
-    """NaN/inf -> null, so metrics.json stays strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

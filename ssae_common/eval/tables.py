@@ -9,7 +9,7 @@ import os
 from ..core.errors import BadInput
 from .metrics import SCHEMA as METRICS_SCHEMA
 from .report import text_table
-from ..shift.method import SCHEMA as SHIFT_SCHEMA, format_table
+from ..shift.report import SCHEMA as SHIFT_SCHEMA, format_table
 
 
 def table_of(path: str) -> str:

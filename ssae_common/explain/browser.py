@@ -4,8 +4,9 @@ embedded as JSON and rendered by a small inline script.  `index.html#q=TEXT` ope
 from __future__ import annotations
 
 import html
-import json
 import os
+
+from ..core.records import to_json
 
 PAGE_SIZE = 100
 
@@ -43,8 +44,8 @@ def write_browser(path: str, contexts: list[dict], records: list[dict], run_info
     meta = {"sae": config.get("sae", {}).get("path"), "activations": config.get("activations", {}).get("path"),
             "explainer": config.get("explainer"), "explainer_model": config.get("explainer_model"),
             "created": run_info.get("created_by", {}).get("time"), "page_size": PAGE_SIZE}
-    payload = json.dumps({"meta": meta, "latents": browser_data(contexts, records)}, ensure_ascii=False,
-                         separators=(",", ":"))
+    payload = to_json({"meta": meta, "latents": browser_data(contexts, records)}, ensure_ascii=False,
+                      separators=(",", ":"))
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     title = f"ssae feature browser: {os.path.basename(str(meta['sae'] or ''))}"
     page = TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)

@@ -23,7 +23,8 @@ class ContextConfig:
     window_right: int = option(4, min=0, help="Tokens after it.")
     reservoir: int = option(256, min=1, help="Activating positions sampled per latent (quantiles, top tokens, "
                                              "histogram).")
-    chunk_rows: int | None = option(None, min=1, help="Store rows per chunk.", derived="from the number of latents")
+    chunk_rows: int | None = option(None, min=1, help="Store rows per chunk.", derived="from the number of latents",
+                                    hashed=False, why="memory only: the contexts drawn do not depend on it")
     hist_bins: int = option(20, min=1, cli=False, help="Bins of each latent's activation histogram.")
     n_top_tokens: int = option(10, min=1, cli=False, help="Most frequent activating tokens listed per latent.")
 
@@ -48,7 +49,7 @@ class ExplainConfig(ContextConfig):
     explainer_url: str | None = option(None, envvar=("SSAE_EXPLAINER_URL", "OPENAI_BASE_URL"),
                                        help="openai: base URL of the endpoint, e.g. http://localhost:8000/v1 "
                                             "(or $OPENAI_BASE_URL).")
-    api_key_env: str | None = option("OPENAI_API_KEY",
+    api_key_env: str | None = option("OPENAI_API_KEY", hashed=False, why="where the key is read, not what is asked",
                                      help="Environment variable holding the API key (unset: no Authorization "
                                           "header).")
     scorer_url: str | None = option(None, help="Score detection with this OpenAI-compatible endpoint instead.")
@@ -60,8 +61,10 @@ class ExplainConfig(ContextConfig):
     retries: int = option(2, min=0, help="Retries of a malformed LM reply.")
     max_new_tokens: int = option(48, min=1, help="Tokens per generated field (openai: x3 for the whole reply).")
     temperature: float = option(0.0, min=0, help="0 = greedy; retries sample at >= 0.7.")
-    timeout: float = option(120.0, above=0, help="Seconds per HTTP request.")
-    batch_latents: int = option(8, min=1, help="Latents per checkpoint (explanations are saved after each batch).")
+    timeout: float = option(120.0, above=0, help="Seconds per HTTP request.",
+                            hashed=False, why="how long to wait, not what is asked")
+    batch_latents: int = option(8, min=1, help="Latents per checkpoint (explanations are saved after each batch).",
+                                hashed=False, why="how often to checkpoint: each latent is explained alone")
 
     def check(self) -> None:
         check_bounds(self)

@@ -79,6 +79,27 @@ def _largest(vals: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-vals, k - 1, axis=1)[:, :k]
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0xBF58476D1CE4E5B9),
+        np.uint64(0x94D049BB133111EB))
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed uint64 of a uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX[2]
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX[3]
+    return x ^ (x >> np.uint64(31))
+
+
+def random_keys(seed: int, rows: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """A uniform float32 in [0, 1) for each (row, latent) pair, determined by (seed, row, latent) alone."""
+    with np.errstate(over="ignore"):
+        mixed_seed = _splitmix(np.array([seed % (1 << 64)], dtype=np.uint64))[0]
+        x = _splitmix(rows.astype(np.uint64) * _MIX[0] ^ latents.astype(np.uint64) * _MIX[1] ^ mixed_seed)
+    return (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
+
+
 def _best_per_latent(lat: np.ndarray, key: np.ndarray, k: int, n_latents: int, payloads):
     """From entries (latent lat[i], key[i]), the k largest keys of each latent as [n_latents, k] arrays
     (padded with -inf keys), with payload arrays gathered alike (padded with their fill values)."""
@@ -206,9 +227,10 @@ def extract_contexts(store, sae, latents: list[int], cfg: ContextConfig, tokeniz
         key, (rows_, docs_) = _best_per_latent(lat, vals, n_cand, L, [(start + pos, -1), (di[pos], -1)])
         top.add(key, {"row": rows_, "doc": docs_.astype(np.int32)})
 
-        # reservoir: the activating entries with the largest seeded random keys are a uniform sample
-        rng = np.random.default_rng([seed, start])
-        keys = rng.random(len(lat), dtype=np.float32)
+        # reservoir: the activating entries with the largest seeded random keys are a uniform sample; each
+        # key is a function of (seed, row, latent) alone, so the sample does not depend on how the rows are
+        # chunked or on which other latents are explained
+        keys = random_keys(seed, start + pos, np.asarray(latents, dtype=np.int64)[lat])
         key, (rows_, docs_, vals_, toks_) = _best_per_latent(
             lat, keys, cfg.reservoir, L, [(start + pos, -1), (di[pos], -1), (vals, 0.0), (tids[pos], -1)])
         res.add(key, {"row": rows_, "doc": docs_.astype(np.int32), "val": vals_.astype(np.float32),

@@ -20,11 +20,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import fields
 
+from ..core.config import hashed_values
 from ..core.errors import BadInput
+from ..core.records import dump_json, to_json
 from ..core.runtime import RunContext
-from .config import LM_LATENTS, ContextConfig, ExplainConfig
+from .config import LM_LATENTS, ExplainConfig
 from .explainers import EndpointError, explain_latent, make_backend, redact_url, score_latent
 
 log = logging.getLogger("ssae")
@@ -33,7 +34,7 @@ SCHEMA = "ssae.explanation/1"
 STATISTICS_NOTE = "token statistics only: not an LM explanation"
 
 
-def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context: RunContext) -> dict:
+def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context: RunContext | None = None) -> dict:
     """Explain the latents of the SAE folder `sae` from contexts in `config.activations`; write OUT (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and configuration, reused when complete) and return
     its `ssae.artifact/1` record."""
@@ -49,6 +50,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
     from .browser import write_browser
     from .contexts import extract_contexts
 
+    context = context or RunContext()
     config.check()
     (store_path,) = resolve_artifacts([config.activations], "activations")
     model = load_any(sae, "cpu")
@@ -61,18 +63,12 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             latents = latents[:LM_LATENTS]
             log.info("explaining the first %d of %d latents (--latents all for every one, or a list)",
                      LM_LATENTS, model.d_sae)
-        resolved = context.resolved(
-            sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
+        resolved = context.resolved(**hashed_values(
+            config, sae={"path": os.path.abspath(sae), "sha256": sha256_file(sae)},
             activations={"path": os.path.abspath(store_path), "fingerprint": store_fingerprint(store_path)},
             latents=config.latents or ("all" if len(latents) == model.d_sae else f"0-{len(latents) - 1}"),
-            n_latents=len(latents), explainer=config.explainer,
-            explainer_model=config.explainer_model, explainer_url=redact_url(config.explainer_url),
-            scorer_url=redact_url(config.scorer_url), scorer_model=config.scorer_model, score=config.score,
-            tokenizer=config.tokenizer_model, retries=config.retries, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            # chunk_rows is a memory setting and stays out of the hash, as it always has (the reservoir's
-            # sample does depend on it)
-            contexts={f.name: getattr(config, f.name) for f in fields(ContextConfig) if f.name != "chunk_rows"})
+            n_latents=len(latents), explainer_url=redact_url(config.explainer_url),
+            scorer_url=redact_url(config.scorer_url)))
         digest = config_hash(resolved)
         if out is None:
             out, reuse = existing_output("explanations", digest, marker="explanations.jsonl", force=context.force)
@@ -106,7 +102,7 @@ def explain(config: ExplainConfig, sae: str, *, out: str | None = None, context:
             records = [done[c["latent"]] for c in contexts]
             with open(records_file + ".tmp", "w", encoding="utf-8") as f:
                 for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f.write(to_json(r, ensure_ascii=False) + "\n")
             os.replace(records_file + ".tmp", records_file)
             with open(run_file) as f:
                 run_info = json.load(f)
@@ -181,7 +177,7 @@ def _open_work(work: str, run_file: str, digest: str, resolved: dict, context: R
         shutil.rmtree(work)
     os.makedirs(work)
     with open(run_file + ".tmp", "w") as f:
-        json.dump({"schema": "ssae.explain-run/1", "config_hash": digest, "config": resolved,
+        dump_json({"schema": "ssae.explain-run/1", "config_hash": digest, "config": resolved,
                    "created_by": created_by(context.program), "seed": context.seed}, f, indent=2)
     os.replace(run_file + ".tmp", run_file)
 
@@ -338,7 +334,7 @@ def read_done(path: str) -> list[dict]:
 def append_records(path: str, records: list[dict]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(to_json(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -348,7 +344,7 @@ def write_contexts(path: str, contexts: list[dict]) -> None:
     tmp = path + ".tmp"
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as f:
         for c in contexts:
-            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+            f.write(to_json(c, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 

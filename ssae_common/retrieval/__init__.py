@@ -3,11 +3,11 @@ from .config import RetrieveConfig
 
 
 def __getattr__(name):
-    if name in ("retrieve", "write_retrieval", "Retrieval"):
+    if name in ("retrieve", "rank_documents", "write_retrieval", "Retrieval"):
         from . import stage
 
         return getattr(stage, name)
     raise AttributeError(name)
 
 
-__all__ = ["RetrieveConfig", "Retrieval", "retrieve", "write_retrieval"]
+__all__ = ["RetrieveConfig", "Retrieval", "rank_documents", "retrieve", "write_retrieval"]

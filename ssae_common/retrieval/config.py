@@ -35,7 +35,8 @@ class RetrieveConfig:
     dense_model: str = option(
         DEFAULT_DENSE_MODEL,
         help="sentence-transformers model: the bundled all-MiniLM-L6-v2, a Hugging Face name or a folder.")
-    dense_batch_size: int = option(64, min=1, help="Texts per encoder batch.")
+    dense_batch_size: int = option(64, min=1, help="Texts per encoder batch.",
+                                   hashed=False, why="a batch size: the ranking does not depend on it")
     dense_max_length: int | None = option(
         None, min=1, derived="the model's own, 256 for MiniLM",
         help="Encoder tokens per text (longer texts are cut).")
@@ -72,7 +73,8 @@ class RetrieveConfig:
         False, negative="tracin-raw",
         help="Divide each candidate's TracIn score by its gradient norm (cosine up to a constant).")
     context_size: int = option(128, min=2, help="Tokens per document for TracIn (BOS included).")
-    batch_size: int = option(8, min=1, help="Documents per LM forward pass (TracIn).")
+    batch_size: int = option(8, min=1, help="Documents per LM forward pass (TracIn).",
+                             hashed=False, why="a batch size: the ranking does not depend on it")
 
     def check(self) -> None:
         check_bounds(self)

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, refuse_link, write_private_file
 from ..core.progress import Progress
@@ -90,7 +91,7 @@ class Tokenization:
             table = {"en": "STOPWORDS_EN", "en_plus": "STOPWORDS_EN_PLUS"}
             name = table.get(self.stopwords)
             if name is None:
-                raise BadInput(f"--stopwords {self.stopwords}: expected en, en_plus or none")
+                raise ConfigError("stopwords", self.stopwords, "expected en, en_plus or none")
             stop = frozenset(getattr(sw, name))
         stem = None
         if self.stemmer:
@@ -99,8 +100,8 @@ class Tokenization:
             try:
                 stem = Stemmer.Stemmer(self.stemmer).stemWords
             except KeyError:
-                raise BadInput(f"--stemmer {self.stemmer}: unknown language "
-                               f"(e.g. {', '.join(Stemmer.algorithms()[:6])})") from None
+                raise ConfigError("stemmer", self.stemmer, f"unknown language "
+                                                           f"(e.g. {', '.join(Stemmer.algorithms()[:6])})") from None
 
         def tokenize(text: str) -> list[str]:
             words = [w for w in TOKEN_RE.findall(text.lower()) if w not in stop]
@@ -335,15 +336,15 @@ def resolve_dense_model(spec: str) -> str:
     if package:
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise BadInput(f"--dense-model {spec}: the {package.replace('_', '-')} package is not installed")
+            raise ConfigError("dense_model", spec, f"the {package.replace('_', '-')} package is not installed")
         path = os.path.join(list(found.submodule_search_locations)[0], "model")
         if not os.path.isdir(path):
-            raise BadInput(f"--dense-model {spec}: {path} is missing from the installed package")
+            raise ConfigError("dense_model", spec, f"{path} is missing from the installed package")
         return path
     if os.path.isdir(spec):
         return os.path.abspath(spec)
     if os.path.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise BadInput(f"--dense-model {spec}: no such folder")
+        raise ConfigError("dense_model", spec, "no such folder")
     return spec
 
 
@@ -368,7 +369,7 @@ def load_encoder(spec: str, device: str, backend: str = "torch"):
     try:
         model = SentenceTransformer(path, device=device)
     except OSError as e:
-        raise BadInput(f"--dense-model {spec}: cannot load ({e})".splitlines()[0]) from None
+        raise ConfigError("dense_model", spec, f"cannot load ({e})".splitlines()[0]) from None
     if backend in ("torch-fp16", "torch-bf16"):
         import torch
 
@@ -405,16 +406,16 @@ def resolve_dense_backend(spec: str, model: str, device: str) -> str:
             return "torch"
         return "onnx"
     if spec == "torch-fp16" and not cuda:
-        raise BadInput(f"--dense-backend {spec}: float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
+        raise ConfigError("dense_backend", spec, "float16 is for CUDA (on CPU: torch-bf16, onnx-int8 or torch)")
     if spec.startswith("torch"):
         return spec
     if cuda:
-        raise BadInput(f"--dense-backend {spec}: runs on CPU only (use auto or torch with --device {device})")
+        raise ConfigError("dense_backend", spec, f"runs on CPU only (use auto or torch with --device {device})")
     if not onnx_available():
-        raise BadInput(f"--dense-backend {spec}: onnxruntime is not installed (pip install onnxruntime onnx)")
+        raise ConfigError("dense_backend", spec, "onnxruntime is not installed (pip install onnxruntime onnx)")
     path = resolve_dense_model(model)
     if not (os.path.isdir(path) and mean_pooling_layout(path)):
-        raise BadInput(f"--dense-backend {spec}: --dense-model {model} is not a local sentence-transformers folder "
+        raise ConfigError("dense_backend", spec, f"--dense-model {model} is not a local sentence-transformers folder "
                        f"of a transformer with mean pooling")
     return spec
 

@@ -8,24 +8,25 @@
     rerank:      optionally TracIn over rerank_pool times that selection, then the same cut again.
 
     from ssae_common.core.runtime import RunContext
-    from ssae_common.retrieval import RetrieveConfig, retrieve
-    result = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"], context=RunContext())
-    result.records  # best first
-    result.artifact  # with out=: the `ssae.artifact/1` record (kind docs) of the file written
+    from ssae_common.retrieval import RetrieveConfig, rank_documents, retrieve
+    record = retrieve(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"])  # written, like every stage
+    record["path"]  # the ssae.doc/1 records, best first (OUT.provenance.json beside them)
+    result = rank_documents(RetrieveConfig(corpus=("pool.jsonl.gz",)), ["seeds.jsonl"])
+    result.records  # the same records in memory (ssae-retrieve's stdout); written only with out=
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..core.config import ConfigError, hashed_values
 from ..core.errors import BadInput
-from ..core.outputs import atomic_file, check_target, exclusive
+from ..core.outputs import atomic_file, check_target, exclusive, existing_output
 from ..core.provenance import config_hash, created_by
-from ..core.records import artifact_record, iter_docs, iter_raw, stdin_is_terminal, write_record
+from ..core.records import artifact_record, dump_json, iter_docs, iter_raw, stdin_is_terminal, write_record
 from ..core.runtime import RunContext
 from ..data.config import DEFAULT_MODEL
 from ..data.models import load_tokenizer, model_identity, resolve_model_dtype
@@ -46,11 +47,23 @@ class Retrieval:
 
 
 def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
-             context: RunContext | None = None) -> Retrieval:
+             context: RunContext | None = None) -> dict:
     """Retrieve documents like the seeds (paths in any input format, or "-" / nothing for stdin; each
-    seed document is one query) from `config.corpus`; with `out`, also write them there (and the
-    provenance to OUT.provenance.json)."""
-    context = context or RunContext()
+    seed document is one query) from `config.corpus`, write them to `out` (default: under $SSAE_WORKDIR,
+    named by a hash of the seeds and the resolved configuration, and reused when already there) with the
+    provenance beside them (OUT.provenance.json), and return the `ssae.artifact/1` record (kind docs)."""
+    return _retrieve(config, seeds, out, context or RunContext(), default_output=True).artifact
+
+
+def rank_documents(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | None = None,
+                   context: RunContext | None = None) -> Retrieval:
+    """As `retrieve`, but the ranked records are returned (what ssae-retrieve prints without -o); they
+    are written only when `out` is given."""
+    return _retrieve(config, seeds, out, context or RunContext(), default_output=False)
+
+
+def _retrieve(config: RetrieveConfig, seeds: Sequence[str], out: str | None, context: RunContext, *,
+              default_output: bool) -> Retrieval:
     config = config.resolve()
     if out:
         check_target(out, context.force)
@@ -67,6 +80,13 @@ def retrieve(config: RetrieveConfig, seeds: Sequence[str] = (), *, out: str | No
         saes, lm_spec, hook = _load_saes(config, context)
         model_dtype = resolve_model_dtype(config.model_dtype, context.device, lm_spec)
     resolved = _resolved(config, context, params, seed_docs, model_dtype)
+    if out is None and default_output:
+        # the seeds' text names the output too: the provenance records their ids only
+        out, reuse = existing_output("docs", config_hash(resolved, [r["text"] for r in seed_docs]), ".jsonl",
+                                     force=context.force)
+        if reuse:
+            return Retrieval([], {}, docs_artifact(out))
+        check_target(out, context.force)
 
     store = R.CorpusStore.open_or_build(list(config.corpus), config.text_field, quiet=context.quiet)
     queries = [r["text"] for r in seed_docs]
@@ -142,7 +162,7 @@ def write_retrieval(result: Retrieval, out: str, *, force: bool = False) -> None
                 write_record(f, rec)
     with atomic_file(out + ".provenance.json", force=True) as tmp:
         with open(tmp, "w") as f:
-            json.dump(result.provenance, f, indent=1)
+            dump_json(result.provenance, f, indent=1)
     log.info("wrote %d documents to %s (provenance in %s.provenance.json)", len(result.records), out, out)
 
 
@@ -170,21 +190,17 @@ def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
 
 def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict],
               model_dtype: str | None) -> dict:
-    """The provenance's config: what decides the output (not batch sizes); model and hook as given, the
-    model's dtype (TracIn) resolved as it runs."""
+    """The provenance's config: what decides the output; model and hook as given, the model's dtype
+    (TracIn) resolved as it runs.  The options of a method not used are None, so they do not change the hash."""
     sparse, dense = config.method != "dense", config.method != "bm25"
-    return context.resolved(
-        corpus=R.corpus_fingerprint(config.corpus, config.text_field)["inputs"], text_field=config.text_field,
-        method=config.method, engine=config.engine if sparse else None, bm25=params.describe() if sparse else None,
-        dense_model=R.dense_identity(config.dense_model) if dense else None,
-        dense_max_length=config.dense_max_length if dense else None, combine=config.combine, rrf_k=config.rrf_k,
-        depth=config.depth, top_k=config.top_k, budget_tokens=config.budget_tokens,
-        max_tokens_per_doc=config.max_tokens_per_doc if config.budget_tokens else None, exclude=list(config.exclude),
-        include_seeds=config.include_seeds, rerank=config.rerank, sae=[os.path.abspath(p) for p in config.sae],
-        model=config.model, hook=config.hook, model_dtype=model_dtype,
-        rerank_pool=config.rerank_pool,
-        tracin_normalize=config.tracin_normalize, context_size=config.context_size,
-        seeds=[{"id": r["id"]} for r in seed_docs])
+    given = {"corpus": R.corpus_fingerprint(config.corpus, config.text_field)["inputs"],
+             "bm25": params.describe() if sparse else None, "dense_model": R.dense_identity(config.dense_model) if dense else None,
+             "exclude": list(config.exclude), "sae": [os.path.abspath(p) for p in config.sae],
+             "seeds": [{"id": r["id"]} for r in seed_docs], "model_dtype": model_dtype}
+    unused = ((() if sparse else ("engine", "k1", "b", "stopwords", "stemmer"))
+              + (() if dense else ("dense_model", "dense_max_length", "dense_backend"))
+              + (() if config.budget_tokens else ("max_tokens_per_doc",)))
+    return context.resolved(**hashed_values(config, **{**given, **dict.fromkeys(unused)}))
 
 
 def _first_stage(config: RetrieveConfig, context: RunContext, store, params, queries: list[str]) -> list:
@@ -215,7 +231,7 @@ def _load_saes(config: RetrieveConfig, context: RunContext):
     sae_model, sae_hook = check_saes(saes, list(config.sae))
     hook = config.hook or sae_hook
     if not hook:
-        raise BadInput(f"--sae {config.sae[0]}: cfg.json names no hook; give --hook")
+        raise ConfigError("sae", config.sae[0], "cfg.json names no hook; give the hook")
     model = config.model or sae_model or DEFAULT_MODEL
     check_hook_name(model, hook)
     return saes, model, hook
@@ -235,8 +251,8 @@ def _tracin(config: RetrieveConfig, context: RunContext, saes, lm_spec: str, hoo
     lm = load_model(lm_spec, device=context.device, model_dtype=model_dtype, prepend_bos=bos is not False)
     lm.check_hook(hook)
     if lm.hook_width(hook) != saes[0].d_in:
-        raise BadInput(f"--sae: d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
-                       f"(width {lm.hook_width(hook)})")
+        raise ConfigError("sae", None, f"d_in {saes[0].d_in} does not match {model_identity(lm_spec)} at {hook} "
+                                       f"(width {lm.hook_width(hook)})")
     t0 = time.perf_counter()
     texts = [store.record(p)["text"] for p in kept]
     with Progress("tracin activations", total=len(queries) + len(texts), unit="docs", quiet=context.quiet) as pr:

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
 
 log = logging.getLogger("ssae")
@@ -131,8 +132,8 @@ def check_saes(saes: Sequence, paths: Sequence[str]) -> tuple[str | None, str | 
     hooks = {sae.hook for sae in saes}
     dims = {sae.d_in for sae in saes}
     if len(hooks) > 1 or len(dims) > 1:
-        raise BadInput(f"--sae {', '.join(paths)}: checkpoints disagree on hook or d_in "
-                       f"({sorted(hooks)}, {sorted(dims)}); give checkpoints of one SAE")
+        raise ConfigError("sae", list(paths), f"checkpoints disagree on hook or d_in "
+                                              f"({sorted(hooks)}, {sorted(dims)}); give checkpoints of one SAE")
     models = {sae.model for sae in saes}
     return (models.pop() if len(models) == 1 else None) or None, hooks.pop() or None
 

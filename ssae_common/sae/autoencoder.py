@@ -16,7 +16,9 @@ import os
 import torch
 from torch import nn
 
+from ..core.config import ConfigError
 from ..core.errors import BadInput
+from ..core.records import dump_json
 from . import architectures
 
 SCHEMA = "ssae.sae/1"
@@ -29,7 +31,7 @@ class SAE(nn.Module):
                  act_scale: float = 1.0, group_sizes=None):
         super().__init__()
         if architecture not in architectures.NAMES:
-            raise BadInput(f"--architecture {architecture}: expected one of {', '.join(architectures.NAMES)}")
+            raise ConfigError("architecture", architecture, f"expected one of {', '.join(architectures.NAMES)}")
         self.d_in, self.d_sae, self.architecture, self.k = d_in, d_sae, architecture, k
         self.act_scale = float(act_scale)
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
@@ -89,7 +91,7 @@ class SAE(nn.Module):
         tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
         save_file(tensors, os.path.join(folder, WEIGHTS))
         with open(os.path.join(folder, CONFIG), "w") as f:
-            json.dump(self.config(**extra), f, indent=2)
+            dump_json(self.config(**extra), f, indent=2)
 
     @classmethod
     def load(cls, folder: str, device: str = "cpu") -> "SAE":

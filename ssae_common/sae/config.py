@@ -38,8 +38,6 @@ DEFAULT_BANDWIDTH = 0.05  # SAELens 6's jumprelu_bandwidth
 # the options ssae-fit takes as a comma-separated list (with --seed): one SAE per combination, one read of
 # the data per seed (sae.stage.fit_sweep); the short names label each SAE's folder under -o
 SWEEPS = {"tilt": "tilt", "tilt_ess": "ess", "k": "k"}
-# options that change how a fit runs, not what it trains: kept out of the configuration hash
-RUN_ONLY = ("allow_init_mismatch", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,10 @@ class FitConfig:
     d_sae: int | None = option(None, min=1, derived="--expansion x d_in", help="Number of latents.")
     expansion: float | None = option(None, above=0, derived=str(DEFAULT_EXPANSION),
                                      help="d_sae as a multiple of d_in.")
-    k: int | None = option(None, derived=f"{DEFAULT_K}, or the parent's",
+    k: int | None = option(None, min=1, derived=f"{DEFAULT_K}, or the parent's",
                            help="Active latents per token for topk (the mean, for batchtopk and "
                                 "matryoshka-batchtopk).")
-    l1: float | None = option(None, derived="5/d_in, or the parent's",
+    l1: float | None = option(None, min=0, derived="5/d_in, or the parent's",
                               help="L1 coefficient for relu (on the per-token loss, see docs/fit.md).")
     tilt: float = option(0.0, help="TERM tilt t, fixed; 0 is ERM (the mean loss). See docs/fit.md.")
     tilt_ess: float | None = option(
@@ -65,9 +63,11 @@ class FitConfig:
                                    "instead of across tokens; with --tilt or --tilt-ess.")
     init: str | None = option(
         None, help="Parent SAE to finetune (ours, SAELens, sparsify, dictionary_learning or Gemma Scope files).")
-    init_format: str = option("auto", choices=FORMATS)
+    init_format: str = option("auto", choices=FORMATS,
+                              help="The --init parent's format (auto: told by its files).")
     allow_init_mismatch: bool = option(
-        False, help="Finetune an --init parent trained on another model or hook than the activations'.")
+        False, hashed=False, why="a permission: the parent and the data are hashed themselves",
+        help="Finetune an --init parent trained on another model or hook than the activations'.")
     lr: float | None = option(None, above=0, derived="2e-4 / sqrt(d_sae / 2^14)", help="Adam learning rate.")
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
     train_tokens: int | None = option(None, min=1, derived="the inputs' row count", help="Token budget.")
@@ -83,7 +83,7 @@ class FitConfig:
                                      help="A latent unfired for this many tokens is dead.")
     aux_k: int = option(0, min=0, help="AuxK: dead latents reconstructing the residual (the topk and batchtopk "
                                        "architectures; 0 off).")
-    aux_coefficient: float = option(1 / 32, min=0)
+    aux_coefficient: float = option(1 / 32, min=0, help="Weight of the AuxK loss (with --aux-k).")
     normalize_grad: bool = option(
         True, help="Scale each step's gradient (all parameters together) to unit norm before Adam, so that every "
                    "step weighs alike in Adam's moment estimates (dictionary_learning's and SAELens's norm-1 clip "
@@ -103,7 +103,8 @@ class FitConfig:
     log_every: int = option(100, min=1, help="Steps between train_log.jsonl records.")
     checkpoint_every: int = option(1000, min=1, help="Steps between checkpoints.")
     prefetch: bool = option(
-        True, help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
+        True, hashed=False, why="the batches are the same either way",
+        help="Build the next batch in a background thread while the current step runs (on CUDA: pinned, "
                    "copied asynchronously); the batches are the same either way.")
     shuffle_rows: int = option(32768, min=1,
                                help="Rows shuffled together (memory: about 2 x rows x d_in x 4 bytes).")
@@ -113,7 +114,7 @@ class FitConfig:
                                "gradient at them), dense uses full matrix products; auto: sparse on CPU when "
                                "k < d_sae/8, else dense. Equal up to float rounding.")
     # set by the stage from its RunContext (--seed, --device)
-    seed: int = option(0, cli=False)
+    seed: int = option(0, min=0, cli=False)
     device: str = option("cpu", cli=False)
 
     @property
@@ -135,12 +136,6 @@ class FitConfig:
         """Bounds and choices of every field, then the checks across fields, the architecture's in its module
         (sae.architectures; those of fields still None, i.e. before `resolve`, are skipped)."""
         check_bounds(self)
-        for name in ("l1", "tilt", "lr"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(name, value, "must be a finite number")
-        if self.l1 is not None and self.l1 < 0:
-            raise ConfigError("l1", self.l1, "must be >= 0")
         if self.architecture is not None:
             get_architecture(self.architecture).check_config(self)
         if self.tilt and self.tilt_ess is not None:

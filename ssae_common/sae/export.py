@@ -17,16 +17,15 @@ keeping their norm and the latents read in the activations' own units.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, hashed_values
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, existing_output, sha256_file
 from ..core.provenance import config_hash, created_by
-from ..core.records import artifact_record
+from ..core.records import artifact_record, dump_json
 from ..core.runtime import RunContext
 from .autoencoder import SAE
 from .config import ExportConfig
@@ -63,7 +62,7 @@ def write_saelens(sae: SAE, folder: str) -> None:
                         **bos, **metadata}, **top_level}
     save_file(folded_tensors(sae), os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        dump_json(cfg, f, indent=2)
 
 
 def write_sparsify(sae: SAE, folder: str) -> None:
@@ -83,7 +82,7 @@ def write_sparsify(sae: SAE, folder: str) -> None:
            "model_name": sae.model or None, "hook_name": sae.hook or None}
     save_file(tensors, os.path.join(folder, "sae.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        dump_json(cfg, f, indent=2)
 
 
 def write(sae: SAE, folder: str, to: str, **extra) -> None:
@@ -98,11 +97,12 @@ def write(sae: SAE, folder: str, to: str, **extra) -> None:
         raise ConfigError("to", to, "expected ssae, saelens or sparsify")
 
 
-def export(config: ExportConfig, sae: str, *, out: str | None = None, context: RunContext) -> dict:
+def export(config: ExportConfig, sae: str, *, out: str | None = None, context: RunContext | None = None) -> dict:
     """Write the SAE at `sae` (any supported format) as `config.to` into `out` (default: under
     $SSAE_WORKDIR/export, named by a hash of the input and options); returns its artifact record."""
     from .imports import detect_format, load_any, parent_files
 
+    context = context or RunContext()
     config.check()
     model = load_any(sae)
     fmt = model.cfg.get("format") or detect_format(sae, None)
@@ -113,7 +113,7 @@ def export(config: ExportConfig, sae: str, *, out: str | None = None, context: R
     files = parent_files(sae)
     source = {"path": os.path.abspath(sae), "format": fmt,
               "sha256": sha256_file(files[0] if len(files) == 1 else sae)}
-    resolved = context.resolved(to=config.to, model=config.model, hook=config.hook, source=source)
+    resolved = context.resolved(**hashed_values(config, source=source))
     if out is None:
         out, reuse = existing_output("export", config_hash(resolved), marker=MARKERS[config.to], force=context.force)
         if reuse:

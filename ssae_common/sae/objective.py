@@ -84,7 +84,7 @@ def batch_tilt(cfg: FitConfig, losses: torch.Tensor) -> float | torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
+def validation_metrics(sae: SAE, x: torch.Tensor, cfg: FitConfig, batch: int = 1024) -> dict:
     """Validation metrics on normalised rows."""
     sparse = sparse_ops.use_sparse(cfg.decoder, sae.architecture, sae.k, sae.d_sae, x.device.type)
     losses, mses, l0s = [], [], []

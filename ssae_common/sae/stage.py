@@ -18,21 +18,21 @@ import logging
 import os
 import re
 
-from ..core.config import ConfigError, replace, to_dict
+from ..core.config import ConfigError, hashed_values, replace
 from ..core.errors import BadInput
 from ..core.outputs import default_output, existing_output
 from ..core.provenance import config_hash, created_by
 from ..core.records import artifact_record
 from ..core.runtime import RunContext
 from .architectures import get as get_architecture
-from .config import RUN_ONLY, SWEEPS, FitConfig
+from .config import SWEEPS, FitConfig
 
 log = logging.getLogger("ssae")
 MARKER = "cfg.json"  # present once an SAE folder is complete
 
 
 def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
-        context: RunContext) -> dict | None:
+        context: RunContext | None = None) -> dict | None:
     """Train an SAE on the activation stores `activations` (.h5 paths) into the folder `out` (default:
     under $SSAE_WORKDIR, named by a hash of the inputs and the resolved config, and reused when a complete
     one is there).  Returns the sae artifact record; None on the ranks other than 0 of a torchrun job."""
@@ -41,7 +41,7 @@ def fit(config: FitConfig, activations: list[str], *, out: str | None = None,
 
 
 def fit_sweep(config: FitConfig, activations: list[str], *, sweep: dict | None = None, out: str | None = None,
-              context: RunContext) -> list[dict]:
+              context: RunContext | None = None) -> list[dict]:
     """Train one SAE per combination of `sweep`, {field: values} for the SWEEPS fields and "seed" (the
     cartesian product, in the order given; a field not in it keeps `config`'s value, the seed the
     context's).  Each SAE is the one `fit` with its options trains.  The SAEs of one seed share every
@@ -65,6 +65,7 @@ def _fit_sweep(config: FitConfig, activations: list[str], sweep: dict | None, ou
     from .imports import import_sae
     from .train import Parent, Run, parent_sha256, refuse_sweep_under_torchrun, train_saes
 
+    context = context or RunContext()
     combos = _combinations(sweep or {}, context.seed)
     config.check()
     stores = open_stores(activations)
@@ -98,8 +99,7 @@ def _fit_sweep(config: FitConfig, activations: list[str], sweep: dict | None, ou
         cfg = replace(replace(config, **combo).resolve(d_in, n_rows, parent.sae if parent else None),
                       seed=seed, device=context.device,
                       autocast=config.autocast and context.device.startswith("cuda"))
-        settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
-        resolved = ctx.resolved(**{**settings, "init": parent.record() if parent else None}, inputs=inputs)
+        resolved = ctx.resolved(**hashed_values(cfg, init=parent.record() if parent else None, inputs=inputs))
         digest = config_hash(resolved)
         names = {"tilt": cfg.tilt, "tilt_ess": cfg.tilt_ess, "k": cfg.k, "seed": seed}
         where = _member(out, names, varied if len(combos) > 1 else [])

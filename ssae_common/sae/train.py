@@ -23,6 +23,7 @@ from ..data.batches import ActivationStream
 from ..core.config import ConfigError
 from ..core.errors import BadInput
 from ..core.outputs import atomic_dir, check_target, exclusive, partial_path, refuse_link, sha256_file
+from ..core.records import dump_json
 from ..core.signals import StopFlag
 from .autoencoder import SAE
 from .config import FitConfig
@@ -229,7 +230,7 @@ def _fit(stores: list[ActivationStore], runs: list[Run], force: bool, quiet: boo
                         os.makedirs(folder, mode=0o700)  # private while in progress: nothing planted inside
                         created.append(folder)
                         with open(os.path.join(folder, STATE), "w") as f:
-                            json.dump({"config_hash": run.digest, "config": run.resolved}, f, indent=2, default=str)
+                            dump_json({"config_hash": run.digest, "config": run.resolved}, f, indent=2, default=str)
                         trainer = Trainer(run.cfg, sae, stream, folder, val, dp)
                         if dp.active:
                             start = {"init": {k: v.detach().cpu() for k, v in sae.state_dict().items()},

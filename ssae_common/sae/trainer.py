@@ -20,12 +20,13 @@ import torch
 from ..data.batches import ActivationStream
 from ..core.errors import BadInput, Interrupted
 from ..core.progress import Progress
+from ..core.records import to_json
 from ..core.signals import StopFlag
 from . import sparse as sparse_ops
 from .autoencoder import SAE
 from .config import FitConfig
 from .distributed import DataParallel
-from .objective import active, auxk_loss, batch_tilt, evaluate, token_losses
+from .objective import active, auxk_loss, batch_tilt, token_losses, validation_metrics
 from .optim import Adam, lr_at
 from .term import group_means, tilted_loss, tilt_weights
 
@@ -135,9 +136,6 @@ class Trainer:
         if self.dp.is_main:
             self._truncate_log()
 
-    def load_checkpoint(self) -> None:
-        self.load_state(self.read_checkpoint())
-
     def _truncate_log(self) -> None:
         if not os.path.exists(self.log_path):
             return
@@ -229,16 +227,12 @@ class Trainer:
         if arch.auxk and cfg.aux_k:
             rec["aux_loss"] = a["aux"] / n
         if with_val and self.val is not None:
-            self.last_val = evaluate(self.sae, self.val, cfg)
+            self.last_val = validation_metrics(self.sae, self.val, cfg)
             rec.update(self.last_val)
         self.acc_n, self.acc = 0, torch.zeros_like(self.acc)
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(to_json(rec) + "\n")
         return rec
-
-    def run(self, stop: StopFlag, quiet: bool = False) -> None:
-        """Train from `self.step` to the budget (train_together, alone)."""
-        train_together([self], stop, quiet)
 
 
 class Batches:

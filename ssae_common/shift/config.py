@@ -17,13 +17,10 @@ class ShiftConfig:
     professions: tuple[str, str] = option(
         ("professor", "nurse"), nargs=2,
         help="Sides A and B, each a comma-separated list of professions (names or LabHC indices).")
-    saes: tuple[str, ...] = option(
-        (), flag="sae", multiple=True, required=True,
-        help="SAE directory, NAME=DIR, or - for sae artifact records on stdin (repeatable).")
     ablate: tuple[str, ...] = option(
         ("auto",), multiple=True,
         help="auto (latents chosen with a gender probe; uses gender labels), a list such as 12,98,200-203, "
-             "or NAME=LIST per SAE.")
+             "or NAME=LIST per SAE.", hashed=False, why="hashed per SAE (saes[].ablate)")
     ablation: str = option(
         "zero", choices=("zero", "mean"),
         help="Ablated latents (and skyline neurons) are set to 0 or to their mean on the ambiguous set.")
@@ -32,7 +29,8 @@ class ShiftConfig:
     model: str | None = option(None, help="Language model", derived="the SAE's cfg.json model")
     model_dtype: str = option("auto", help=MODEL_DTYPE_HELP, choices=MODEL_DTYPES)
     explanations: tuple[str, ...] = option(
-        (), multiple=True, help="ssae-explain output (folder or explanations.jsonl), in --sae order or NAME=PATH.")
+        (), multiple=True, help="ssae-explain output (folder or explanations.jsonl), in --sae order or NAME=PATH.",
+        hashed=False, why="hashed per SAE (saes[].explanations)")
     pairing: str = option(
         "auto", choices=("auto", "female-male", "male-female"),
         help="Genders of sides A and B in the ambiguous training set (auto: the pairing with more documents; "
@@ -40,7 +38,7 @@ class ShiftConfig:
     top: int = option(50, min=1, help="Top attributed latents considered by auto.")
     auto_max: int = option(25, min=1, help="Most latents auto ablates.")
     auto_min_drop: float = option(
-        0.01, help="auto stops when the next latent lowers the gender probe's validation AUC by less.")
+        0.01, min=0, help="auto stops when the next latent lowers the gender probe's validation AUC by less.")
     show: int = option(20, min=0, help="Top latents listed in the report.")
     test_fraction: float = option(
         0.4, above=0, max=1, help="Test documents per cell, as a fraction of the smallest cell.")
@@ -68,17 +66,17 @@ class ShiftConfig:
         5, min=1, help="Seeded splits (seeds --seed, --seed + 1, ...): the whole experiment runs on each; "
                        "the table shows mean and sd.")
     context_size: int = option(128, min=2, help="Tokens per document, BOS included (longer documents are truncated).")
-    batch_size: int = option(16, min=1, help="Documents per forward pass.")
+    batch_size: int = option(16, min=1, help="Documents per forward pass.",
+                             hashed=False, why="a batch size: documents are padded at the end, which a causal "
+                                               "LM's earlier positions do not see")
     text_field: str = option("auto", help="Text field (auto: hard_text, text or bio).")
-    profession_field: str = option("profession")
-    gender_field: str = option("gender")
+    profession_field: str = option("profession", help="Field holding the profession (a name or a LabHC index).")
+    gender_field: str = option("gender", help="Field holding the gender (0/1, m/f or male/female).")
 
     def check(self) -> None:
         check_bounds(self)
         if not self.data:
             raise ConfigError("data", self.data, "give at least one Bias in Bios input")
-        if not self.saes:
-            raise ConfigError("saes", self.saes, "give at least one SAE")
         if len(self.professions) != 2:
             raise ConfigError("professions", self.professions, "expected two sides, A and B")
         if self.test_fraction + self.val_fraction >= 1:

@@ -1,5 +1,4 @@
-"""The SHIFT stage from Python: `shift(ShiftConfig(...), context=RunContext(...))` runs what ssae-shift
-runs (SAE naming, per-SAE options, bios, cells, activations, probes, ablation) and writes the report."""
+"""The SHIFT stage from Python: `shift(ShiftConfig(...), saes)` runs what ssae-shift runs (SAE naming, per-SAE options, bios, cells, activations, probes, ablation) and writes the report."""
 from __future__ import annotations
 
 import json
@@ -7,20 +6,22 @@ import logging
 import os
 import sys
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, hashed_values
 from ..core.outputs import atomic_file, check_target, exclusive, existing_output, sha256_file
 from ..core.parse import parse_latent_ranges, split_named, unique_names
 from ..core.progress import Progress
 from ..core.provenance import config_hash, created_by, input_fingerprint
-from ..core.records import artifact_record, resolve_artifacts
+from ..core.records import artifact_record, dump_json, resolve_artifacts
 from ..core.runtime import RunContext
 from ..data.models import (check_hook_name, document_activations, load_model, model_identity, resolve_model_dtype,
                            same_model)
 from ..sae.imports import load_any, sae_config
 from .config import ShiftConfig
-from .method import (MASK_TOKEN, PROFESSION_WORDS, SCHEMA, SPECIALTY_WORDS, SaeSpec, aggregate_rows, ablated_summary,
-                     build_cells, format_table, gender_left_summary, load_bios, mask_pattern, mask_text,
-                     paired_differences, parse_side, read_explanations, read_mask_words, run_shift)
+from .attribution import read_explanations
+from .bios import MASK_TOKEN, PROFESSION_WORDS, SPECIALTY_WORDS, build_cells, load_bios, mask_pattern, mask_text, \
+    parse_side, read_mask_words
+from .method import SaeSpec, run_shift
+from .report import SCHEMA, ablated_summary, aggregate_rows, format_table, gender_left_summary, paired_differences
 
 log = logging.getLogger("ssae")
 
@@ -28,13 +29,16 @@ ATTRIBUTION = ("attribution patching: mean over ambiguous training docs of sum_t
                "M the probe logit signed to the true class, x = decode(f) + err with err fixed")
 
 
-def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -> dict:
-    """Run SHIFT for every SAE of `config.saes` and write the ssae.shift/1 report to `out` (default: under
+def shift(config: ShiftConfig, saes, *, out: str | None = None, context: RunContext | None = None) -> dict:
+    """Run SHIFT for every SAE of `saes` (folders, NAME=DIR, or "-" for sae artifact records on stdin) and write the ssae.shift/1 report to `out` (default: under
     $SSAE_WORKDIR, named by the hash of the resolved configuration, reused unless context.force).
     Returns the shift artifact record."""
+    context = context or RunContext()
     config.check()
+    if isinstance(saes, str) or not saes:
+        raise ConfigError("saes", saes, "give at least one SAE")
     side_a, side_b = parse_side(config.professions[0]), parse_side(config.professions[1])
-    named = _sae_paths(config.saes)
+    named = _sae_paths(saes)
     names = [n for n, _ in named]
     ablate_by = _per_sae(config.ablate, names, "ablate", "auto", broadcast=True)
     explain_by = _per_sae(config.explanations, names, "explanations", None)
@@ -45,20 +49,13 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
     check_hook_name(model, hook, flag="the SAEs' hook")
     model_dtype = resolve_model_dtype(config.model_dtype, context.device, model)
     bos = _windows_bos(named)
-    resolved = context.resolved(
-        data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
+    resolved = context.resolved(**hashed_values(
+        config, data=[{"path": p, "sha256": input_fingerprint(p)} for p in config.data], professions=[side_a, side_b],
         saes=[{"name": n, "path": os.path.abspath(p), "sha256": sha256_file(p), "ablate": ablate_by[n],
                "explanations": explain_by[n]} for n, p in named],
-        model=model_identity(model), model_dtype=model_dtype, bos=bos, hook=hook, ablation=config.ablation,
-        slice=config.slice,
-        pairing=config.pairing, top=config.top, auto_max=config.auto_max, auto_min_drop=config.auto_min_drop,
-        show=config.show, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-        max_per_cell=config.max_per_cell, probe=config.probe, probe_c=config.probe_c,
-        mask_professions=config.mask_professions, mask_specialties=config.mask_specialties,
+        model=model_identity(model), model_dtype=model_dtype, bos=bos, hook=hook,
         mask_words=None if config.mask_words is None else {"path": os.path.abspath(config.mask_words),
-                                                           "sha256": input_fingerprint(config.mask_words)},
-        seeds=config.seeds, context_size=config.context_size,
-        text_field=config.text_field, profession_field=config.profession_field, gender_field=config.gender_field)
+                                                           "sha256": input_fingerprint(config.mask_words)}))
     if out is None:
         out, reuse = existing_output("shift", config_hash(resolved), ".json", force=context.force)
         if reuse:
@@ -111,7 +108,7 @@ def shift(config: ShiftConfig, *, out: str | None = None, context: RunContext) -
                   "gender_left": gender_left_summary([b["saes"] for b in bodies]), "splits": bodies}
         with atomic_file(out, force=context.force) as tmp:
             with open(tmp, "w") as f:
-                json.dump(report, f, indent=2)
+                dump_json(report, f, indent=2)
         print(format_table(report), file=sys.stderr)
         return shift_artifact(out)
 

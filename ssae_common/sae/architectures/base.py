@@ -51,7 +51,7 @@ class Architecture:
     def build(self, sae: SAE, group_sizes=None) -> None:
         """Check the SAE's shape options and add this architecture's tensors to a new SAE."""
         if "k" in self.options and (sae.k is None or not 0 < sae.k <= sae.d_sae):
-            raise BadInput(f"--k {sae.k}: must be between 1 and --d-sae ({sae.d_sae}) for a {self.name} SAE")
+            raise ConfigError("k", sae.k, f"must be between 1 and d_sae ({sae.d_sae}) for a {self.name} SAE")
         if group_sizes is not None:
             raise BadInput(f"group sizes: only for a matryoshka-batchtopk SAE, not {self.name}")
         if self.threshold == "trained":
