@@ -9,10 +9,12 @@ import pytest
 
 from helpers import sample_docs, write_jsonl
 from ssae_common.core.errors import BadInput
+from ssae_common.retrieval import dense as D
 from ssae_common.retrieval import engines as R
+from ssae_common.retrieval.config import DEFAULT_DENSE_MODEL
 from ssae_common.retrieval.encoders import mean_pooling_layout
 
-MODEL = R.DEFAULT_DENSE_MODEL
+MODEL = DEFAULT_DENSE_MODEL
 TEXTS = ["Gravitational waves from merging neutron stars.", "A recipe for bread with sourdough starter.",
          "Spiral galaxy rotation curves and dark matter halos in the local universe, measured by radio surveys.",
          "x"]
@@ -20,45 +22,45 @@ needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 
 
 def test_auto_picks_by_device_and_cpu(monkeypatch):
-    assert R.resolve_dense_backend("auto", MODEL, "cuda") == "torch-fp16"
-    monkeypatch.setattr(R, "native_bf16", lambda: True)
-    assert R.resolve_dense_backend("auto", MODEL, "cpu") == "torch-bf16"
-    monkeypatch.setattr(R, "native_bf16", lambda: False)
+    assert D.resolve_dense_backend("auto", MODEL, "cuda") == "torch-fp16"
+    monkeypatch.setattr(D, "native_bf16", lambda: True)
+    assert D.resolve_dense_backend("auto", MODEL, "cpu") == "torch-bf16"
+    monkeypatch.setattr(D, "native_bf16", lambda: False)
     monkeypatch.setattr("ssae_common.retrieval.encoders.onnx_available", lambda: True)
-    assert R.resolve_dense_backend("auto", MODEL, "cpu") == "onnx"  # int8 moved the rankings: asked for only
+    assert D.resolve_dense_backend("auto", MODEL, "cpu") == "onnx"  # int8 moved the rankings: asked for only
     monkeypatch.setattr("ssae_common.retrieval.encoders.onnx_available", lambda: False)
-    assert R.resolve_dense_backend("auto", MODEL, "cpu") == "torch"
+    assert D.resolve_dense_backend("auto", MODEL, "cpu") == "torch"
 
 
 def test_explicit_backends_and_refusals(monkeypatch):
-    assert R.resolve_dense_backend("torch", MODEL, "cpu") == "torch"
-    assert R.resolve_dense_backend("torch-bf16", MODEL, "cpu") == "torch-bf16"
-    with pytest.raises(BadInput, match="--dense-backend torch-fp16: float16 is for CUDA"):
-        R.resolve_dense_backend("torch-fp16", MODEL, "cpu")
-    with pytest.raises(BadInput, match="--dense-backend onnx: runs on CPU only"):
-        R.resolve_dense_backend("onnx", MODEL, "cuda")
+    assert D.resolve_dense_backend("torch", MODEL, "cpu") == "torch"
+    assert D.resolve_dense_backend("torch-bf16", MODEL, "cpu") == "torch-bf16"
+    with pytest.raises(BadInput, match="dense_backend 'torch-fp16': float16 is for CUDA"):
+        D.resolve_dense_backend("torch-fp16", MODEL, "cpu")
+    with pytest.raises(BadInput, match="dense_backend 'onnx': runs on CPU only"):
+        D.resolve_dense_backend("onnx", MODEL, "cuda")
     with pytest.raises(BadInput, match="--dense-backend fast: expected one of auto, torch"):
-        R.resolve_dense_backend("fast", MODEL, "cpu")
+        D.resolve_dense_backend("fast", MODEL, "cpu")
     monkeypatch.setattr("ssae_common.retrieval.encoders.onnx_available", lambda: False)
     with pytest.raises(BadInput, match="onnxruntime is not installed"):
-        R.resolve_dense_backend("onnx-int8", MODEL, "cpu")
+        D.resolve_dense_backend("onnx-int8", MODEL, "cpu")
 
 
 def test_mean_pooling_layout_of_the_bundled_model(tmp_path):
-    assert mean_pooling_layout(R.resolve_dense_model(MODEL)) == {"max_length": 256, "normalize": True}
+    assert mean_pooling_layout(D.resolve_dense_model(MODEL)) == {"max_length": 256, "normalize": True}
     assert mean_pooling_layout(str(tmp_path)) is None  # no modules.json
 
 
 def test_each_runtime_has_its_own_embedding_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SSAE_WORKDIR", str(tmp_path / "w"))
     store = R.CorpusStore.open_or_build([write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(4, 8, seed=1))])
-    paths = {b: R.DenseIndex.cache_path(store, MODEL, None, b) for b in ("torch", "torch-bf16", "onnx-int8")}
+    paths = {b: D.DenseIndex.cache_path(store, MODEL, None, b) for b in ("torch", "torch-bf16", "onnx-int8")}
     assert len(set(paths.values())) == 3
-    assert paths["torch"] == R.DenseIndex.cache_path(store, MODEL)  # float32 keeps the earlier key
+    assert paths["torch"] == D.DenseIndex.cache_path(store, MODEL)  # float32 keeps the earlier key
 
 
 def _unit_float32(backend: str) -> np.ndarray:
-    emb = R.load_encoder(MODEL, "cpu", backend).encode(TEXTS, batch_size=2, normalize_embeddings=True,
+    emb = D.load_encoder(MODEL, "cpu", backend).encode(TEXTS, batch_size=2, normalize_embeddings=True,
                                                        convert_to_tensor=backend.startswith("torch"))
     return np.asarray(emb.float().numpy() if hasattr(emb, "float") else emb, dtype=np.float32)
 

@@ -473,16 +473,18 @@ def test_endpoint_credentials_are_never_stored_or_shown(tmp_path, explain_setup)
 
 def test_planted_link_in_the_dense_cache_is_refused(tmp_path):
     from ssae_common.core.errors import BadInput
+    from ssae_common.retrieval import dense as D
     from ssae_common.retrieval import engines as R
+    from ssae_common.retrieval.config import DEFAULT_DENSE_MODEL
 
     corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), sample_docs(10, 10))
     store = R.CorpusStore.open_or_build([corpus], quiet=True)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    backend = R.resolve_dense_backend("auto", R.DEFAULT_DENSE_MODEL, "cpu")
-    lock = R.DenseIndex.cache_path(store, backend=backend) + ".lock"
+    backend = D.resolve_dense_backend("auto", DEFAULT_DENSE_MODEL, "cpu")
+    lock = D.DenseIndex.cache_path(store, backend=backend) + ".lock"
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     os.symlink(victim, lock)
     with pytest.raises(BadInput, match="a symbolic link where ssae keeps its partial output"):
-        R.DenseIndex(store)
+        D.DenseIndex(store)
     assert victim.read_text() == "precious"

@@ -12,7 +12,9 @@ from helpers import invoke, parse_records, sample_docs, write_jsonl
 from ssae_common.core.config import ConfigError
 from ssae_common.core.runtime import RunContext
 from ssae_common.retrieval import RetrieveConfig, rank_documents, retrieve
+from ssae_common.retrieval import dense as D
 from ssae_common.retrieval import engines as R
+from ssae_common.retrieval.config import DEFAULT_DENSE_MODEL
 from ssae_tools.retrieve import main
 
 TOPICS = [
@@ -131,7 +133,7 @@ def test_blocked_top_k_equals_brute_force():
     corpus[500] = corpus[10]  # an exact tie: the earlier position goes first
     queries = rng.standard_normal((5, 8)).astype(np.float32)
     queries[0] = corpus[10].astype(np.float32)
-    got = R.blocked_top_k(queries, corpus, 50, block_rows=64)
+    got = D.blocked_top_k(queries, corpus, 50, block_rows=64)
     sims = queries @ corpus.astype(np.float32).T
     for qi, r in enumerate(got):
         want = np.lexsort((np.arange(1000), -sims[qi]))[:50]
@@ -142,7 +144,7 @@ def test_blocked_top_k_equals_brute_force():
 
 def test_dense_matches_numpy_cosine_and_caches(corpus):
     store = _store(corpus)
-    index = R.DenseIndex(store, batch_size=16, backend="torch")
+    index = D.DenseIndex(store, batch_size=16, backend="torch")
     assert index.encoded_now == len(store)
     assert index.embeddings.dtype == np.float16 and index.embeddings.shape == (len(store), 384)
     model = index.encoder  # the same model; encoded here without the index's normalisation and float16
@@ -158,19 +160,19 @@ def test_dense_matches_numpy_cosine_and_caches(corpus):
     assert got.positions.tolist() == np.argsort(-cos, kind="stable")[:10].tolist()
     np.testing.assert_allclose(got.scores, cos[got.positions], atol=5e-3)
     assert store.ids[got.positions[0]] == "t9"
-    again = R.DenseIndex(store, backend="torch")  # second run: embeddings reused, nothing encoded
+    again = D.DenseIndex(store, backend="torch")  # second run: embeddings reused, nothing encoded
     assert again.encoded_now == 0 and again._encoder is None
 
 
 def test_dense_max_length_cuts_texts_and_has_its_own_cache(corpus):
     store = _store(corpus)
-    full = R.DenseIndex(store, batch_size=16, backend="torch")
-    short = R.DenseIndex(store, batch_size=16, max_length=8, backend="torch")
+    full = D.DenseIndex(store, batch_size=16, backend="torch")
+    short = D.DenseIndex(store, batch_size=16, max_length=8, backend="torch")
     assert short.path != full.path and short.encoded_now == len(store)
     assert short.encoder.max_seq_length == 8
     texts = list(store.iter_texts())
     long_doc = max(range(len(texts)), key=lambda i: len(texts[i]))
-    full_model = R.load_encoder(R.DEFAULT_DENSE_MODEL, "cpu")  # a long text embeds differently when cut to 8 tokens
+    full_model = D.load_encoder(DEFAULT_DENSE_MODEL, "cpu")  # a long text embeds differently when cut to 8 tokens
     full_model.max_seq_length = 8
     cut = full_model.encode([texts[long_doc]], normalize_embeddings=True)[0]
     np.testing.assert_allclose(np.asarray(short.embeddings[long_doc], dtype=np.float32), cut, atol=2e-3)
@@ -180,7 +182,7 @@ def test_dense_max_length_cuts_texts_and_has_its_own_cache(corpus):
 def test_dense_embedding_resumes_after_interruption(tmp_path, monkeypatch):
     store = _store(write_jsonl(str(tmp_path / "small.jsonl"), sample_docs(24, 12, seed=2)))
     calls = []
-    real = R.DenseIndex.encode
+    real = D.DenseIndex.encode
 
     def stop_at_third_chunk(self, texts):
         calls.append(len(texts))
@@ -188,11 +190,11 @@ def test_dense_embedding_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, texts)
 
-    monkeypatch.setattr(R.DenseIndex, "encode", stop_at_third_chunk)
+    monkeypatch.setattr(D.DenseIndex, "encode", stop_at_third_chunk)
     with pytest.raises(KeyboardInterrupt):
-        R.DenseIndex(store, chunk_docs=8)
-    monkeypatch.setattr(R.DenseIndex, "encode", real)
-    resumed = R.DenseIndex(store, chunk_docs=8)
+        D.DenseIndex(store, chunk_docs=8)
+    monkeypatch.setattr(D.DenseIndex, "encode", real)
+    resumed = D.DenseIndex(store, chunk_docs=8)
     assert resumed.encoded_now == len(store) - 16  # the two finished chunks were kept
     assert not os.path.exists(resumed.path + ".partial.npy")
     want = real(resumed, list(store.iter_texts()))

@@ -30,6 +30,7 @@ from ..core.records import artifact_record, dump_json, iter_docs, iter_raw, stdi
 from ..core.runtime import RunContext
 from ..data.config import DEFAULT_MODEL
 from ..data.models import load_tokenizer, model_identity, resolve_model_dtype
+from . import dense as D
 from . import engines as R
 from .config import RetrieveConfig
 
@@ -139,7 +140,7 @@ def _check_before_reading(config: RetrieveConfig, context: RunContext, params) -
     if config.method != "dense":
         params.tokenization.build()
     if config.method != "bm25":
-        R.resolve_dense_model(config.dense_model)
+        D.resolve_dense_model(config.dense_model)
     if config.rerank == "tracin":
         from ..sae.imports import detect_format
 
@@ -194,7 +195,7 @@ def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: li
     (TracIn) resolved as it runs.  The options of a method not used are None, so they do not change the hash."""
     sparse, dense = config.method != "dense", config.method != "bm25"
     given = {"corpus": R.corpus_fingerprint(config.corpus, config.text_field)["inputs"],
-             "bm25": params.describe() if sparse else None, "dense_model": R.dense_identity(config.dense_model) if dense else None,
+             "bm25": params.describe() if sparse else None, "dense_model": D.dense_identity(config.dense_model) if dense else None,
              "exclude": list(config.exclude), "sae": [os.path.abspath(p) for p in config.sae],
              "seeds": [{"id": r["id"]} for r in seed_docs], "model_dtype": model_dtype}
     unused = ((() if sparse else ("engine", "k1", "b", "stopwords", "stemmer"))
@@ -210,7 +211,7 @@ def _first_stage(config: RetrieveConfig, context: RunContext, store, params, que
         index = R.BM25Index(store, params, config.engine, quiet=context.quiet)
         per_method["bm25"] = index.rank(queries, config.depth, quiet=context.quiet)
     if config.method in ("dense", "hybrid"):
-        dense = R.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
+        dense = D.DenseIndex(store, config.dense_model, device=context.device, batch_size=config.dense_batch_size,
                              quiet=context.quiet, max_length=config.dense_max_length,
                              backend=config.dense_backend)
         per_method["dense"] = dense.rank(queries, config.depth)

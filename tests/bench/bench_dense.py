@@ -48,18 +48,18 @@ def main() -> None:
     threads = configure_threads()
     import torch
 
-    from ssae_common.retrieval import engines as R
+    from ssae_common.retrieval import dense as D
     from ssae_common.retrieval.config import DEFAULT_DENSE_MODEL
 
     docs, seeds = read_texts(args.pool, args.docs), read_texts(args.seeds)
     names = []
     for spec in args.backends.split(","):
-        name = R.resolve_dense_backend(spec, DEFAULT_DENSE_MODEL, "cpu")
+        name = D.resolve_dense_backend(spec, DEFAULT_DENSE_MODEL, "cpu")
         if name not in names:
             names.append(name)
     encoders = {}
     for name in names:
-        encoders[name] = R.load_encoder(DEFAULT_DENSE_MODEL, "cpu", name)
+        encoders[name] = D.load_encoder(DEFAULT_DENSE_MODEL, "cpu", name)
         encoders[name].max_seq_length = args.max_length
 
     def encode(name, texts):
@@ -84,11 +84,11 @@ def main() -> None:
         queries = {name: encode(name, seeds) for name in names}
     corpus = {name: np.concatenate(parts[name]) for name in names}
     ref = names[0]
-    top = {name: [set(r.positions.tolist()) for r in R.blocked_top_k(queries[name], corpus[name], args.top)]
+    top = {name: [set(r.positions.tolist()) for r in D.blocked_top_k(queries[name], corpus[name], args.top)]
            for name in names}
     print(f"dense encoding: bundled all-MiniLM-L6-v2, {len(docs)} pool documents, --max-length {args.max_length}, "
           f"batch {args.batch_size}; {len(seeds)} seeds; torch threads {threads}; CPU bfloat16 hardware "
-          f"{R.native_bf16()}; 1-min load {load[0]:.1f} -> {load[1]:.1f}; runtimes interleaved by {args.chunk}-doc "
+          f"{D.native_bf16()}; 1-min load {load[0]:.1f} -> {load[1]:.1f}; runtimes interleaved by {args.chunk}-doc "
           f"chunks")
     print(f"{'runtime':<14}{'docs/s':>10}{'x ' + ref:>10}{'top-' + str(args.top) + ' overlap mean':>22}{'min':>8}"
           f"{'cos to ' + ref + ' min':>20}")
@@ -97,7 +97,7 @@ def main() -> None:
         cos = np.sum(corpus[name] * corpus[ref], axis=1)
         print(f"{name:<14}{len(docs) / seconds[name]:>10.1f}{seconds[ref] / seconds[name]:>10.2f}"
               f"{np.mean(overlap):>22.3f}{np.min(overlap):>8.2f}{np.min(cos):>20.4f}")
-    print(f"auto on this CPU: {R.resolve_dense_backend('auto', DEFAULT_DENSE_MODEL, 'cpu')}")
+    print(f"auto on this CPU: {D.resolve_dense_backend('auto', DEFAULT_DENSE_MODEL, 'cpu')}")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def main() -> None:
     if "bm25" in sections:
         bm25_reference(R, store, params, queries, fast_rank, bm25s_qps, opts, rows)
     if "dense" in sections:
-        dense_speed(R, store, queries, opts, rows)
+        dense_speed(store, queries, opts, rows)
     if "tracin" in sections and opts.sae:
         tracin_speed(store, queries, fast_rank, opts, rows)
     if "quality" in sections:
@@ -132,9 +132,12 @@ def bm25_reference(R, store, params, queries, fast_rank, bm25s_qps, opts, rows):
     rows.append(("identical top-100 (bm25s vs rank-bm25)", f"{same}/{n_ref} queries"))
 
 
-def dense_speed(R, store, queries, opts, rows):
+def dense_speed(store, queries, opts, rows):
+    from ssae_common.retrieval import dense as D
+    from ssae_common.retrieval.config import DEFAULT_DENSE_MODEL
+
     sample = [t for _, t in zip(range(opts.encode_sample), store.iter_texts())]
-    encoder = R.load_encoder(R.DEFAULT_DENSE_MODEL, "cpu")
+    encoder = D.load_encoder(DEFAULT_DENSE_MODEL, "cpu")
     encoder.encode(sample[:8], show_progress_bar=False)
     t0 = time.perf_counter()
     encoder.encode(sample, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
@@ -142,11 +145,11 @@ def dense_speed(R, store, queries, opts, rows):
     rows.append((f"dense encoding docs/s (MiniLM, {len(sample)} pool docs)", f"{enc:.1f}"))
     rows.append(("  => time to embed the whole pool", f"{len(store) / enc / 60:.0f} min (extrapolated)"))
     if opts.dense_full:
-        full = R.DenseIndex(store)
+        full = D.DenseIndex(store)
         emb = full.embeddings
         label = "real pool embeddings"
     else:
-        cached = R.DenseIndex.cache_path(store)
+        cached = D.DenseIndex.cache_path(store)
         emb = np.load(cached, mmap_mode="r") if os.path.exists(cached) else None
         label = "real pool embeddings (cached)"
         if emb is None:
@@ -157,12 +160,12 @@ def dense_speed(R, store, queries, opts, rows):
     t0 = time.perf_counter()
     for q in queries[:50]:
         qv = encoder.encode([q], normalize_embeddings=True, show_progress_bar=False)
-        R.blocked_top_k(np.asarray(qv, dtype=np.float32), emb, 1000)
+        D.blocked_top_k(np.asarray(qv, dtype=np.float32), emb, 1000)
     rows.append((f"dense per-query latency (encode + exact top-1000 of {len(store)} x 384 f16)",
                  f"{(time.perf_counter() - t0) / 50 * 1000:.0f} ms; {label}"))
     qv = encoder.encode(queries, normalize_embeddings=True, show_progress_bar=False)
     t0 = time.perf_counter()
-    R.blocked_top_k(np.asarray(qv, dtype=np.float32), emb, 1000)
+    D.blocked_top_k(np.asarray(qv, dtype=np.float32), emb, 1000)
     rows.append(("dense batched search, 200 queries (no encoding)", f"{(time.perf_counter() - t0) * 1000 / 200:.1f} ms/query"))
     del encoder, emb
 
