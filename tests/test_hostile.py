@@ -343,7 +343,7 @@ def test_empty_input_is_named_before_the_model_loads(tmp_path, content):
                                              "blocks.1.hook_resid_post"),
     (["--hook", "blocks.9.hook_resid_post"], "--hook blocks.9.hook_resid_post: not a hook of MODEL"),
     (["--hook", "resid_post"], "--hook resid_post: not a hook of MODEL"),
-    (["--device", "gpu"], "--device 'gpu': expected auto, cpu or cuda[:N]"),
+    (["--device", "gpu"], "--device gpu: expected auto, cpu or cuda[:N]"),
 ])
 def test_hook_and_device_are_checked_before_the_documents_are_read(tmp_path, tiny_model, args, message):
     bad = tmp_path / "bad.jsonl"
