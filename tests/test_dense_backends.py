@@ -59,6 +59,24 @@ def test_each_runtime_has_its_own_embedding_cache(tmp_path, monkeypatch):
     assert paths["torch"] == D.DenseIndex.cache_path(store, MODEL)  # float32 keeps the earlier key
 
 
+def test_provenance_records_the_runtime_auto_picked(tmp_path, monkeypatch):
+    from ssae_common.core.runtime import RunContext
+    from ssae_common.retrieval.config import RetrieveConfig
+    from ssae_common.retrieval.stage import rank_documents
+
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(12, 8, seed=1))
+    seeds = write_jsonl(str(tmp_path / "s.jsonl"), sample_docs(2, 8, seed=2))
+    config = RetrieveConfig(corpus=(corpus,), method="dense", top_k=3)
+    monkeypatch.setattr(D, "native_bf16", lambda: True)
+    bf16 = rank_documents(config, [seeds], context=RunContext(device_spec="cpu")).provenance
+    assert bf16["config"]["dense_backend"] == "torch-bf16"
+    float32 = RetrieveConfig(corpus=(corpus,), method="dense", top_k=3, dense_backend="torch")
+    plain = rank_documents(float32, [seeds], context=RunContext(device_spec="cpu")).provenance
+    assert plain["config"]["dense_backend"] == "torch" and plain["config_hash"] != bf16["config_hash"]
+    bm25 = rank_documents(RetrieveConfig(corpus=(corpus,), top_k=3), [seeds], context=RunContext(device_spec="cpu"))
+    assert bm25.provenance["config"]["dense_backend"] is None
+
+
 def _unit_float32(backend: str) -> np.ndarray:
     emb = D.load_encoder(MODEL, "cpu", backend).encode(TEXTS, batch_size=2, normalize_embeddings=True,
                                                        convert_to_tensor=backend.startswith("torch"))

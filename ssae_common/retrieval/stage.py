@@ -192,12 +192,15 @@ def _read_seeds(paths: Sequence[str] | str, text_field: str) -> list[dict]:
 def _resolved(config: RetrieveConfig, context: RunContext, params, seed_docs: list[dict],
               model_dtype: str | None) -> dict:
     """The provenance's config: what decides the output; model and hook as given, the model's dtype
-    (TracIn) resolved as it runs.  The options of a method not used are None, so they do not change the hash."""
+    (TracIn) and the dense runtime resolved as they run.  The options of a method not used are None, so they do not change the hash."""
     sparse, dense = config.method != "dense", config.method != "bm25"
     given = {"corpus": R.corpus_fingerprint(config.corpus, config.text_field)["inputs"],
              "bm25": params.describe() if sparse else None, "dense_model": D.dense_identity(config.dense_model) if dense else None,
              "exclude": list(config.exclude), "sae": [os.path.abspath(p) for p in config.sae],
-             "seeds": [{"id": r["id"]} for r in seed_docs], "model_dtype": model_dtype}
+             "seeds": [{"id": r["id"]} for r in seed_docs], "model_dtype": model_dtype,
+             # the runtime auto picks decides the embeddings (bf16 and float32 rank slightly differently)
+             "dense_backend": D.resolve_dense_backend(config.dense_backend, config.dense_model, context.device)
+             if dense else None}
     unused = ((() if sparse else ("engine", "k1", "b", "stopwords", "stemmer"))
               + (() if dense else ("dense_model", "dense_max_length", "dense_backend"))
               + (() if config.budget_tokens else ("max_tokens_per_doc",)))
