@@ -127,7 +127,7 @@ FIT+=("$ref_h5")
 ref_sae="$work/reference-sae"
 rm -rf "$ref_sae"
 t_fit=$(run_timed "$ref_sae" "${FIT[@]}")
-SWEEP=("${FIT[@]}" --tilt 0,10 --seed 0,1)  # two seeds of two SAEs: one folder each under -o DIR
+SWEEP=("${FIT[@]}" --tilt "0,10" --seed "0,1")  # two seeds of two SAEs: one folder each under -o DIR
 MEMBERS="tilt0-seed0 tilt0-seed1 tilt10-seed0 tilt10-seed1"
 ref_sweep="$work/reference-sweep"
 rm -rf "$ref_sweep"
