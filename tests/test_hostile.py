@@ -23,7 +23,6 @@ from ssae_tools.retrieve import main as retrieve_main
 BIN = os.path.dirname(sys.executable)
 HOOK = "blocks.1.hook_resid_post"
 FIT = ["--d-sae", "16", "--k", "2", "--batch-size", "64", "--val-tokens", "0", "--warmup-steps", "0"]
-ROOT_CAN_WRITE_ANYWHERE = os.geteuid() == 0
 
 
 @pytest.fixture
@@ -181,17 +180,35 @@ def test_output_under_a_file_is_named(tmp_path, store):
                                                     f"({tmp_path / 'file'} is a file)")
 
 
-@pytest.mark.skipif(ROOT_CAN_WRITE_ANYWHERE, reason="root writes into read-only folders")
-def test_read_only_output_folder_and_workdir_are_named(tmp_path, store, tiny_model, monkeypatch):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder (holding an empty tmp/) this process cannot write into: by its mode for a user; for root,
+    whom modes do not stop, a read-only tmpfs mounted there (skipped where mounting is not allowed)."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
+    if os.geteuid() != 0:
+        (ro / "tmp").mkdir()
+        ro.chmod(0o555)
+        (ro / "tmp").chmod(0o555)
+        yield ro
+        (ro / "tmp").chmod(0o755)
+        ro.chmod(0o755)
+        return
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ro)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("root, and no read-only mount allowed here: " + mount.stderr.decode().strip())
+    try:
+        (ro / "tmp").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_read_only_output_folder_and_workdir_are_named(read_only_folder, store, tiny_model, monkeypatch):
+    ro = read_only_folder
     r = invoke(fit_main, [store, *FIT, "-o", ro / "sae"], code=2)
     assert one_error_line(r.stderr, "fit").endswith(f"{ro}: output folder is not writable")
-    (ro / "..").resolve()
-    ro.chmod(0o755)
-    (ro / "tmp").mkdir()
-    ro.chmod(0o555)
     monkeypatch.setenv("SSAE_WORKDIR", str(ro))
     r = invoke(harvest_main, ["--model", tiny_model, "--hook", HOOK], input='{"text": "a b"}\n', code=2)
     assert f"{ro / 'tmp'}: cannot keep a copy of stdin there" in one_error_line(r.stderr, "harvest")
