@@ -80,6 +80,40 @@ def test_bm25s_and_rank_bm25_agree_exactly(tmp_path, stopwords, stemmer):
     assert len(fast.rank(["zzz unknownword"], 10)[0].positions) == 0  # no shared term: nothing retrieved
 
 
+@pytest.mark.parametrize("block_entries", [7, 1 << 23])
+def test_streamed_bm25s_index_is_bm25s_own_index(tmp_path, block_entries):
+    """The bounded-memory build writes the arrays bm25s's in-memory index() writes, bit for bit, however
+    small its blocks (7 postings: many column blocks and spill chunks)."""
+    import bm25s
+
+    docs = sample_docs(200, 30, seed=3) + [{"id": "stop", "text": "the a of"}]  # a document of no terms
+    store = _store(write_jsonl(str(tmp_path / "c.jsonl"), docs))
+    params = R.BM25Params(k1=1.2, b=0.6)
+    tokenize, vocab = params.tokenization.build(), {}
+    ids = [[vocab.setdefault(t, len(vocab)) for t in tokenize(text)] for text in store.iter_texts()]
+    reference = bm25s.BM25(k1=1.2, b=0.6, method="robertson", dtype="float64")
+    reference.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+    reference.save(str(tmp_path / "ref"), show_progress=False)
+    R.write_bm25s_index(store, params, str(tmp_path), quiet=True, block_entries=block_entries)
+    for name in ("data", "indices", "indptr"):
+        want = np.load(tmp_path / "ref" / f"{name}.csc.index.npy")
+        got = np.load(tmp_path / f"{name}.csc.index.npy")
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert not (tmp_path / "postings.tmp").exists()
+    want_vocab = json.loads((tmp_path / "ref" / "vocab.index.json").read_text())
+    want_vocab.pop("")  # bm25s's placeholder for empty queries; queries here are never empty
+    assert json.loads((tmp_path / "vocab.index.json").read_text()) == want_vocab
+    assert json.loads((tmp_path / "params.index.json").read_text()) == \
+        json.loads((tmp_path / "ref" / "params.index.json").read_text())
+
+
+def test_bm25_corpus_of_stopwords_only_retrieves_nothing(tmp_path, seeds):
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), [{"id": "a", "text": "the of and"}, {"id": "b", "text": "a"}])
+    result = run(seeds, "--corpus", corpus, "--top-k", 5)
+    assert result.exit_code == 0, result.stderr
+    assert parse_records(result.stdout) == []
+
+
 def test_bm25_matches_okapi_formula(tmp_path):
     docs = [{"id": "a", "text": "apple banana apple"}, {"id": "b", "text": "banana cherry"},
             {"id": "c", "text": "cherry date elder fig"}]

@@ -238,17 +238,119 @@ class BM25Params:
                 "tokenization": self.tokenization.describe()}
 
 
-def _token_ids(store: CorpusStore, tokenize, quiet: bool):
-    """Stream the corpus into per-document token-id arrays and a vocabulary (bounded by the corpus's
-    token count, not its text)."""
+def _postings(store: CorpusStore, tokenize, spill: str, quiet: bool, buffer_entries: int = 1 << 20):
+    """First pass of the index build: tokenise the corpus, in order, into a spill file of (term id, term
+    count) int32 pairs, one per distinct term of each document. Returns the vocabulary (term -> id, in
+    order of first appearance), the document frequencies, each document's length in tokens and its number
+    of distinct terms. Memory: the vocabulary and four numbers a document, not the corpus's tokens."""
     vocab: dict[str, int] = {}
-    docs: list[np.ndarray] = []
-    with Progress("bm25 tokenise", total=len(store), unit="docs", quiet=quiet) as progress:
-        for text in store.iter_texts():
-            ids = [vocab.setdefault(t, len(vocab)) for t in tokenize(text)]
-            docs.append(np.asarray(ids, dtype=np.int32))
+    n = len(store)
+    doc_len = np.zeros(n, dtype=np.int64)
+    n_terms = np.zeros(n, dtype=np.int64)
+    df = np.zeros(0, dtype=np.int64)
+    pending: list[np.ndarray] = []
+
+    def flush(out) -> None:
+        nonlocal df, pending
+        if pending:
+            pairs = np.concatenate(pending)
+            pairs.tofile(out)
+            counts = np.bincount(pairs[:, 0], minlength=len(vocab))
+            df = np.concatenate([df, np.zeros(len(counts) - len(df), dtype=np.int64)]) + counts
+            pending = []
+
+    with open(spill, "wb") as out, Progress("bm25 tokenise", total=n, unit="docs", quiet=quiet) as progress:
+        held = 0
+        for i, text in enumerate(store.iter_texts()):
+            ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in tokenize(text)), dtype=np.int32)
+            terms, counts = np.unique(ids, return_counts=True)
+            doc_len[i], n_terms[i] = len(ids), len(terms)
+            pending.append(np.stack([terms, counts.astype(np.int32)], axis=1))
+            held += len(terms)
+            if held >= buffer_entries:
+                flush(out)
+                held = 0
             progress.update(1)
-    return docs, vocab
+        flush(out)
+    df = np.concatenate([df, np.zeros(len(vocab) - len(df), dtype=np.int64)])
+    return vocab, df, doc_len, n_terms
+
+
+def write_bm25s_index(store: CorpusStore, params: "BM25Params", folder: str, quiet: bool = False,
+                      block_entries: int = 1 << 23) -> None:
+    """Write into `folder` the files bm25s.BM25.save writes (its CSC score matrix in float64, vocabulary
+    and parameters; method robertson) for the corpus of `store`, in memory bounded by the vocabulary, a few
+    numbers a document and `block_entries` postings, whatever the corpus's size: bm25s's own index()
+    holds every document's tokens and several copies of the matrix at once (4.9 GB at a million documents).
+
+    Two passes: the corpus is tokenised once into a spill file of postings (document order); then the
+    matrix is written column block by column block (each at most `block_entries` entries, one read of
+    the spill each), every column's documents in ascending order, as bm25s stores them. The scores are
+    the same floating-point operations as bm25s's, so the arrays are identical to its index()'s."""
+    import math
+
+    import bm25s
+
+    spill = os.path.join(folder, "postings.tmp")
+    vocab, df, doc_len, n_terms = _postings(store, params.tokenization.build(), spill, quiet)
+    n_docs, k1, b = len(store), params.k1, params.b
+    avg_len = doc_len.mean()
+    idf = np.zeros(len(vocab), dtype=np.float64)
+    for term, count in enumerate(df.tolist()):  # math.log, per term, as bm25s does
+        if count:
+            idf[term] = math.log(max(1.0, (n_docs - count + 0.5) / (count + 0.5)))
+    indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
+    nnz = int(indptr[-1])
+    first = np.concatenate([[0], np.cumsum(n_terms)])  # each document's first posting in the spill
+    postings = np.memmap(spill, dtype=np.int32, mode="r", shape=(nnz, 2)) if nnz else np.zeros((0, 2), np.int32)
+    data = np.lib.format.open_memmap(os.path.join(folder, "data.csc.index.npy"), mode="w+", dtype=np.float64,
+                                     shape=(nnz,))
+    indices = np.lib.format.open_memmap(os.path.join(folder, "indices.csc.index.npy"), mode="w+",
+                                        dtype=np.int32, shape=(nnz,))
+    # column blocks of at most block_entries postings (a single larger column is a block of its own)
+    starts = [0]
+    for term in range(1, len(vocab)):
+        if indptr[term + 1] - indptr[starts[-1]] > block_entries:
+            starts.append(term)
+    bounds = list(zip(starts, starts[1:] + [len(vocab)]))
+    doc_chunks = np.searchsorted(first, np.arange(0, nnz, block_entries), side="right") - 1
+    doc_chunks = sorted(set(doc_chunks.tolist()) | {0, n_docs})
+    with Progress("bm25 index", total=len(bounds), unit="blocks", quiet=quiet) as progress:
+        for c0, c1 in bounds:
+            base = int(indptr[c0])
+            fill = indptr[c0:c1] - base  # next free slot of each column in this block
+            block_data = np.empty(int(indptr[c1]) - base, dtype=np.float64)
+            block_docs = np.empty(len(block_data), dtype=np.int32)
+            for d0, d1 in zip(doc_chunks, doc_chunks[1:]):
+                pairs = np.asarray(postings[first[d0]:first[d1]])
+                docs = np.repeat(np.arange(d0, d1, dtype=np.int64), n_terms[d0:d1])
+                keep = (pairs[:, 0] >= c0) & (pairs[:, 0] < c1)
+                terms, tf, docs = pairs[keep, 0], pairs[keep, 1].astype(np.float64), docs[keep]
+                if not len(terms):
+                    continue
+                scores = idf[terms] * (tf / (k1 * ((1 - b) + b * doc_len[docs].astype(np.float64) / avg_len) + tf))
+                order = np.argsort(terms, kind="stable")  # by column, documents ascending within each
+                terms, scores, docs = terms[order], scores[order], docs[order]
+                head = np.flatnonzero(np.concatenate([[True], terms[1:] != terms[:-1]]))
+                counts = np.diff(np.concatenate([head, [len(terms)]]))
+                slot = fill[terms - c0] + (np.arange(len(terms)) - np.repeat(head, counts))
+                block_data[slot], block_docs[slot] = scores, docs
+                fill[terms[head] - c0] += counts
+            data[base:base + len(block_data)] = block_data
+            indices[base:base + len(block_docs)] = block_docs
+            progress.update(1)
+    data.flush()
+    indices.flush()
+    del data, indices, postings
+    os.remove(spill)
+    np.save(os.path.join(folder, "indptr.csc.index.npy"), indptr)
+    with open(os.path.join(folder, "vocab.index.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    defaults = bm25s.BM25(k1=k1, b=b, method="robertson", dtype="float64")
+    with open(os.path.join(folder, "params.index.json"), "w") as f:
+        json.dump({"k1": k1, "b": b, "delta": defaults.delta, "method": "robertson", "idf_method": "robertson",
+                   "dtype": "float64", "int_dtype": defaults.int_dtype, "num_docs": n_docs,
+                   "version": bm25s.__version__, "backend": defaults.backend}, f, indent=4)
 
 
 class BM25Index:
@@ -274,12 +376,8 @@ class BM25Index:
         self.built = False
         if not os.path.exists(os.path.join(folder, "params.index.json")):
             t0 = time.perf_counter()
-            docs, vocab = _token_ids(self.store, self.tokenize, quiet)
-            retriever = bm25s.BM25(k1=self.params.k1, b=self.params.b, method="robertson", dtype="float64")
-            retriever.index(bm25s.tokenization.Tokenized(ids=docs, vocab=vocab), show_progress=False)
-            del docs
             with atomic_dir(folder, force=True) as tmp:
-                retriever.save(tmp, show_progress=False)
+                write_bm25s_index(self.store, self.params, tmp, quiet)
             self.built = True
             log.info("built the bm25s index %s in %.1f s", folder, time.perf_counter() - t0)
         else:
