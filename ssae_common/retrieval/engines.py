@@ -23,6 +23,7 @@ import os
 import re
 import time
 import unicodedata
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -160,25 +161,28 @@ class CorpusStore:
         os.makedirs(index_dir(), exist_ok=True)
         log.info("reading the corpus into %s", folder)
         with atomic_dir(folder, force=True) as tmp:
-            offsets, keys, ids = [0], [], []
+            # 16 bytes a document in memory (packed arrays); the ids are written as they come
+            offsets, keys, n = array("q", [0]), array("Q"), 0
             with open(os.path.join(tmp, "docs.jsonl"), "wb") as out, \
+                    open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as ids, \
                     Progress("corpus", unit="docs", quiet=quiet) as progress:
+                ids.write("[")
                 for rec, source in iter_docs(inputs, text_field):
                     rec.setdefault("source", os.path.basename(source.name))
                     line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
                     out.write(line)
                     offsets.append(offsets[-1] + len(line))
                     keys.append(text_key(rec["text"]))
-                    ids.append(rec["id"])
+                    ids.write(("," if n else "") + json.dumps(rec["id"], ensure_ascii=False))
+                    n += 1
                     progress.update(1)
-            if not ids:
+                ids.write("]")
+            if not n:
                 raise BadInput(f"{', '.join(inputs)}: the corpus has no documents")
-            np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
-            np.save(os.path.join(tmp, "text_keys.npy"), np.asarray(keys, dtype=np.uint64))
-            with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
-                json.dump(ids, f, ensure_ascii=False)
+            np.save(os.path.join(tmp, "offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
+            np.save(os.path.join(tmp, "text_keys.npy"), np.frombuffer(keys, dtype=np.uint64))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"key": key, "n_docs": len(ids), **fingerprint}, f, indent=1)
+                json.dump({"key": key, "n_docs": n, **fingerprint}, f, indent=1)
         return cls(folder)
 
 

@@ -16,6 +16,7 @@ the sizes of docs/scale.md.  Every size is a fresh process, so its peak RSS is i
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
 import os
@@ -39,7 +40,7 @@ from common import BIN, run_capped, run_peak_rss, shared  # noqa: E402
 SIZES = {
     "tiny": {"bm25_docs": [200, 400, 800], "dense_docs": [50, 100, 200], "harvest_tokens": [256, 512, 1024],
              "fit_tokens": [2048, 4096, 8192], "d_sae": [32, 64, 128], "eval_saes": [1, 2, 4], "eval_tokens": 128,
-             "seeds": 5, "retrieve_cap_mib": 2048, "fit_cap_mib": 1024, "capped_store_mib": 16, "project": {}},
+             "seeds": 5, "retrieve_cap_mib": 2048, "fit_cap_mib": 2048, "capped_store_mib": 16, "project": {}},
     "small": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [250, 500, 1000],
               "harvest_tokens": [16_384, 65_536, 262_144], "fit_tokens": [100_000, 400_000, 1_600_000],
               "d_sae": [1152, 2304, 4608], "eval_saes": [1, 4, 13], "eval_tokens": 512, "seeds": 20,
@@ -149,18 +150,24 @@ class Bench:
         result = run_capped([tool("retrieve"), self.seeds, "--corpus", self.corpus(n), "--method", "bm25",
                              "--top-k", "100", "-q", "--force", "-o", self.path("r.jsonl")],
                             self.sizes["retrieve_cap_mib"] << 20, env=env, cwd=self.work)
-        result["input_mib"] = os.path.getsize(self.corpus(n)) / 2**20
+        (stored,) = glob.glob(os.path.join(env["SSAE_WORKDIR"], "index", "corpus-*", "docs.jsonl"))
+        (index,) = glob.glob(os.path.join(env["SSAE_WORKDIR"], "index", "bm25-*"))
+        result["input_mib"] = os.path.getsize(stored) / 2**20  # the corpus as the tool stores it, uncompressed
+        result["index_mib"] = sum(os.path.getsize(os.path.join(index, f)) for f in os.listdir(index)) / 2**20
         if result["returncode"] != 0:
             raise SystemExit(f"ssae-retrieve on {n} documents under a {self.sizes['retrieve_cap_mib']} MiB cap "
                              f"failed ({result['returncode']}): {result['stderr_tail']}")
         return result
 
+    def harvest(self, n: int) -> str:
+        return self.path(f"h{n}.h5")
+
     def acts(self) -> str:
-        """The activation file the fits read (a quarter of the largest fit's tokens: it takes several epochs)."""
-        path = self.path("acts.h5")
+        """The activation file the fits read: the largest harvest's (harvested here if that part did not run)."""
+        path = self.harvest(self.sizes["harvest_tokens"][-1])
         if not os.path.exists(path):
             self.run([tool("harvest"), self.docs, "--model", self.model, *self.hook, "--max-tokens",
-                      str(max(self.sizes["fit_tokens"]) // 4), "-q", "--force", "-o", path])
+                      str(self.sizes["harvest_tokens"][-1]), "-q", "--force", "-o", path])
         return path
 
     def fit(self, out: str, d_sae: int, tokens: int, *extra: str, acts: str | None = None) -> list[str]:
@@ -178,10 +185,11 @@ def curves(sizes: dict, model: str, hook: list[str], work: str, env: dict, parts
         for n in sizes["bm25_docs"]:
             result = b.retrieve_capped(n)
             rows.append((n, result["seconds"], result["peak_rss_mib"]))
-        capped.append({"run": f"ssae-retrieve --method bm25, {n} documents", **result})
     elif "capped" in parts:
-        n = sizes["bm25_docs"][-1]
-        capped.append({"run": f"ssae-retrieve --method bm25, {n} documents", **b.retrieve_capped(n)})
+        n, result = sizes["bm25_docs"][-1], b.retrieve_capped(sizes["bm25_docs"][-1])
+    if "bm25" in parts or "capped" in parts:
+        capped.append({"run": f"ssae-retrieve --method bm25, {n:,} documents (index {result['index_mib']:.0f} MiB)",
+                       **result})
     if "dense" in parts:
         rows = out.setdefault("retrieve dense vs documents", [])
         for n in sizes["dense_docs"]:
@@ -191,7 +199,7 @@ def curves(sizes: dict, model: str, hook: list[str], work: str, env: dict, parts
     for n in sizes["harvest_tokens"] if "harvest" in parts else ():
         out.setdefault("harvest vs tokens", []).append((n, *b.run([
             tool("harvest"), b.docs, "--model", model, *hook, "--max-tokens", str(n), "-q", "--force",
-            "-o", b.path(f"h{n}.h5")])))
+            "-o", b.harvest(n)])))
     d0, t0 = sizes["d_sae"][0], sizes["fit_tokens"][0]
     if "fit" in parts:
         rows = out.setdefault("fit vs training tokens", [])
@@ -224,7 +232,7 @@ def curves(sizes: dict, model: str, hook: list[str], work: str, env: dict, parts
         if result["returncode"] != 0:
             raise SystemExit(f"ssae-fit on {big} under a {sizes['fit_cap_mib']} MiB cap failed "
                              f"({result['returncode']}): {result['stderr_tail']}")
-        capped.append({"run": f"ssae-fit, one pass over {rows_big} rows", **result})
+        capped.append({"run": f"ssae-fit, one pass over {rows_big:,} rows", **result})
     return out, capped
 
 
