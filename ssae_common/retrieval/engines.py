@@ -285,7 +285,7 @@ def write_bm25s_index(store: CorpusStore, params: "BM25Params", folder: str, qui
     """Write into `folder` the files bm25s.BM25.save writes (its CSC score matrix in float64, vocabulary
     and parameters; method robertson) for the corpus of `store`, in memory bounded by the vocabulary, a few
     numbers a document and `block_entries` postings, whatever the corpus's size: bm25s's own index()
-    holds every document's tokens and several copies of the matrix at once (4.9 GB at a million documents).
+    holds every document's tokens and several copies of the matrix at once.
 
     Two passes: the corpus is tokenised once into a spill file of postings (document order); then the
     matrix is written column block by column block (each at most `block_entries` entries, one read of

@@ -1,17 +1,22 @@
 """How each cost grows (make -C shell bench-scale): wall time and peak resident memory of whole tool runs
-at several sizes, and the exponent b of a least-squares fit time ~ size^b per curve:
+at three sizes each, and the exponent b of a least-squares fit time ~ size^b (and RSS ~ size^b) per curve:
 
 - retrieval, BM25 and dense, against the number of corpus documents (a synthetic corpus recombined from
-  the pool: each document a run of sentences drawn from random pool documents, seeded);
+  the pool: each document a run of sentences drawn from random pool documents, seeded); every BM25 run
+  works under the memory cap `retrieve_cap_mib`, building its corpus store and index in that run;
 - ssae-harvest against the number of tokens;
 - ssae-fit against the number of training tokens, and against d_sae;
-- ssae-eval against the number of SAEs.
+- ssae-eval against the number of SAEs;
+- capped: ssae-fit, one pass over an activation file at least 4x larger than its memory cap (the rows of
+  the largest harvest repeated into a valid file, as float32), and the largest BM25 retrieval, under a
+  cap: a child cgroup (v2, else v1) with swap off, else RLIMIT_AS (common.MemoryCap).
 
-    python tests/bench/bench_scale.py [--sizes small|tiny|full] [--out scale.json]
+    python tests/bench/bench_scale.py [--sizes small|tiny|full] [--parts bm25,...] [--out scale.json]
 
-SIZES (or --sizes) picks the size sets below: `tiny` runs the whole bench in seconds on a random
-two-layer model (what the test runs), `small` on the bundled SmolLM2 in minutes on 2 CPU cores, `full`
-the sizes of docs/scale.md.  Every size is a fresh process, so its peak RSS is its own.
+SIZES (or --sizes) picks the size sets below: `tiny` runs the whole bench in minutes on a random
+two-layer model (what the test runs), `small` on the bundled SmolLM2 in about half an hour on 2 CPU
+cores, `full` the sizes of a GPU node.  Every size is a fresh process, so its peak RSS is its own.  The
+tables go to stdout as markdown, the same figures to --out as JSON.
 """
 from __future__ import annotations
 
@@ -307,6 +312,7 @@ def main() -> None:
     label = model if args.sizes != "tiny" or args.model else "random 2-layer"
     result = report(args, label, rows, capped, tuple(loads))
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, allow_nan=False)
 
