@@ -40,6 +40,7 @@ from .config import COMBINERS, ENGINES, RRF_K
 log = logging.getLogger("ssae")
 
 TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
+CACHED_WORDS = 1 << 20  # distinct words whose stems tokenisation remembers
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -102,9 +103,24 @@ class Tokenization:
                 raise ConfigError("stemmer", self.stemmer, f"unknown language "
                                                            f"(e.g. {', '.join(Stemmer.algorithms()[:6])})") from None
 
+        if not stem:
+            def tokenize(text: str) -> list[str]:
+                return [w for w in TOKEN_RE.findall(text.lower()) if w not in stop]
+
+            return tokenize
+        # each word's stem (None for a stopword) remembered: a corpus repeats its words, and looking one up
+        # costs a third of stemming it; bounded, since a large corpus has millions of distinct words
+        cache: dict[str, str | None] = {}
+
+        def term(word: str) -> str | None:
+            found = None if word in stop else stem([word])[0]
+            if len(cache) < CACHED_WORDS:
+                cache[word] = found
+            return found
+
         def tokenize(text: str) -> list[str]:
-            words = [w for w in TOKEN_RE.findall(text.lower()) if w not in stop]
-            return stem(words) if stem else words
+            found = (cache[w] if w in cache else term(w) for w in TOKEN_RE.findall(text.lower()))
+            return [t for t in found if t is not None]
 
         return tokenize
 
@@ -306,11 +322,6 @@ def write_bm25s_index(store: CorpusStore, params: "BM25Params", folder: str, qui
     indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
     nnz = int(indptr[-1])
     first = np.concatenate([[0], np.cumsum(n_terms)])  # each document's first posting in the spill
-    postings = np.memmap(spill, dtype=np.int32, mode="r", shape=(nnz, 2)) if nnz else np.zeros((0, 2), np.int32)
-    data = np.lib.format.open_memmap(os.path.join(folder, "data.csc.index.npy"), mode="w+", dtype=np.float64,
-                                     shape=(nnz,))
-    indices = np.lib.format.open_memmap(os.path.join(folder, "indices.csc.index.npy"), mode="w+",
-                                        dtype=np.int32, shape=(nnz,))
     # column blocks of at most block_entries postings (a single larger column is a block of its own)
     starts = [0]
     for term in range(1, len(vocab)):
@@ -319,14 +330,21 @@ def write_bm25s_index(store: CorpusStore, params: "BM25Params", folder: str, qui
     bounds = list(zip(starts, starts[1:] + [len(vocab)]))
     doc_chunks = np.searchsorted(first, np.arange(0, nnz, block_entries), side="right") - 1
     doc_chunks = sorted(set(doc_chunks.tolist()) | {0, n_docs})
-    with Progress("bm25 index", total=len(bounds), unit="blocks", quiet=quiet) as progress:
+    # plain reads and sequential writes, not memory maps: the pages mapped would count as the process's
+    with open(spill, "rb") as postings, open(os.path.join(folder, "data.csc.index.npy"), "wb") as data, \
+            open(os.path.join(folder, "indices.csc.index.npy"), "wb") as indices, \
+            Progress("bm25 index", total=len(bounds), unit="blocks", quiet=quiet) as progress:
+        for f, dtype in ((data, np.float64), (indices, np.int32)):
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     "fortran_order": False, "shape": (nnz,)})
         for c0, c1 in bounds:
             base = int(indptr[c0])
             fill = indptr[c0:c1] - base  # next free slot of each column in this block
             block_data = np.empty(int(indptr[c1]) - base, dtype=np.float64)
             block_docs = np.empty(len(block_data), dtype=np.int32)
+            postings.seek(0)
             for d0, d1 in zip(doc_chunks, doc_chunks[1:]):
-                pairs = np.asarray(postings[first[d0]:first[d1]])
+                pairs = np.fromfile(postings, dtype=np.int32, count=2 * int(first[d1] - first[d0])).reshape(-1, 2)
                 docs = np.repeat(np.arange(d0, d1, dtype=np.int64), n_terms[d0:d1])
                 keep = (pairs[:, 0] >= c0) & (pairs[:, 0] < c1)
                 terms, tf, docs = pairs[keep, 0], pairs[keep, 1].astype(np.float64), docs[keep]
@@ -340,12 +358,9 @@ def write_bm25s_index(store: CorpusStore, params: "BM25Params", folder: str, qui
                 slot = fill[terms - c0] + (np.arange(len(terms)) - np.repeat(head, counts))
                 block_data[slot], block_docs[slot] = scores, docs
                 fill[terms[head] - c0] += counts
-            data[base:base + len(block_data)] = block_data
-            indices[base:base + len(block_docs)] = block_docs
+            data.write(block_data.tobytes())
+            indices.write(block_docs.tobytes())
             progress.update(1)
-    data.flush()
-    indices.flush()
-    del data, indices, postings
     os.remove(spill)
     np.save(os.path.join(folder, "indptr.csc.index.npy"), indptr)
     with open(os.path.join(folder, "vocab.index.json"), "w", encoding="utf-8") as f:
