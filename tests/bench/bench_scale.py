@@ -221,8 +221,10 @@ def curves(sizes: dict, model: str, hook: list[str], work: str, env: dict, parts
         if more:  # more SAEs of the same shape, other seeds, trained in one run
             seeds = [str(i) for i in range(1, more + 1)]
             b.run(b.fit("saes", d0, t0, "--seed", ",".join(seeds)))
-            saes += [os.path.join(b.path("saes"), name) for name in sorted(os.listdir(b.path("saes")))
-                     if os.path.exists(os.path.join(b.path("saes"), name, "cfg.json"))]
+            saes += [os.path.join(b.path("saes"), f"seed{s}") for s in seeds]
+            missing = [p for p in saes if not os.path.exists(os.path.join(p, "cfg.json"))]
+            if missing:
+                raise SystemExit(f"ssae-fit --seed {','.join(seeds)} left no SAE at {missing[0]}")
         rows = out.setdefault("eval vs SAEs", [])
         for n in sizes["eval_saes"]:
             rows.append((n, *b.run([tool("eval"), *saes[:n], "--docs", b.docs, "--model", model, "--max-tokens",
