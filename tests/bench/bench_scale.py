@@ -49,7 +49,7 @@ SIZES = {
     "small": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [250, 500, 1000],
               "harvest_tokens": [16_384, 65_536, 262_144], "fit_tokens": [100_000, 400_000, 1_600_000],
               "d_sae": [1152, 2304, 4608], "eval_saes": [1, 4, 13], "eval_tokens": 512, "seeds": 20,
-              "retrieve_cap_mib": 6144, "fit_cap_mib": 1024, "capped_store_mib": 4096,
+              "retrieve_cap_mib": 1024, "fit_cap_mib": 1024, "capped_store_mib": 4096,
               "project": {"retrieve dense vs documents": 1_000_000}},
     "full": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [10_000, 100_000, 1_000_000],
              "harvest_tokens": [10_000, 100_000, 1_000_000], "fit_tokens": [1_000_000, 4_000_000, 16_000_000],
