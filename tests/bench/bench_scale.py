@@ -47,7 +47,7 @@ SIZES = {
              "fit_tokens": [2048, 4096, 8192], "d_sae": [32, 64, 128], "eval_saes": [1, 2, 4], "eval_tokens": 128,
              "seeds": 5, "retrieve_cap_mib": 2048, "fit_cap_mib": 2048, "capped_store_mib": 16, "project": {}},
     "small": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [250, 500, 1000],
-              "harvest_tokens": [16_384, 65_536, 262_144], "fit_tokens": [100_000, 400_000, 1_600_000],
+              "harvest_tokens": [8192, 32_768, 131_072], "fit_tokens": [100_000, 300_000, 900_000],
               "d_sae": [1152, 2304, 4608], "eval_saes": [1, 4, 13], "eval_tokens": 512, "seeds": 20,
               "retrieve_cap_mib": 1024, "fit_cap_mib": 1024, "capped_store_mib": 4096,
               "project": {"retrieve dense vs documents": 1_000_000}},
