@@ -46,9 +46,9 @@ SIZES = {
     "tiny": {"bm25_docs": [200, 400, 800], "dense_docs": [50, 100, 200], "harvest_tokens": [256, 512, 1024],
              "fit_tokens": [2048, 4096, 8192], "d_sae": [32, 64, 128], "eval_saes": [1, 2, 4], "eval_tokens": 128,
              "seeds": 5, "retrieve_cap_mib": 2048, "fit_cap_mib": 2048, "capped_store_mib": 16, "project": {}},
-    "small": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [250, 500, 1000],
-              "harvest_tokens": [8192, 32_768, 131_072], "fit_tokens": [100_000, 300_000, 900_000],
-              "d_sae": [1152, 2304, 4608], "eval_saes": [1, 4, 13], "eval_tokens": 512, "seeds": 20,
+    "small": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [1000, 4000, 16_000],
+              "harvest_tokens": [32_768, 131_072, 524_288], "fit_tokens": [300_000, 1_200_000, 3_600_000],
+              "d_sae": [2304, 4608, 9216], "eval_saes": [1, 4, 13], "eval_tokens": 2048, "seeds": 20,
               "retrieve_cap_mib": 1024, "fit_cap_mib": 1024, "capped_store_mib": 4096,
               "project": {"retrieve dense vs documents": 1_000_000}},
     "full": {"bm25_docs": [10_000, 100_000, 1_000_000], "dense_docs": [10_000, 100_000, 1_000_000],
@@ -274,8 +274,9 @@ def report(args, model_label: str, rows: dict, capped: list, loads: tuple[str, s
         by_rate = t2 + (target - x2) * (t2 - t1) / (x2 - x1)
         result["projections"].append({"curve": curve, "size": target, "seconds_from_exponent": by_exponent,
                                       "seconds_from_marginal_rate": by_rate})
-        print(f"\nProjection, not measured: {curve} at {target:,}: {by_exponent / 3600:.1f} h from the exponent, "
-              f"{by_rate / 3600:.1f} h from the marginal rate between the two largest sizes")
+        print(f"\nProjection, not measured: {curve} at {target:,}: {by_exponent:.3g} s from the exponent, "
+              f"{by_rate:.3g} s from the marginal rate between the two largest sizes (the exponent of sizes "
+              f"where start-up dominates understates the growth)")
     if capped:
         print("\n| capped run | mechanism | cap MiB | input MiB | input / cap | wall s | peak RSS MiB | "
               "cgroup peak MiB | exit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
