@@ -155,7 +155,7 @@ TOPK_ONLY = ("sparsify",)  # sparsify trains TopK SAEs only
 # averaged: ssae's l0 x d_in is SAELens's coefficient); dictionary_learning's target_l0 is the L0 it aims at
 SPARSITY = {"ssae": "l0", "saelens": "sparsity", "dictionary_learning": "sparsity", "sparsify": "sparsity"}
 SPARSITY_WORDS = {"ssae": "--l0", "saelens": "l0_coefficient", "dictionary_learning": "target_l0"}
-DEFAULT_SWEEP = "ssae=0.0005:0.0017:0.005,saelens=0.3:1:3,dictionary_learning=32"
+DEFAULT_SWEEP = "ssae=0.001736:0.01736:0.0001736,saelens=1,dictionary_learning=32"
 
 
 def schedule_of(spec: str, steps: int, ssae_cfg, architecture: str = "topk") -> str:
@@ -168,7 +168,7 @@ def schedule_of(spec: str, steps: int, ssae_cfg, architecture: str = "topk") -> 
     if name.startswith("ssae") or recipe == "ssae":
         words = ssae_words + ("; clip 1" if name in ("dictionary_learning", "saelens") else "") + (
             ", Adam beta1 0" if (name, architecture) == ("dictionary_learning", "jumprelu") else "")
-        knobs = [knob for knob in spec.split("+")[1:] if not knob.startswith(SPARSITY[name] + "=")]
+        knobs = without_sparsity(spec).split("+")[1:]
         return words + (f"; {', '.join(knobs)}" if knobs else "")
     dl_warm = min(1000, steps // 10)
     return {("dictionary_learning", "topk"): f"Adam {ssae_cfg.lr:.3g}, warm-up {dl_warm}, constant; clip 1, raw "
@@ -232,7 +232,7 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
     workers, skipped = [], []
     for i, spec in enumerate(specs):
         name = spec.split("@")[0].split("+")[0]
-        peer, label = name != "ssae", label_of(spec)
+        peer, label = name != "ssae", label_of(without_sparsity(spec))
         if peer and not os.path.exists(PEERS):
             skipped.append(f"{label}: skipped, no peers environment at {PEERS} (make -C shell peers)")
             continue
@@ -268,7 +268,8 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
         else:
             skipped.append(f"{w.label}: skipped ({w.error})")
     with open(os.path.join(tmp, f"curves-{tag}.json"), "w") as f:
-        json.dump({w.label: w.curve for w in results}, f)
+        json.dump([{"spec": w.spec, "label": w.label, "cpu": w.cpu, "steps": w.steps, "curve": w.curve}
+                   for w in results], f)
     return results, skipped
 
 
@@ -332,13 +333,15 @@ def sweep_runs(specs: list[str], sweep: dict[str, list[str]]) -> list[list[str]]
     return groups
 
 
+def without_sparsity(spec: str) -> str:
+    """The spec less its JumpReLU sparsity knob."""
+    knob = SPARSITY[spec.split("@")[0].split("+")[0]] + "="
+    return "+".join(p for p in spec.split("+") if not p.startswith(knob))
+
+
 def for_architecture(specs: list[str], architecture: str) -> list[str]:
     """The specs with their JumpReLU sparsity knob dropped for another architecture (it reads none), once each."""
-    if architecture == "jumprelu":
-        return specs
-    kept = ["+".join(p for p in spec.split("+") if not p.startswith(SPARSITY[spec.split("@")[0].split("+")[0]] + "="))
-            for spec in specs]
-    return list(dict.fromkeys(kept))
+    return specs if architecture == "jumprelu" else list(dict.fromkeys(map(without_sparsity, specs)))
 
 
 def knob_of(spec: str) -> str:
@@ -386,7 +389,7 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
             f"{end['dead']:.1%}"]
         if sweeping:
             at = fvu_at_l0(ssae_points, end["l0"])
-            row.append(f"{at:.4f}" if at is not None else "outside ssae's L0s")
+            row.append("-" if w.label == "ssae" else f"{at:.4f}" if at is not None else "outside ssae's L0s")
         print("| " + " | ".join(row) + " |")
     for label in not_trained:
         print(f"| {label} | trains TopK only: no {name} |" + " - |" * (len(columns) - 2))
