@@ -1,16 +1,34 @@
-"""Benchmark ssae's TopK training against the field's libraries as trainers: ssae (its real Trainer.train_step),
-SAELens 6.54.12, sparsify 1.3.3 (no Triton) and dictionary_learning 0.1.0 train TopK SAEs on the same rows in the
-same order (d_sae, k, batch, steps), one thread each, each peer once with its own standard recipe (its optimiser,
-learning rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae's (ssae's learning rate
-and schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the
-peer's own step, gradient clipping included).  Every schedule is sized to its budget: --steps 200,2000 runs
-every trainer for 200 steps, then the --long-trainers (the slowest peers left out) for 2,000, on the same
-rows.  Each trainer is a persistent worker process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps
-at a time, so drifting machine load hits all alike.  Printed, from one evaluator on the same held-out rows and
-the weights each worker hands back: at the budget, tokens per CPU-second of each worker's training steps (its
-own process time) and the ratio to sparsify's, held-out FVU, the fraction of latents that fire on no held-out
-row, L0; and at equal CPU-seconds, each trainer's last evaluation (every --eval-every steps) within the CPU
-time ssae took for the whole budget.
+"""Benchmark ssae's training against the field's libraries as trainers: ssae (its real Trainer.train_step), SAELens
+6.54.12, sparsify 1.3.3 (no Triton) and dictionary_learning 0.1.0 train SAEs on the same rows in the same order
+(d_sae, k, batch, steps), one thread each, each peer once with its own standard recipe (its optimiser, learning
+rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae's (ssae's learning rate and
+schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the peer's
+own step, gradient clipping included).  Every schedule is sized to its budget.
+
+TopK (--architectures topk): --steps 200,2000 runs every trainer for 200 steps, then the --long-trainers (the
+slowest peers left out) for 2,000, on the same rows.  Each trainer is a persistent worker process
+(peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps at a time, so drifting
+machine load hits all alike.  Printed, from one evaluator on the same held-out rows and the weights each worker
+hands back: at the budget, tokens per CPU-second of each worker's training steps (its own process time) and the
+ratio to sparsify's, held-out FVU, the fraction of latents that fire on no held-out row, L0; and at equal
+CPU-seconds, each trainer's last evaluation (every --eval-every steps) within the CPU time ssae took for the
+whole budget.
+
+BatchTopK and JumpReLU (--architectures batchtopk,jumprelu; the first budget only): ssae, SAELens and
+dictionary_learning, own recipe and ssae's (sparsify trains TopK only, and its rows say so).  The evaluator
+applies each SAE's inference rule, f = ReLU(pre) where pre > threshold, with the thresholds each library
+encodes with at inference: BatchTopK's running threshold (SAELens's topk_threshold, saved as its JumpReLU
+threshold on every latent; dictionary_learning's BatchTopKSAE.threshold; ssae's), JumpReLU's learnt one per
+latent.  Equal L0: BatchTopK trains every SAE at the same k (a mean over the batch), and the thresholds make
+the held-out L0 differ a little, so each L0 is printed beside its FVU.  JumpReLU's L0 follows each library's
+own sparsity knob (ssae's --l0, SAELens's l0_coefficient, both weighing L0 against the squared error;
+dictionary_learning's target_l0, the L0 its penalty aims at); --jumprelu-sweep runs each trainer once per value
+of its library's knob, and the FVU at L0 --k is read off a trainer's runs linear in log L0 between the two whose
+L0s bracket it (no extrapolation: "not bracketed" when none do), and each peer's run gets ssae's FVU at that
+run's L0 the same way; every run's raw (L0, FVU) is printed too.  The default sweep spans ssae's --l0 a
+factor 10 either side of its default and runs each peer at its default coefficient (SAELens) or at the target
+--k (dictionary_learning): in short budgets Adam moves a threshold by about the learning rate a step whatever
+the coefficient, so a wider sweep of the peers mostly repeats one L0.
 
     make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,2000] ...)
 
@@ -219,13 +237,13 @@ def label_of(spec: str) -> str:
                               f" ({recipe.lstrip('+').replace('+', ', ')})" if recipe else "")
 
 
-def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.Tensor, cfg,
-                   tag: str) -> tuple[list, list[str]]:
+def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.Tensor, cfg, tag: str,
+                   every: int) -> tuple[list, list[str]]:
     """Every trainer of `specs` for `steps` steps on the same rows in the same order, taking turns --round
-    steps at a time, each evaluated on `val` every --eval-every steps: (the workers that finished, with their
-    .curve, .cpu and .steps; one line for each that did not)."""
+    steps at a time, each evaluated on `val` every `every` steps and at the end: (the workers that finished,
+    with their .curve, .cpu and .steps; one line for each that did not).  Interrupted (Ctrl-C), it ends its
+    workers and raises KeyboardInterrupt."""
     tmp = setup["tmp"]
-    every = args.eval_every or max(args.round, steps // 10 // args.round * args.round)
     path = os.path.join(tmp, f"setup-{tag}.json")
     with open(path, "w") as f:
         json.dump(setup, f)
@@ -243,6 +261,26 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
                    env)
         w.spec, w.schedule, w.curve = spec, schedule_of(spec, steps, cfg, setup.get("architecture", "topk")), []
         workers.append(w)
+    try:
+        train_in_turns(args, workers, steps, val, tmp, tag, every)
+    except KeyboardInterrupt:
+        for w in workers:
+            w.proc.kill()
+        raise
+    results = []
+    for w in workers:
+        if w.error is None and w.steps == steps:
+            results.append(w)
+            w.close()
+        else:
+            skipped.append(f"{w.label}: skipped ({w.error})")
+    with open(os.path.join(tmp, f"curves-{tag}.json"), "w") as f:
+        json.dump([{"spec": w.spec, "label": w.label, "cpu": w.cpu, "steps": w.steps, "curve": w.curve}
+                   for w in results], f)
+    return results, skipped
+
+
+def train_in_turns(args, workers: list, steps: int, val: torch.Tensor, tmp: str, tag: str, every: int) -> None:
     for w in workers:
         w.ask({})  # {"ready": true}, or the import error
     for done in range(0, steps, args.round):
@@ -260,17 +298,6 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
         print(f"{tag}, {steps} steps: round {done // args.round + 1}/{math.ceil(steps / args.round)} done; "
               + "; ".join(f"{w.label.split(' ')[0]} {w.curve[-1]['fvu']:.4f}" for w in workers if w.curve),
               file=sys.stderr)
-    results = []
-    for w in workers:
-        if w.error is None and w.steps == steps:
-            results.append(w)
-            w.close()
-        else:
-            skipped.append(f"{w.label}: skipped ({w.error})")
-    with open(os.path.join(tmp, f"curves-{tag}.json"), "w") as f:
-        json.dump([{"spec": w.spec, "label": w.label, "cpu": w.cpu, "steps": w.steps, "curve": w.curve}
-                   for w in results], f)
-    return results, skipped
 
 
 def header(args, steps: int, train: np.ndarray, val: torch.Tensor, source: str, load: float, what: str) -> str:
@@ -287,8 +314,9 @@ def run_budget(args, prepared, trainers: str, train: np.ndarray, val: torch.Tens
     started, load = time.monotonic(), os.getloadavg()[0]
     tmp, setup, cfg = prepared
     steps = setup["steps"]
+    every = args.eval_every or max(args.round, steps // 10 // args.round * args.round)
     results, skipped = train_together(args, for_architecture(trainers.split(","), "topk"),
-                                      {**setup, "architecture": "topk"}, steps, val, cfg, "topk")
+                                      {**setup, "architecture": "topk"}, steps, val, cfg, "topk", every)
     print(f"\n## Budget {steps} steps\n\n{header(args, steps, train, val, source, load, f'k {args.k}')}")
     base = next((w.steps * args.batch / w.cpu for w in results if w.label.startswith("sparsify")), None)
     print(f"\nAt {steps} steps (equal steps and tokens):\n")
@@ -364,8 +392,12 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
     groups = [specs] if architecture == "batchtopk" else sweep_runs(specs, sweep)
     results, skipped = [], []
     for i, group in enumerate(groups):
-        done, missed = train_together(args, group, {**setup, "architecture": architecture}, steps, val, cfg,
-                                      f"{architecture}-{i}")
+        try:  # the final evaluation only, unless --eval-every: these tables are at the budget
+            done, missed = train_together(args, group, {**setup, "architecture": architecture}, steps, val, cfg,
+                                          f"{architecture}-{i}", args.eval_every or steps)
+        except KeyboardInterrupt:  # the tables of the runs done so far
+            skipped += [f"{spec}: not run (interrupted)" for g in groups[i:] for spec in g]
+            break
         results += done
         skipped += missed
     name = {"batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}[architecture]
@@ -502,6 +534,7 @@ def main() -> None:
     del rows
     rows_path = os.path.join(tempfile.mkdtemp(prefix="ssae-bench-peers-"), "rows.npy")
     np.save(rows_path, train)
+    train = np.load(rows_path, mmap_mode="r")  # the workers read it so too: one copy in memory
     for i, steps in enumerate(budgets):
         if "topk" not in architectures and i > 0:
             break

@@ -268,6 +268,7 @@ def main() -> None:
     except ImportError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=reply, flush=True)
         return
+    del setup["sample"]  # the initialisation's only
     print(json.dumps({"ready": True}), file=reply, flush=True)
     done, batch = 0, setup["batch"]
     for line in sys.stdin:
