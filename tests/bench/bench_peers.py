@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -395,7 +396,7 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
         try:  # the final evaluation only, unless --eval-every: these tables are at the budget
             done, missed = train_together(args, group, {**setup, "architecture": architecture}, steps, val, cfg,
                                           f"{architecture}-{i}", args.eval_every or steps)
-        except KeyboardInterrupt:  # the tables of the runs done so far
+        except KeyboardInterrupt:  # SIGTERM or SIGINT: the tables of the runs done so far
             skipped += [f"{spec}: not run (interrupted)" for g in groups[i:] for spec in g]
             break
         results += done
@@ -527,6 +528,8 @@ def main() -> None:
     if every and every % args.round:
         raise SystemExit(f"--eval-every {every} is not a multiple of --round {args.round}")
 
+    # a stop (kill, or Ctrl-C, which a background job ignores) ends a JumpReLU sweep with the tables of its runs done
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rows, source = load_rows(args)
     g = np.random.default_rng(args.seed)
     perm = g.permutation(len(rows))
