@@ -231,8 +231,13 @@ def prepare(args, steps: int, train: np.ndarray, val: torch.Tensor, rows_path: s
                  "ssae_schedule": [lr_at(cfg, i) / cfg.lr for i in range(steps)]}, cfg
 
 
+def library_of(spec: str) -> str:
+    """The library a trainer spec names: NAME of NAME[@ssae][+KEY=VALUE...]."""
+    return spec.split("@")[0].split("+")[0]
+
+
 def label_of(spec: str) -> str:
-    name = spec.split("@")[0].split("+")[0]
+    name = library_of(spec)
     recipe = spec[len(name):]
     return LIBRARIES[name] + (" (ssae's recipe)" if recipe.startswith("@ssae") else
                               f" ({recipe.lstrip('+').replace('+', ', ')})" if recipe else "")
@@ -250,7 +255,7 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
         json.dump(setup, f)
     workers, skipped = [], []
     for i, spec in enumerate(specs):
-        name = spec.split("@")[0].split("+")[0]
+        name = library_of(spec)
         peer, label = name != "ssae", label_of(without_sparsity(spec))
         if peer and not os.path.exists(PEERS):
             skipped.append(f"{label}: skipped, no peers environment at {PEERS} (make -C shell peers)")
@@ -352,7 +357,7 @@ def sweep_runs(specs: list[str], sweep: dict[str, list[str]]) -> list[list[str]]
     library's sweep (a spec that sets its knob itself runs once, in the first group)."""
     groups: list[list[str]] = []
     for spec in specs:
-        name = spec.split("@")[0].split("+")[0]
+        name = library_of(spec)
         knob = SPARSITY[name] + "="
         values = [None] if any(p.startswith(knob) for p in spec.split("+")[1:]) else sweep.get(name, [None])
         for i, value in enumerate(values):
@@ -364,7 +369,7 @@ def sweep_runs(specs: list[str], sweep: dict[str, list[str]]) -> list[list[str]]
 
 def without_sparsity(spec: str) -> str:
     """The spec less its JumpReLU sparsity knob."""
-    knob = SPARSITY[spec.split("@")[0].split("+")[0]] + "="
+    knob = SPARSITY[library_of(spec)] + "="
     return "+".join(p for p in spec.split("+") if not p.startswith(knob))
 
 
@@ -375,7 +380,7 @@ def for_architecture(specs: list[str], architecture: str) -> list[str]:
 
 def knob_of(spec: str) -> str:
     """The JumpReLU sparsity setting a run's spec gives, in the library's words."""
-    name = spec.split("@")[0].split("+")[0]
+    name = library_of(spec)
     value = next((p.split("=", 1)[1] for p in spec.split("+")[1:] if p.startswith(SPARSITY[name] + "=")), None)
     return f"{SPARSITY_WORDS[name]} {value}" if value is not None else f"{SPARSITY_WORDS[name]} default"
 
@@ -388,7 +393,7 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
     tmp, setup, cfg = prepared
     steps = setup["steps"]
     given = for_architecture(args.trainers.split(","), architecture)
-    specs = [spec for spec in given if spec.split("@")[0].split("+")[0] not in TOPK_ONLY]
+    specs = [spec for spec in given if library_of(spec) not in TOPK_ONLY]
     not_trained = [label_of(spec) for spec in given if spec not in specs]
     groups = [specs] if architecture == "batchtopk" else sweep_runs(specs, sweep)
     results, skipped = [], []
