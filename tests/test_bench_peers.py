@@ -74,3 +74,16 @@ def test_bad_arguments_exit_with_one_line_before_any_work(args, message, monkeyp
         bench_peers.main()
     assert message in str(exit.value.code)
     assert "\n" not in str(exit.value.code)
+
+
+def test_batch_topk_evaluation_keeps_k_per_row_on_average_over_the_chunk():
+    d_in, d_sae = 3, 3
+    w = {"W_enc": np.eye(d_in, d_sae, dtype=np.float32), "b_enc": np.zeros(d_sae, np.float32),
+         "W_dec": np.eye(d_sae, d_in, dtype=np.float32), "b_dec": np.zeros(d_in, np.float32), "scale": np.float32(1),
+         "threshold": np.full(d_sae, 10.0, np.float32)}
+    x = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.2, 0.1]])
+    # the 2 largest of the chunk are both in row 1 (the threshold, 10, is not used)
+    out = bench_peers.evaluate(w, x, k=1, chunk=2, batch_topk=True)
+    assert out["l0"] == 1.0
+    assert out["dead"] == pytest.approx(1 / 3)
+    assert bench_peers.evaluate(w, x, k=1)["l0"] == 0.0

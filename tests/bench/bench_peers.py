@@ -86,12 +86,13 @@ def load_rows(args) -> tuple[np.ndarray, str]:
 
 
 @torch.no_grad()
-def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> dict:
+def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048, batch_topk: bool = False) -> dict:
     """The one evaluator, with each SAE's own inference rule: pre = relu((x * scale - b_dec) @ W_enc + b_enc);
     f = its top k per row (TopK), or pre where pre > threshold, the SAE's threshold per latent (BatchTopK, as
     SAELens and dictionary_learning encode at inference with their running threshold, and JumpReLU);
     x_hat = (f @ W_dec + b_dec) / scale.  FVU, the mean L0, and the fraction of latents that fire on none of
-    the rows (dead)."""
+    the rows (dead).  `batch_topk`: BatchTopK's training rule instead, the k x chunk largest of each chunk of
+    rows, so that every SAE is scored at L0 k exactly."""
     t = {name: torch.from_numpy(np.asarray(v)) for name, v in w.items()}
     scale, threshold = float(t["scale"]), t.get("threshold")
     sse, l0 = 0.0, 0.0
@@ -99,7 +100,10 @@ def evaluate(w: dict, x: torch.Tensor, k: int, chunk: int = 2048) -> dict:
     for s in range(0, len(x), chunk):
         xs = x[s:s + chunk]
         pre = torch.relu((xs * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
-        if threshold is None:
+        if batch_topk:
+            values, index = pre.flatten().topk(k * len(xs))
+            f = torch.zeros_like(pre).flatten().scatter(-1, index, values).view_as(pre)
+        elif threshold is None:
             values, index = pre.topk(k, dim=-1)
             f = torch.zeros_like(pre).scatter(-1, index, values)
         else:  # a threshold below 0 (dictionary_learning's before its first update) passes every positive pre
@@ -268,7 +272,7 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
         w.spec, w.schedule, w.curve = spec, schedule_of(spec, steps, cfg, setup.get("architecture", "topk")), []
         workers.append(w)
     try:
-        train_in_turns(args, workers, steps, val, tmp, tag, every)
+        train_in_turns(args, workers, steps, val, tmp, tag, every, setup.get("architecture") == "batchtopk")
     except KeyboardInterrupt:
         for w in workers:
             w.proc.kill()
@@ -286,7 +290,10 @@ def train_together(args, specs: list[str], setup: dict, steps: int, val: torch.T
     return results, skipped
 
 
-def train_in_turns(args, workers: list, steps: int, val: torch.Tensor, tmp: str, tag: str, every: int) -> None:
+def train_in_turns(args, workers: list, steps: int, val: torch.Tensor, tmp: str, tag: str, every: int,
+                   batch_topk: bool) -> None:
+    """The workers' turns, each evaluated every `every` steps (`batch_topk`: also at L0 --k exactly, by
+    BatchTopK's training rule over chunks of --batch held-out rows)."""
     for w in workers:
         w.ask({})  # {"ready": true}, or the import error
     for done in range(0, steps, args.round):
@@ -300,7 +307,10 @@ def train_in_turns(args, workers: list, steps: int, val: torch.Tensor, tmp: str,
             if w.steps % every == 0 or w.steps == steps:
                 weights = os.path.join(tmp, f"weights-{tag}-{i}.npz")
                 if w.ask({"weights": weights}) is not None:
-                    w.curve.append({"steps": w.steps, "cpu": w.cpu, **evaluate(dict(np.load(weights)), val, args.k)})
+                    tensors = dict(np.load(weights))
+                    w.curve.append({"steps": w.steps, "cpu": w.cpu, **evaluate(tensors, val, args.k)})
+                    if batch_topk:
+                        w.curve[-1]["batch_topk"] = evaluate(tensors, val, args.k, args.batch, batch_topk=True)
         print(f"{tag}, {steps} steps: round {done // args.round + 1}/{math.ceil(steps / args.round)} done; "
               + "; ".join(f"{w.label.split(' ')[0]} {w.curve[-1]['fvu']:.4f}" for w in workers if w.curve),
               file=sys.stderr)
@@ -408,16 +418,17 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
         skipped += missed
     name = {"batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}[architecture]
     what = f"k {args.k} (a mean over the batch while training)" if architecture == "batchtopk" else "L0 penalty"
+    sweeping = architecture == "jumprelu"
     print(f"\n## {name}, budget {steps} steps\n\n{header(args, steps, train, val, source, load, what)}")
     print(f"\nHeld-out FVU, L0 and dead latents with each SAE's inference rule (the per-latent threshold), at {steps} "
-          "steps:\n")
+          "steps" + ("" if sweeping else f"; and the FVU at L0 {args.k} exactly, by the training rule over batches of "
+                     f"{args.batch} held-out rows") + ":\n")
     ours = next((w for w in results if w.spec.split("+")[0] == "ssae"), None)
     base = ours.steps * args.batch / ours.cpu if ours else None
     ssae_points = [(w.curve[-1]["l0"], w.curve[-1]["fvu"]) for w in results if w.spec.split("+")[0] == "ssae"]
-    sweeping = architecture == "jumprelu"
     columns = ["trainer", "recipe"] + (["sparsity setting"] if sweeping else []) + [
         "tokens per CPU-second", "ratio to ssae", "held-out FVU", "L0", "dead latents"] + (
-        ["ssae's FVU at this L0"] if sweeping else [])
+        ["ssae's FVU at this L0"] if sweeping else [f"FVU at L0 {args.k} (batch top-k)"])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for w in results:
@@ -428,6 +439,8 @@ def run_thresholded(args, architecture: str, prepared, train: np.ndarray, val: t
         if sweeping:
             at = fvu_at_l0(ssae_points, end["l0"])
             row.append("-" if w.label == "ssae" else f"{at:.4f}" if at is not None else "outside ssae's L0s")
+        else:
+            row.append(f"{end['batch_topk']['fvu']:.4f}")
         print("| " + " | ".join(row) + " |")
     for label in not_trained:
         print(f"| {label} | trains TopK only: no {name} |" + " - |" * (len(columns) - 2))
