@@ -19,16 +19,18 @@ dictionary_learning, own recipe and ssae's (sparsify trains TopK only, and its r
 applies each SAE's inference rule, f = ReLU(pre) where pre > threshold, with the thresholds each library
 encodes with at inference: BatchTopK's running threshold (SAELens's topk_threshold, saved as its JumpReLU
 threshold on every latent; dictionary_learning's BatchTopKSAE.threshold; ssae's), JumpReLU's learnt one per
-latent.  Equal L0: BatchTopK trains every SAE at the same k (a mean over the batch), and the thresholds make
-the held-out L0 differ a little, so each L0 is printed beside its FVU.  JumpReLU's L0 follows each library's
+latent.  Equal L0: BatchTopK trains every SAE at the same k (a mean over the batch), but the thresholds make
+the held-out L0s differ (by a factor 3 at 200 steps), so each L0 is printed beside its FVU, and each SAE is
+scored at L0 --k exactly too, by BatchTopK's training rule over held-out batches of --batch rows.  JumpReLU's L0 follows each library's
 own sparsity knob (ssae's --l0, SAELens's l0_coefficient, both weighing L0 against the squared error;
 dictionary_learning's target_l0, the L0 its penalty aims at); --jumprelu-sweep runs each trainer once per value
 of its library's knob, and the FVU at L0 --k is read off a trainer's runs linear in log L0 between the two whose
 L0s bracket it (no extrapolation: "not bracketed" when none do), and each peer's run gets ssae's FVU at that
 run's L0 the same way; every run's raw (L0, FVU) is printed too.  The default sweep spans ssae's --l0 a
-factor 10 either side of its default and runs each peer at its default coefficient (SAELens) or at the target
---k (dictionary_learning): in short budgets Adam moves a threshold by about the learning rate a step whatever
-the coefficient, so a wider sweep of the peers mostly repeats one L0.
+factor 10 either side of its default and runs each peer once, at its default coefficient (SAELens) or at the
+target --k (dictionary_learning).  A JumpReLU threshold moves by about the learning rate a step under Adam, so
+at the default budget no trainer's L0 comes near 32 (docs/benchmarks.md): the sweep then brackets nothing and
+the table says so.
 
     make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,2000] ...)
 
