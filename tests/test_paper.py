@@ -70,17 +70,20 @@ def test_scoreboard_page_on_synthetic_metrics(tmp_path):
                              recipe="bm25", long_term=None, ks=[])
     text = "\n".join(lines)
     heads = [line for line in lines if not line.startswith("    ")]
-    assert len(heads) == 10  # one per result of the paper
+    assert len(heads) == 13  # one per result of the paper
     assert re.search(r"^Fig\. 3: .*: reproduced \(n=3 seeds, gsae-t500 vs gsae-t0\)", text, re.M)
     assert re.search(r"^Fig\. 1: .*: opposite \(n=3 seeds", text, re.M)  # ppl 11 > 10: the claimed direction fails
     assert re.search(r"^Fig\. 8: .*: not testable here \(n=0 seeds.*explainer endpoint", text, re.M)
     assert re.search(r"^Table 1: .*: not testable here .*shift/shift.json", text, re.M)
     assert re.search(r"^Figs\. 12 and 13: .*: not testable here", text, re.M)  # no k sweep in these runs
+    assert re.search(r"^Fig\. 1: perplexity by retrieval method.*: not testable here .*RECIPES leaves out dense", text,
+                     re.M)
     page = (out / "index.html").read_text()
     words = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "NaN" not in words and "Infinity" not in words and "None" not in words
-    assert page.count("<section ") == 10 and "data:image/png;base64," in page
-    assert (out / "fig3.png").exists() and (out / "fig5.png").exists()
+    assert page.count("<section ") == 13 and "data:image/png;base64," in page
+    assert (out / "fig3.png").exists() and (out / "fig5-entropy.png").exists()
+    assert not (out / "fig1-dense.png").exists()  # nothing to compare, no figure
     for line in heads:  # the page carries the same verdicts
         title, verdict = re.match(r"^(.*?): (reproduced|not reproduced|opposite|not testable here) ", line).groups()
         assert f"{title}</a></td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>" in page.replace("&#x27;", "'")
@@ -178,19 +181,19 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     verdicts = (board / "verdicts.txt").read_text()
     assert verdicts.strip() in p.stdout
     heads = [line for line in verdicts.splitlines() if not line.startswith("    ")]
-    assert len(heads) == 10
+    assert len(heads) == 13
     computed = 0
     for line in heads:
         m = re.match(r"^(.*?): (reproduced|not reproduced|opposite|not testable here) \(n=(\d+) seeds", line)
         assert m, line
         computed += int(m.group(3)) >= 3
-    assert computed == 8  # all but the two that need an LLM explainer
+    assert computed == 10  # all but the two that need an LLM explainer and dense against BM25 (no dense recipe)
     for domain in ("[physics]", "[toxicity]"):
         assert f"    {domain} gsae-t500 vs gsae-t0: rarest-decile mean error" in verdicts
     assert "ssae-bm25-long-t500 vs ssae-bm25-long-t0" in verdicts and "ssae-k<k> vs gsae-k<k>" in verdicts
     assert re.search(r"^Table 1: .*\(n=3 seeds, shift:ssae", verdicts, re.M)
     page = (board / "index.html").read_text()
-    assert page.count("<section ") == 10
+    assert page.count("<section ") == 13
     assert "NaN" not in re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     again = subprocess.run(["make", "-C", "shell", "-q", *args, "QUICK=1", str(board / "index.html")], cwd=ROOT)
     assert again.returncode == 0  # up to date: a rerun does nothing

@@ -125,6 +125,7 @@ class Section:
     figure_saes: tuple = ()       # name prefixes of the SAEs in the figure
     needs: str | None = None      # "explanations" or "shift": what else the section reads
     source: str = "domain"
+    absent: str | None = None     # why there is nothing to compare, when the run's settings leave it out
 
 
 def _vs(term: str) -> str:
@@ -146,31 +147,45 @@ def sections(terms: list[str], recipes: list[str], recipe: str, long_term: str |
         long_rows += [Comparison(f"ssae-{recipe}-long-{long_term}", f"ssae-{recipe}-{long_term}", m, "lower")
                       for m in ("rare_mse", "rare_max")]
     dense_first = [r for r in ("dense_tracin", "dense") if r in recipes and "bm25" in recipes]
-    fig1 = [Comparison(f"ssae-{r}-t0", "ssae-bm25-t0", "ppl", "lower") for r in dense_first]
-    fig1 += [Comparison(f"ssae-{r}-t0", "gsae-t0", "ppl", "lower") for r in recipes]
+    fig1_dense = [Comparison(f"ssae-{r}-t0", "ssae-bm25-t0", "ppl", "lower") for r in dense_first]
+    fig1_gsae = [Comparison(f"ssae-{r}-t0", "gsae-t0", "ppl", "lower") for r in recipes]
     return [
-        Section("fig1", "Fig. 1: perplexity by retrieval method",
-                "SSAEs finetuned on retrieved subdomain text lower the spliced perplexity against the GSAE, "
-                "dense retrieval (with TracIn reranking) more than BM25.", fig1,
+        Section("fig1", "Fig. 1: perplexity, SSAEs on retrieved text against the GSAE",
+                "SSAEs finetuned on text retrieved for the subdomain lower the spliced perplexity on held-out "
+                "subdomain text against the GSAE they start from.", fig1_gsae,
                 "pareto_ppl", ("gsae-t0", *(f"ssae-{r}-t0" for r in recipes))),
+        Section("fig1-dense", "Fig. 1: perplexity by retrieval method, dense against BM25",
+                "Dense retrieval (with TracIn reranking) selects better subdomain text than BM25: its SSAE's "
+                "spliced perplexity is lower.", fig1_dense,
+                "pareto_ppl", tuple(f"ssae-{r}-t0" for r in ("bm25", *dense_first)),
+                absent=None if dense_first else "RECIPES leaves out dense retrieval or BM25"),
         Section("fig2", "Figs. 2 and 11: tail coverage by token frequency",
                 "An SSAE represents more of the subdomain's token types, the rare ones included, than the GSAE.",
                 [Comparison(f"ssae-{r}-t0", "gsae-t0", "represented", "higher") for r in recipes],
                 "tail_coverage", ("gsae-t0", *(f"ssae-{r}-t0" for r in recipes))),
         Section("fig3", "Fig. 3: reconstruction error by token rank, GSAEs trained with TERM and ERM",
                 "A GSAE trained from scratch with TERM has lower reconstruction error on the rarest tokens than "
-                "one trained with ERM (and so, after finetuning, does an SSAE; also at a longer budget).",
+                "one trained with ERM (and so, after finetuning, does an SSAE).",
                 gsae_terms + [Comparison(f"ssae-{recipe}-{t}", f"ssae-{recipe}-t0", "rare_mse", "lower")
-                              for t in terms] + long_rows,
+                              for t in terms],
                 "error_by_rank", tuple(f"gsae-{t}" for t in ["t0", *terms])),
+        Section("fig3-long", "Fig. 3 at a longer budget: TERM against ERM SSAEs trained longer",
+                "The paper trained far longer than a CPU run: with several times the SSAE budget, the TERM SSAE "
+                "has lower error on the rarest tokens than the ERM SSAE of the same budget (and than the TERM "
+                "SSAE of the shorter one).", long_rows,
+                "error_by_rank", tuple(f"ssae-{recipe}-long-{t}" for t in ["t0", long_term]) if long_term else ()),
         Section("fig4", "Fig. 4: diversity of the latents' explanations",
                 "Latents of a TERM-trained SAE receive more diverse explanations than those of an ERM-trained one.",
                 needs="explanations"),
-        Section("fig5", "Fig. 5: activation entropy and max activation",
-                "A TERM-trained GSAE has lower per-token activation entropy and higher max activation than an "
-                "ERM-trained one (activations concentrate on fewer, more specific latents).",
-                [Comparison(f"gsae-{t}", "gsae-t0", "entropy", "lower") for t in terms]
-                + [Comparison(f"gsae-{t}", "gsae-t0", "max_act", "higher") for t in terms],
+        Section("fig5-entropy", "Fig. 5: activation entropy, TERM against ERM GSAEs",
+                "A TERM-trained GSAE has lower per-token activation entropy than an ERM-trained one (each "
+                "token's activation concentrates on fewer latents).",
+                [Comparison(f"gsae-{t}", "gsae-t0", "entropy", "lower") for t in terms],
+                "entropy_and_max", tuple(f"gsae-{t}" for t in ["t0", *terms])),
+        Section("fig5-max", "Fig. 5: max activation, TERM against ERM GSAEs",
+                "A TERM-trained GSAE has a higher max activation per token than an ERM-trained one (more "
+                "specific latents fire more strongly).",
+                [Comparison(f"gsae-{t}", "gsae-t0", "max_act", "higher") for t in terms],
                 "entropy_and_max", tuple(f"gsae-{t}" for t in ["t0", *terms])),
         Section("fig6", "Figs. 6 and 14: cumulative coverage by tilt",
                 "The higher the tilt, the larger the share of an SSAE's represented token types that sit in the "
@@ -303,7 +318,8 @@ def score(runs: Runs, spec: list[Section]) -> list[SectionResult]:
                     if (r := evaluate_comparison(runs, c, d)) is not None]
         if not rows:
             what = "shift/shift.json" if section.needs == "shift" else "SAEs this claim compares"
-            out.append(SectionResult(section, [], Verdict(NOT_TESTABLE, reason=f"this run has no {what}"), None))
+            reason = section.absent or f"this run has no {what}"
+            out.append(SectionResult(section, [], Verdict(NOT_TESTABLE, reason=reason), None))
             continue
         head = rows[0]
         out.append(SectionResult(section, rows, head.verdict, head))
@@ -348,7 +364,7 @@ def draw_figures(runs: Runs, results: list[SectionResult], folder: str) -> None:
 
     for r in results:
         s = r.section
-        if not s.figure:
+        if not s.figure or not r.rows:
             continue
         domain = runs.domains[0]
         docs = runs.docs(s.source, domain)
