@@ -89,6 +89,21 @@ def test_scoreboard_page_on_synthetic_metrics(tmp_path):
         assert f"{title}</a></td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>" in page.replace("&#x27;", "'")
 
 
+def test_tail_metrics_come_from_the_activations_evaluation_and_perplexity_from_the_documents(tmp_path):
+    """With a tail-s evaluation beside eval-s, every metric but the spliced perplexity is read from tail-s."""
+    _board(tmp_path)
+    for s in (0, 1, 2):  # tail-s: the TERM GSAE's rare error now above ERM's, and no perplexity at all
+        saes = [_sae("gsae-t0", 1.0, ppl=None), _sae("gsae-t500", 1.3 + 0.01 * s, ppl=None),
+                _sae("ssae-bm25-t0", 1.0, ppl=None)]
+        os.makedirs(tmp_path / "physics" / f"tail-s{s}")
+        (tmp_path / "physics" / f"tail-s{s}" / "metrics.json").write_text(json.dumps({"saes": saes}))
+    lines = paper.scoreboard(str(tmp_path), ["physics"], [0, 1, 2], str(tmp_path / "page"), terms=["t500"],
+                             recipes=["bm25"], recipe="bm25", long_term=None, ks=[])
+    text = "\n".join(lines)
+    assert re.search(r"^Fig\. 3: .*: opposite \(n=3 seeds, gsae-t500 vs gsae-t0\)", text, re.M)
+    assert re.search(r"^Fig\. 1: perplexity, .*: opposite \(n=3 seeds", text, re.M)  # eval-s's 11 > 10
+
+
 def test_scoreboard_escapes_names_and_needs_three_seeds(tmp_path):
     _board(tmp_path, seeds=(0, 1), name="gsae-<t500>")
     out = tmp_path / "page"
@@ -169,7 +184,7 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     grid = dict(files, PAPER=tmp_path / "paper", MODEL=tiny_model, HOOK="blocks.1.hook_resid_post", DEVICE="cpu",
                 SEEDS=tmp_path / "seeds.txt", TOX_SEEDS=tmp_path / "tox.txt", TOX_INDOMAIN="",
                 MED_SEEDS=tmp_path / "med.txt", PROFESSIONS="nurse physician,surgeon",
-                GENERAL_TOKENS=2000, GSAE_TOKENS=2048, SUB_DOCS=20, SUB_TOKENS=600, SSAE_TOKENS=512,
+                GENERAL_TOKENS=2000, GSAE_TOKENS=2048, SUB_DOCS=20, SUB_TOKENS=600, SSAE_TOKENS=512, TAIL_TOKENS=600,
                 BATCH_SIZE=256, EVAL_TOKENS=300, K=4, K_SWEEP=2, TERMS="t500", RECIPES="bm25", LONG_TERM="t500",
                 LONG_FACTOR=2, SHIFT_SEEDS=3, SHIFT_SSAE_TOKENS=512)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]

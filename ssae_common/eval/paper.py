@@ -2,7 +2,9 @@
 measures, with a verdict computed from paired differences over seeds.
 
 Input: the folder `make -C shell paper` fills (shell/paper.mk), read as
-  <root>/<domain>/eval-s<seed>/metrics.json   every GSAE and SSAE of a seed on the domain's held-out text
+  <root>/<domain>/tail-s<seed>/metrics.json   every GSAE and SSAE of a seed on the held-out text's activations
+  <root>/<domain>/eval-s<seed>/metrics.json   the SAEs whose spliced perplexity is compared, on its documents
+                                              (every metric is read from here when there is no tail-s)
   <root>/pareto/eval-s<seed>/metrics.json     the k sweep (GSAE-k and its SSAE per k) on the first domain
   <root>/shift/shift.json                     SHIFT over seeded splits (Table 1)
 SAEs are found by name (their folder's base name): gsae-<setting>, ssae-<recipe>-<setting>,
@@ -76,10 +78,11 @@ class Metric:
     label: str
     relative: bool = True   # (a - b) / |b|; False: a - b (fractions)
     index: int | None = None  # an element of a list-valued metric
+    spliced: bool = False   # needs the documents' evaluation (a forward pass), not the activations'
 
 
 METRICS = {
-    "ppl": Metric("ppl_spliced", "spliced perplexity"),
+    "ppl": Metric("ppl_spliced", "spliced perplexity", spliced=True),
     "rare_mse": Metric("tail_error.mean", "rarest-decile mean error"),
     "rare_max": Metric("tail_error.max", "rarest-decile max error"),
     "represented": Metric("tail_coverage.represented_fraction", "share of token types represented", relative=False),
@@ -238,11 +241,18 @@ class Runs:
         self.root, self.domains, self.seeds = root, domains, seeds
         self.evals = {d: {s: _load(os.path.join(root, d, f"eval-s{s}", "metrics.json")) for s in seeds}
                       for d in domains}
+        self.tails = {d: {s: _load(os.path.join(root, d, f"tail-s{s}", "metrics.json")) for s in seeds}
+                      for d in domains}
         self.pareto = {s: _load(os.path.join(root, "pareto", f"eval-s{s}", "metrics.json")) for s in seeds}
         self.shift = _load(os.path.join(root, "shift", "shift.json"))
 
-    def docs(self, source: str, domain: str) -> dict:
-        return self.pareto if source == "pareto" else self.evals.get(domain, {})
+    def docs(self, source: str, domain: str, spliced: bool = False) -> dict:
+        """{seed: metrics} of a source: the Pareto sweep's, or a domain's activations evaluation (tail-s)
+        where the metric needs no forward pass and the run has one, else its documents evaluation (eval-s)."""
+        if source == "pareto":
+            return self.pareto
+        evals, tails = self.evals.get(domain, {}), self.tails.get(domain, {})
+        return {s: (evals.get(s) if spliced or tails.get(s) is None else tails[s]) for s in self.seeds}
 
 
 def _pareto_diff(saes: dict, comparison: Comparison, metric: Metric):
@@ -263,7 +273,7 @@ def evaluate_comparison(runs: Runs, comparison: Comparison, domain: str) -> Row 
     """The row of one claim on one domain, or None when no seed has both SAEs (not part of this run)."""
     metric = METRICS[comparison.metric]
     diffs, present = [], False
-    for seed, doc in runs.docs(comparison.source, domain).items():
+    for seed, doc in runs.docs(comparison.source, domain, metric.spliced).items():
         saes = _by_name(doc)
         if comparison.source == "pareto":
             d = _pareto_diff(saes, comparison, metric)
@@ -367,7 +377,7 @@ def draw_figures(runs: Runs, results: list[SectionResult], folder: str) -> None:
         if not s.figure or not r.rows:
             continue
         domain = runs.domains[0]
-        docs = runs.docs(s.source, domain)
+        docs = runs.docs(s.source, domain, spliced=s.figure == "pareto_ppl")
         first = next((docs[seed] for seed in runs.seeds if docs.get(seed)), None)
         saes = [x for x in (first or {}).get("saes", []) if any(x["name"].startswith(p) for p in s.figure_saes)]
         if s.source != "pareto":  # the order of figure_saes, exact names
