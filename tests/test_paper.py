@@ -44,11 +44,21 @@ def _sae(name, rare, entropy=2.0, ppl=10.0, dead=0.1, covered=0.3):
     return {"name": name, "l0": 4.0, "ppl_spliced": ppl, "dead_fraction": dead,
             "tail_error": {"mean": rare, "max": 2 * rare},
             "tail_coverage": {"represented_fraction": covered, "cumulative": [covered, 1.0],
+                              "n_represented_per_bin": [1, 3],
                               "bin_lower": [1, 2], "fraction_per_bin": [covered, None]},
             "entropy": {"mean": entropy, "histogram": {"edges": [0, 1, 2, 3], "counts": [1, 2, 1]}},
             "max_activation": {"mean": 1.0, "histogram": {"edges": [0, 1e-4, 1, 10], "counts": [0, 2, 1]}},
             "activation_counts_by_rank": [5, 3, 0],
             "error_by_frequency_rank": {"rank_lower": [1, 2], "mean": [rare / 2, rare], "max": [rare, 2 * rare]}}
+
+
+def test_derived_metrics_of_coverage_and_activation_spread():
+    sae = {"tail_coverage": {"n_represented_per_bin": [0, 2, 2]},
+           "activation_counts_by_rank": [90] + [1] * 10 + [0] * 9}
+    assert paper.mean_represented_bin(sae) == 1.5  # two types in bin 1, two in bin 2
+    assert paper.top_decile_share(sae) == (90 + 1) / 100  # the top 2 of 20 latents
+    assert paper.mean_represented_bin({"tail_coverage": {"n_represented_per_bin": [0, 0]}}) is None
+    assert paper.top_decile_share({"activation_counts_by_rank": [0, 0]}) is None
 
 
 def _board(root, seeds=(0, 1, 2), name="gsae-t500"):
