@@ -3,16 +3,16 @@ SAELens 6.54.12, sparsify 1.3.3 (no Triton) and dictionary_learning 0.1.0 train 
 same order (d_sae, k, batch, steps), one thread each, each peer once with its own standard recipe (its optimiser,
 learning rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae's (ssae's learning rate
 and schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the
-peer's own step, gradient clipping included).  Every schedule is sized to its budget: --steps 200,2000 runs
-every trainer for 200 steps, then the --long-trainers (the slowest peers left out) for 2,000, on the same
-rows.  Each trainer is a persistent worker process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps
+peer's own step, gradient clipping included).  Every schedule is sized to its budget: --steps 200,1000 (the
+default) runs every trainer for 200 steps, then the --long-trainers (the slowest peers left out) for 1,000,
+on the same rows; the longer budget is what fits about an hour on 2 CPU cores (200,2000 doubles it).  Each trainer is a persistent worker process (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps
 at a time, so drifting machine load hits all alike.  Printed, from one evaluator on the same held-out rows and
 the weights each worker hands back: at the budget, tokens per CPU-second of each worker's training steps (its
 own process time) and the ratio to sparsify's, held-out FVU, the fraction of latents that fire on no held-out
 row, L0; and at equal CPU-seconds, each trainer's last evaluation (every --eval-every steps) within the CPU
 time ssae took for the whole budget.
 
-    make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,2000] ...)
+    make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,1000] ...)
 
 Rows: --store (an ssae activation store), else SmolLM2 blocks.6 activations of the shared general pool
 (harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  --trainers picks the trainers;
@@ -259,7 +259,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="an ssae activation store (default: harvest SmolLM2 blocks.6 of the shared pool)")
     ap.add_argument("--harvest-tokens", type=int, default=300_000, help="rows to harvest without --store")
-    ap.add_argument("--steps", default="200,2000",
+    ap.add_argument("--steps", default="200,1000",
                     help="the budgets, comma-separated: every trainer's schedule is sized to its budget; the first "
                          "runs --trainers, the later ones --long-trainers")
     ap.add_argument("--round", type=int, default=10, help="steps each trainer runs per turn")
