@@ -5,8 +5,9 @@ rate, schedule, decoder init, decoder-bias start, raw inputs) and once with ssae
 schedule from sae.optim.lr_at, inputs scaled by ssae's act_scale, b_dec at ssae's geometric median; the peer's
 own step, gradient clipping included).  Every schedule is sized to its budget.
 
-TopK (--architectures topk): --steps 200,2000 runs every trainer for 200 steps, then the --long-trainers (the
-slowest peers left out) for 2,000, on the same rows.  Each trainer is a persistent worker process
+TopK (--architectures topk): --steps 200,1000 (the default) runs every trainer for 200 steps, then the
+--long-trainers (the slowest peers left out) for 1,000, on the same rows; the longer budget is what fits about an
+hour on 2 CPU cores (200,2000 doubles it).  Each trainer is a persistent worker process
 (peers_worker.py; the peers run in the peers venv) and they take turns, `--round` steps at a time, so drifting
 machine load hits all alike.  Printed, from one evaluator on the same held-out rows and the weights each worker
 hands back: at the budget, tokens per CPU-second of each worker's training steps (its own process time) and the
@@ -21,18 +22,18 @@ encodes with at inference: BatchTopK's running threshold (SAELens's topk_thresho
 threshold on every latent; dictionary_learning's BatchTopKSAE.threshold; ssae's), JumpReLU's learnt one per
 latent.  Equal L0: BatchTopK trains every SAE at the same k (a mean over the batch), but the thresholds make
 the held-out L0s differ (by a factor 3 at 200 steps), so each L0 is printed beside its FVU, and each SAE is
-scored at L0 --k exactly too, by BatchTopK's training rule over held-out batches of --batch rows.  JumpReLU's L0 follows each library's
-own sparsity knob (ssae's --l0, SAELens's l0_coefficient, both weighing L0 against the squared error;
-dictionary_learning's target_l0, the L0 its penalty aims at); --jumprelu-sweep runs each trainer once per value
-of its library's knob, and the FVU at L0 --k is read off a trainer's runs linear in log L0 between the two whose
-L0s bracket it (no extrapolation: "not bracketed" when none do), and each peer's run gets ssae's FVU at that
-run's L0 the same way; every run's raw (L0, FVU) is printed too.  The default sweep spans ssae's --l0 a
+scored at L0 --k exactly too, by BatchTopK's training rule over held-out batches of --batch rows.  JumpReLU's
+L0 follows each library's own sparsity knob (ssae's --l0, SAELens's l0_coefficient, both weighing L0 against
+the squared error; dictionary_learning's target_l0, the L0 its penalty aims at); --jumprelu-sweep runs each
+trainer once per value of its library's knob, and the FVU at L0 --k is read off a trainer's runs linear in log
+L0 between the two whose L0s bracket it (no extrapolation: "not bracketed" when none do), and each peer's run
+gets ssae's FVU at that run's L0 the same way; every run's raw (L0, FVU) is printed too.  The default sweep spans ssae's --l0 a
 factor 10 either side of its default and runs each peer once, at its default coefficient (SAELens) or at the
 target --k (dictionary_learning).  A JumpReLU threshold moves by about the learning rate a step under Adam, so
 at the default budget no trainer's L0 comes near 32 (docs/benchmarks.md): the sweep then brackets nothing and
 the table says so.
 
-    make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,2000] ...)
+    make -C shell bench-peers          (or: python tests/bench/bench_peers.py [--store PATH] [--steps 200,1000] ...)
 
 Rows: --store (an ssae activation store), else SmolLM2 blocks.6 activations of the shared general pool
 (harvested once into $SSAE_WORKDIR and reused), else synthetic rows (said so).  --trainers picks the trainers;
@@ -506,7 +507,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="an ssae activation store (default: harvest SmolLM2 blocks.6 of the shared pool)")
     ap.add_argument("--harvest-tokens", type=int, default=300_000, help="rows to harvest without --store")
-    ap.add_argument("--steps", default="200,2000",
+    ap.add_argument("--steps", default="200,1000",
                     help="the budgets, comma-separated: every trainer's schedule is sized to its budget; the first "
                          "runs --trainers, the later ones --long-trainers")
     ap.add_argument("--round", type=int, default=10, help="steps each trainer runs per turn")
