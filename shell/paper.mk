@@ -46,6 +46,7 @@ SUB_DOCS ?= 400
 SUB_TOKENS ?= 40000
 SSAE_TOKENS ?= 100000
 EVAL_TOKENS ?= 6000
+TAIL_TOKENS ?= 24000
 BATCH_SIZE ?= 1024
 K_SWEEP ?= 8 64
 RECIPES ?= bm25 indomain
@@ -64,6 +65,8 @@ K ?= 32
 K_SWEEP ?= 8 64
 RECIPES ?= bm25 dense dense_tracin indomain
 EVAL_TOKENS ?= 15000
+# the tail metrics need many tokens and cost no forward pass above the hook: 4x the perplexity tokens
+TAIL_TOKENS ?= 60000
 BATCH_SIZE ?= 4096
 FIT_ARGS ?= --architecture topk --expansion $(EXPANSION) --batch-size $(BATCH_SIZE)
 EVERY := --model $(MODEL) --device $(DEVICE)
@@ -118,7 +121,9 @@ ssaes_of = $(foreach t,$(GSAE_T),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-t$(t)) \
 	$(foreach f,$(GSAE_ESS),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess$(f)) \
 	$(foreach r,$(filter-out $(RECIPE),$(call recipes_of,$(1))),$(P)/$(1)/s$(2)/ssae-$(r)-t0) \
 	$(if $(filter $(1),$(LONG_DOMAINS)),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-t0 $(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-$(LONG_TERM))
-EVALS := $(foreach d,$(DOMAINS),$(foreach s,$(BOARD_SEEDS),$(P)/$(d)/eval-s$(s)/metrics.json))
+# the SAEs whose spliced perplexity a claim compares (Fig. 1): the ERM GSAE and each recipe's ERM SSAE
+ppl_saes_of = $(call gsae,$(2)) $(foreach r,$(call recipes_of,$(1)),$(P)/$(1)/s$(2)/ssae-$(r)-t0)
+EVALS := $(foreach d,$(DOMAINS),$(foreach s,$(BOARD_SEEDS),$(P)/$(d)/eval-s$(s)/metrics.json $(P)/$(d)/tail-s$(s)/metrics.json))
 PARETO_EVALS := $(if $(strip $(K_SWEEP)),$(foreach s,$(BOARD_SEEDS),$(P)/pareto/eval-s$(s)/metrics.json))
 
 .PHONY: paper paper-quick paper-gsae paper-ssae paper-eval paper-sweep paper-shift
@@ -163,6 +168,9 @@ $(P)/$(1)/docs/dense_tracin.jsonl: $(call gsae,0)/cfg.json $(call built,$(SEEDS_
 	$$(call logged,ssae-retrieve $(SEEDS_$(1)) --corpus $(CORPUS) --method dense --dense-max-length $(DENSE_MAX_LENGTH) --top-k $(SUB_DOCS) $(EXCLUDE_$(1)) --rerank tracin --sae $(call gsae,0) $(EVERY) --force -o $$@ > /dev/null,$$@)
 $(P)/$(1)/acts/%.h5: $(P)/$(1)/docs/%.jsonl
 	$$(call logged,ssae-harvest $$< $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $$@ > /dev/null,$$@)
+# the held-out text's activations for the tail metrics (ssae-harvest never reads past what it needs)
+$(P)/$(1)/acts/heldout-test.h5: $(call built,$(TEST_$(1)))
+	$$(call logged,ssae-harvest $(TEST_$(1)) $(EVERY) --hook $(HOOK) --max-tokens $(TAIL_TOKENS) --force -o $$@ > /dev/null,$$@)
 # the "train on in-domain data directly" baseline
 $(P)/$(1)/acts/indomain.h5: $(call built,$(INDOMAIN_$(1)))
 	$$(call logged,ssae-harvest $(INDOMAIN_$(1)) $(EVERY) --hook $(HOOK) --max-tokens $(SUB_TOKENS) --force -o $$@ > /dev/null,$$@)
@@ -170,7 +178,9 @@ $(foreach s,$(BOARD_SEEDS),$(eval $(call seed_rule,$(1),$(s)))$(if $(GSAE_ESS),$
 endef
 
 # per domain and seed: SSAEs finetuned from that seed's ERM GSAE (RECIPE's text by ERM and every TERM setting,
-# the other recipes' by ERM, the longer budget), and one ssae-eval of every GSAE and SSAE on the held-out text
+# the other recipes' by ERM, the longer budget), and two ssae-evals on the held-out text: every GSAE and SSAE on
+# its activations (tail-s: the tail, entropy, activation and dead-latent metrics, cheap, so on TAIL_TOKENS) and
+# the SAEs of Fig. 1 on its documents (eval-s: the spliced perplexity costs a forward pass above the hook per SAE)
 ssae_fit = ssae-fit $(1) --init $(call gsae,$(2)) --lr 3e-4 --batch-size $(BATCH_SIZE) --seed $(2) --device $(DEVICE) --force
 define seed_rule
 $(foreach t,$(GSAE_T),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-t$(t)/cfg.json) &: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json
@@ -179,8 +189,10 @@ $(P)/$(1)/s$(2)/ssae-%-t0/cfg.json: $(P)/$(1)/acts/%.h5 $(call gsae,$(2))/cfg.js
 	$$(call logged,$$(call ssae_fit,$$<,$(2)) --train-tokens $(SSAE_TOKENS) -o $$(@D) > /dev/null,$$(@D))
 $(P)/$(1)/s$(2)/ssae-$(RECIPE)-long-%/cfg.json: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json
 	$$(call logged,$$(call ssae_fit,$$<,$(2)) $$(call setting_flags,$$*) --train-tokens $$$$(($(SSAE_TOKENS) * $(LONG_FACTOR))) -o $$(@D) > /dev/null,$$(@D))
-$(P)/$(1)/eval-s$(2)/metrics.json: $(addsuffix /cfg.json,$(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2))) $(call built,$(TEST_$(1)))
-	$$(call logged,ssae-eval $(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2)) --baseline $(call gsae,$(2)) --docs $(TEST_$(1)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(P)/$(1)/tail-s$(2)/metrics.json: $(addsuffix /cfg.json,$(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2))) $(P)/$(1)/acts/heldout-test.h5
+	$$(call logged,ssae-eval $(call gsaes_of,$(2)) $(call ssaes_of,$(1),$(2)) --baseline $(call gsae,$(2)) --activations $(P)/$(1)/acts/heldout-test.h5 --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
+$(P)/$(1)/eval-s$(2)/metrics.json: $(addsuffix /cfg.json,$(call ppl_saes_of,$(1),$(2))) $(call built,$(TEST_$(1)))
+	$$(call logged,ssae-eval $(call ppl_saes_of,$(1),$(2)) --baseline $(call gsae,$(2)) --docs $(TEST_$(1)) --max-tokens $(EVAL_TOKENS) --device $(DEVICE) --force -o $$(@D) > /dev/null,$$(@D))
 endef
 define seed_ess_rule
 $(foreach f,$(GSAE_ESS),$(P)/$(1)/s$(2)/ssae-$(RECIPE)-ess$(f)/cfg.json) &: $(P)/$(1)/acts/$(RECIPE).h5 $(call gsae,$(2))/cfg.json

@@ -44,11 +44,21 @@ def _sae(name, rare, entropy=2.0, ppl=10.0, dead=0.1, covered=0.3):
     return {"name": name, "l0": 4.0, "ppl_spliced": ppl, "dead_fraction": dead,
             "tail_error": {"mean": rare, "max": 2 * rare},
             "tail_coverage": {"represented_fraction": covered, "cumulative": [covered, 1.0],
+                              "n_represented_per_bin": [1, 3],
                               "bin_lower": [1, 2], "fraction_per_bin": [covered, None]},
             "entropy": {"mean": entropy, "histogram": {"edges": [0, 1, 2, 3], "counts": [1, 2, 1]}},
             "max_activation": {"mean": 1.0, "histogram": {"edges": [0, 1e-4, 1, 10], "counts": [0, 2, 1]}},
             "activation_counts_by_rank": [5, 3, 0],
             "error_by_frequency_rank": {"rank_lower": [1, 2], "mean": [rare / 2, rare], "max": [rare, 2 * rare]}}
+
+
+def test_derived_metrics_of_coverage_and_activation_spread():
+    sae = {"tail_coverage": {"n_represented_per_bin": [0, 2, 2]},
+           "activation_counts_by_rank": [90] + [1] * 10 + [0] * 9}
+    assert paper.mean_represented_bin(sae) == 1.5  # two types in bin 1, two in bin 2
+    assert paper.top_decile_share(sae) == (90 + 1) / 100  # the top 2 of 20 latents
+    assert paper.mean_represented_bin({"tail_coverage": {"n_represented_per_bin": [0, 0]}}) is None
+    assert paper.top_decile_share({"activation_counts_by_rank": [0, 0]}) is None
 
 
 def _board(root, seeds=(0, 1, 2), name="gsae-t500"):
@@ -70,20 +80,38 @@ def test_scoreboard_page_on_synthetic_metrics(tmp_path):
                              recipe="bm25", long_term=None, ks=[])
     text = "\n".join(lines)
     heads = [line for line in lines if not line.startswith("    ")]
-    assert len(heads) == 10  # one per result of the paper
+    assert len(heads) == 13  # one per result of the paper
     assert re.search(r"^Fig\. 3: .*: reproduced \(n=3 seeds, gsae-t500 vs gsae-t0\)", text, re.M)
     assert re.search(r"^Fig\. 1: .*: opposite \(n=3 seeds", text, re.M)  # ppl 11 > 10: the claimed direction fails
     assert re.search(r"^Fig\. 8: .*: not testable here \(n=0 seeds.*explainer endpoint", text, re.M)
     assert re.search(r"^Table 1: .*: not testable here .*shift/shift.json", text, re.M)
     assert re.search(r"^Figs\. 12 and 13: .*: not testable here", text, re.M)  # no k sweep in these runs
+    assert re.search(r"^Fig\. 1: perplexity by retrieval method.*: not testable here .*RECIPES leaves out dense", text,
+                     re.M)
     page = (out / "index.html").read_text()
     words = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "NaN" not in words and "Infinity" not in words and "None" not in words
-    assert page.count("<section ") == 10 and "data:image/png;base64," in page
-    assert (out / "fig3.png").exists() and (out / "fig5.png").exists()
+    assert page.count("<section ") == 13 and "data:image/png;base64," in page
+    assert (out / "fig3.png").exists() and (out / "fig5-entropy.png").exists()
+    assert not (out / "fig1-dense.png").exists()  # nothing to compare, no figure
     for line in heads:  # the page carries the same verdicts
         title, verdict = re.match(r"^(.*?): (reproduced|not reproduced|opposite|not testable here) ", line).groups()
         assert f"{title}</a></td><td class='{verdict.replace(' ', '-')}'>{verdict}</td>" in page.replace("&#x27;", "'")
+
+
+def test_tail_metrics_come_from_the_activations_evaluation_and_perplexity_from_the_documents(tmp_path):
+    """With a tail-s evaluation beside eval-s, every metric but the spliced perplexity is read from tail-s."""
+    _board(tmp_path)
+    for s in (0, 1, 2):  # tail-s: the TERM GSAE's rare error now above ERM's, and no perplexity at all
+        saes = [_sae("gsae-t0", 1.0, ppl=None), _sae("gsae-t500", 1.3 + 0.01 * s, ppl=None),
+                _sae("ssae-bm25-t0", 1.0, ppl=None)]
+        os.makedirs(tmp_path / "physics" / f"tail-s{s}")
+        (tmp_path / "physics" / f"tail-s{s}" / "metrics.json").write_text(json.dumps({"saes": saes}))
+    lines = paper.scoreboard(str(tmp_path), ["physics"], [0, 1, 2], str(tmp_path / "page"), terms=["t500"],
+                             recipes=["bm25"], recipe="bm25", long_term=None, ks=[])
+    text = "\n".join(lines)
+    assert re.search(r"^Fig\. 3: .*: opposite \(n=3 seeds, gsae-t500 vs gsae-t0\)", text, re.M)
+    assert re.search(r"^Fig\. 1: perplexity, .*: opposite \(n=3 seeds", text, re.M)  # eval-s's 11 > 10
 
 
 def test_scoreboard_escapes_names_and_needs_three_seeds(tmp_path):
@@ -166,7 +194,7 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     grid = dict(files, PAPER=tmp_path / "paper", MODEL=tiny_model, HOOK="blocks.1.hook_resid_post", DEVICE="cpu",
                 SEEDS=tmp_path / "seeds.txt", TOX_SEEDS=tmp_path / "tox.txt", TOX_INDOMAIN="",
                 MED_SEEDS=tmp_path / "med.txt", PROFESSIONS="nurse physician,surgeon",
-                GENERAL_TOKENS=2000, GSAE_TOKENS=2048, SUB_DOCS=20, SUB_TOKENS=600, SSAE_TOKENS=512,
+                GENERAL_TOKENS=2000, GSAE_TOKENS=2048, SUB_DOCS=20, SUB_TOKENS=600, SSAE_TOKENS=512, TAIL_TOKENS=600,
                 BATCH_SIZE=256, EVAL_TOKENS=300, K=4, K_SWEEP=2, TERMS="t500", RECIPES="bm25", LONG_TERM="t500",
                 LONG_FACTOR=2, SHIFT_SEEDS=3, SHIFT_SSAE_TOKENS=512)
     args = ["--assume-old=setup", *(f"{k}={v}" for k, v in grid.items())]
@@ -178,19 +206,19 @@ def test_paper_quick_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     verdicts = (board / "verdicts.txt").read_text()
     assert verdicts.strip() in p.stdout
     heads = [line for line in verdicts.splitlines() if not line.startswith("    ")]
-    assert len(heads) == 10
+    assert len(heads) == 13
     computed = 0
     for line in heads:
         m = re.match(r"^(.*?): (reproduced|not reproduced|opposite|not testable here) \(n=(\d+) seeds", line)
         assert m, line
         computed += int(m.group(3)) >= 3
-    assert computed == 8  # all but the two that need an LLM explainer
+    assert computed == 10  # all but the two that need an LLM explainer and dense against BM25 (no dense recipe)
     for domain in ("[physics]", "[toxicity]"):
         assert f"    {domain} gsae-t500 vs gsae-t0: rarest-decile mean error" in verdicts
     assert "ssae-bm25-long-t500 vs ssae-bm25-long-t0" in verdicts and "ssae-k<k> vs gsae-k<k>" in verdicts
     assert re.search(r"^Table 1: .*\(n=3 seeds, shift:ssae", verdicts, re.M)
     page = (board / "index.html").read_text()
-    assert page.count("<section ") == 10
+    assert page.count("<section ") == 13
     assert "NaN" not in re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     again = subprocess.run(["make", "-C", "shell", "-q", *args, "QUICK=1", str(board / "index.html")], cwd=ROOT)
     assert again.returncode == 0  # up to date: a rerun does nothing

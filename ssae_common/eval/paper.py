@@ -2,7 +2,9 @@
 measures, with a verdict computed from paired differences over seeds.
 
 Input: the folder `make -C shell paper` fills (shell/paper.mk), read as
-  <root>/<domain>/eval-s<seed>/metrics.json   every GSAE and SSAE of a seed on the domain's held-out text
+  <root>/<domain>/tail-s<seed>/metrics.json   every GSAE and SSAE of a seed on the held-out text's activations
+  <root>/<domain>/eval-s<seed>/metrics.json   the SAEs whose spliced perplexity is compared, on its documents
+                                              (every metric is read from here when there is no tail-s)
   <root>/pareto/eval-s<seed>/metrics.json     the k sweep (GSAE-k and its SSAE per k) on the first domain
   <root>/shift/shift.json                     SHIFT over seeded splits (Table 1)
 SAEs are found by name (their folder's base name): gsae-<setting>, ssae-<recipe>-<setting>,
@@ -76,15 +78,38 @@ class Metric:
     label: str
     relative: bool = True   # (a - b) / |b|; False: a - b (fractions)
     index: int | None = None  # an element of a list-valued metric
+    spliced: bool = False   # needs the documents' evaluation (a forward pass), not the activations'
+    derive: object = None   # a function of the SAE's metrics entry, in place of path
+
+
+def mean_represented_bin(sae: dict):
+    """The mean log2 frequency bin of the token types an SAE represents: the lower, the earlier its
+    cumulative coverage rises (the area above the cumulative curve)."""
+    per_bin = _get(sae, "tail_coverage.n_represented_per_bin")
+    if not isinstance(per_bin, list) or not sum(per_bin):
+        return None
+    return sum(b * n for b, n in enumerate(per_bin)) / sum(per_bin)
+
+
+def top_decile_share(sae: dict):
+    """The share of all activations taken by the most active tenth of the latents: the flatter the
+    activation count by rank, the lower."""
+    counts = sae.get("activation_counts_by_rank")
+    if not isinstance(counts, list) or not counts or not sum(counts):
+        return None
+    top = max(1, len(counts) // 10)
+    return sum(sorted(counts, reverse=True)[:top]) / sum(counts)
 
 
 METRICS = {
-    "ppl": Metric("ppl_spliced", "spliced perplexity"),
+    "ppl": Metric("ppl_spliced", "spliced perplexity", spliced=True),
     "rare_mse": Metric("tail_error.mean", "rarest-decile mean error"),
     "rare_max": Metric("tail_error.max", "rarest-decile max error"),
     "represented": Metric("tail_coverage.represented_fraction", "share of token types represented", relative=False),
-    "cumulative_once": Metric("tail_coverage.cumulative", "share of represented types seen once", relative=False,
-                              index=0),
+    "represented_bin": Metric("", "mean log2 frequency bin of the represented types", relative=False,
+                              derive=mean_represented_bin),
+    "top_decile": Metric("", "share of activations in the most active tenth of latents", relative=False,
+                         derive=top_decile_share),
     "entropy": Metric("entropy.mean", "per-token activation entropy"),
     "max_act": Metric("max_activation.mean", "per-token max activation"),
     "dead": Metric("dead_fraction", "share of latents never active", relative=False),
@@ -92,7 +117,7 @@ METRICS = {
 
 
 def metric_value(sae: dict, metric: Metric):
-    v = _get(sae, metric.path)
+    v = metric.derive(sae) if metric.derive else _get(sae, metric.path)
     if metric.index is not None:
         v = v[metric.index] if isinstance(v, list) and len(v) > metric.index else None
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -125,6 +150,7 @@ class Section:
     figure_saes: tuple = ()       # name prefixes of the SAEs in the figure
     needs: str | None = None      # "explanations" or "shift": what else the section reads
     source: str = "domain"
+    absent: str | None = None     # why there is nothing to compare, when the run's settings leave it out
 
 
 def _vs(term: str) -> str:
@@ -137,7 +163,7 @@ def sections(terms: list[str], recipes: list[str], recipe: str, long_term: str |
     Pareto k sweep."""
     gsae_terms = [Comparison(f"gsae-{t}", "gsae-t0", "rare_mse", "lower") for t in terms]
     gsae_terms += [Comparison(f"gsae-{t}", "gsae-t0", "rare_max", "lower") for t in terms]
-    ssae_terms = [Comparison(f"ssae-{recipe}-{t}", f"ssae-{recipe}-t0", "cumulative_once", "higher") for t in terms]
+    ssae_terms = [Comparison(f"ssae-{recipe}-{t}", f"ssae-{recipe}-t0", "represented_bin", "lower") for t in terms]
     ssae_terms += [Comparison(f"ssae-{recipe}-{t}", f"ssae-{recipe}-t0", "represented", "higher") for t in terms]
     long_rows = []
     if long_term:
@@ -146,31 +172,45 @@ def sections(terms: list[str], recipes: list[str], recipe: str, long_term: str |
         long_rows += [Comparison(f"ssae-{recipe}-long-{long_term}", f"ssae-{recipe}-{long_term}", m, "lower")
                       for m in ("rare_mse", "rare_max")]
     dense_first = [r for r in ("dense_tracin", "dense") if r in recipes and "bm25" in recipes]
-    fig1 = [Comparison(f"ssae-{r}-t0", "ssae-bm25-t0", "ppl", "lower") for r in dense_first]
-    fig1 += [Comparison(f"ssae-{r}-t0", "gsae-t0", "ppl", "lower") for r in recipes]
+    fig1_dense = [Comparison(f"ssae-{r}-t0", "ssae-bm25-t0", "ppl", "lower") for r in dense_first]
+    fig1_gsae = [Comparison(f"ssae-{r}-t0", "gsae-t0", "ppl", "lower") for r in recipes]
     return [
-        Section("fig1", "Fig. 1: perplexity by retrieval method",
-                "SSAEs finetuned on retrieved subdomain text lower the spliced perplexity against the GSAE, "
-                "dense retrieval (with TracIn reranking) more than BM25.", fig1,
+        Section("fig1", "Fig. 1: perplexity, SSAEs on retrieved text against the GSAE",
+                "SSAEs finetuned on text retrieved for the subdomain lower the spliced perplexity on held-out "
+                "subdomain text against the GSAE they start from.", fig1_gsae,
                 "pareto_ppl", ("gsae-t0", *(f"ssae-{r}-t0" for r in recipes))),
+        Section("fig1-dense", "Fig. 1: perplexity by retrieval method, dense against BM25",
+                "Dense retrieval (with TracIn reranking) selects better subdomain text than BM25: its SSAE's "
+                "spliced perplexity is lower.", fig1_dense,
+                "pareto_ppl", tuple(f"ssae-{r}-t0" for r in ("bm25", *dense_first)),
+                absent=None if dense_first else "RECIPES leaves out dense retrieval or BM25"),
         Section("fig2", "Figs. 2 and 11: tail coverage by token frequency",
                 "An SSAE represents more of the subdomain's token types, the rare ones included, than the GSAE.",
                 [Comparison(f"ssae-{r}-t0", "gsae-t0", "represented", "higher") for r in recipes],
                 "tail_coverage", ("gsae-t0", *(f"ssae-{r}-t0" for r in recipes))),
         Section("fig3", "Fig. 3: reconstruction error by token rank, GSAEs trained with TERM and ERM",
                 "A GSAE trained from scratch with TERM has lower reconstruction error on the rarest tokens than "
-                "one trained with ERM (and so, after finetuning, does an SSAE; also at a longer budget).",
+                "one trained with ERM (and so, after finetuning, does an SSAE).",
                 gsae_terms + [Comparison(f"ssae-{recipe}-{t}", f"ssae-{recipe}-t0", "rare_mse", "lower")
-                              for t in terms] + long_rows,
+                              for t in terms],
                 "error_by_rank", tuple(f"gsae-{t}" for t in ["t0", *terms])),
+        Section("fig3-long", "Fig. 3 at a longer budget: TERM against ERM SSAEs trained longer",
+                "The paper trained far longer than a CPU run: with several times the SSAE budget, the TERM SSAE "
+                "has lower error on the rarest tokens than the ERM SSAE of the same budget (and than the TERM "
+                "SSAE of the shorter one).", long_rows,
+                "error_by_rank", tuple(f"ssae-{recipe}-long-{t}" for t in ["t0", long_term]) if long_term else ()),
         Section("fig4", "Fig. 4: diversity of the latents' explanations",
                 "Latents of a TERM-trained SAE receive more diverse explanations than those of an ERM-trained one.",
                 needs="explanations"),
-        Section("fig5", "Fig. 5: activation entropy and max activation",
-                "A TERM-trained GSAE has lower per-token activation entropy and higher max activation than an "
-                "ERM-trained one (activations concentrate on fewer, more specific latents).",
-                [Comparison(f"gsae-{t}", "gsae-t0", "entropy", "lower") for t in terms]
-                + [Comparison(f"gsae-{t}", "gsae-t0", "max_act", "higher") for t in terms],
+        Section("fig5-entropy", "Fig. 5: activation entropy, TERM against ERM GSAEs",
+                "A TERM-trained GSAE has lower per-token activation entropy than an ERM-trained one (each "
+                "token's activation concentrates on fewer latents).",
+                [Comparison(f"gsae-{t}", "gsae-t0", "entropy", "lower") for t in terms],
+                "entropy_and_max", tuple(f"gsae-{t}" for t in ["t0", *terms])),
+        Section("fig5-max", "Fig. 5: max activation, TERM against ERM GSAEs",
+                "A TERM-trained GSAE has a higher max activation per token than an ERM-trained one (more "
+                "specific latents fire more strongly).",
+                [Comparison(f"gsae-{t}", "gsae-t0", "max_act", "higher") for t in terms],
                 "entropy_and_max", tuple(f"gsae-{t}" for t in ["t0", *terms])),
         Section("fig6", "Figs. 6 and 14: cumulative coverage by tilt",
                 "The higher the tilt, the larger the share of an SSAE's represented token types that sit in the "
@@ -178,8 +218,9 @@ def sections(terms: list[str], recipes: list[str], recipe: str, long_term: str |
                 ssae_terms, "tail_coverage", tuple(f"ssae-{recipe}-{t}" for t in ["t0", *terms])),
         Section("fig7", "Fig. 7: activation count by feature rank",
                 "TERM spreads the activations over more latents than ERM (a flatter activation count by rank): "
-                "fewer latents that never fire.",
-                [Comparison(f"gsae-{t}", "gsae-t0", "dead", "lower") for t in terms],
+                "the most active latents take a smaller share, and fewer latents never fire.",
+                [Comparison(f"gsae-{t}", "gsae-t0", "top_decile", "lower") for t in terms]
+                + [Comparison(f"gsae-{t}", "gsae-t0", "dead", "lower") for t in terms],
                 "activation_counts", tuple(f"gsae-{t}" for t in ["t0", *terms])),
         Section("fig8", "Fig. 8: automated interpretability (F1)",
                 "Latents of SSAEs, TERM-trained ones most, are explained with a higher detection F1 than the "
@@ -223,11 +264,18 @@ class Runs:
         self.root, self.domains, self.seeds = root, domains, seeds
         self.evals = {d: {s: _load(os.path.join(root, d, f"eval-s{s}", "metrics.json")) for s in seeds}
                       for d in domains}
+        self.tails = {d: {s: _load(os.path.join(root, d, f"tail-s{s}", "metrics.json")) for s in seeds}
+                      for d in domains}
         self.pareto = {s: _load(os.path.join(root, "pareto", f"eval-s{s}", "metrics.json")) for s in seeds}
         self.shift = _load(os.path.join(root, "shift", "shift.json"))
 
-    def docs(self, source: str, domain: str) -> dict:
-        return self.pareto if source == "pareto" else self.evals.get(domain, {})
+    def docs(self, source: str, domain: str, spliced: bool = False) -> dict:
+        """{seed: metrics} of a source: the Pareto sweep's, or a domain's activations evaluation (tail-s)
+        where the metric needs no forward pass and the run has one, else its documents evaluation (eval-s)."""
+        if source == "pareto":
+            return self.pareto
+        evals, tails = self.evals.get(domain, {}), self.tails.get(domain, {})
+        return {s: (evals.get(s) if spliced or tails.get(s) is None else tails[s]) for s in self.seeds}
 
 
 def _pareto_diff(saes: dict, comparison: Comparison, metric: Metric):
@@ -248,7 +296,7 @@ def evaluate_comparison(runs: Runs, comparison: Comparison, domain: str) -> Row 
     """The row of one claim on one domain, or None when no seed has both SAEs (not part of this run)."""
     metric = METRICS[comparison.metric]
     diffs, present = [], False
-    for seed, doc in runs.docs(comparison.source, domain).items():
+    for seed, doc in runs.docs(comparison.source, domain, metric.spliced).items():
         saes = _by_name(doc)
         if comparison.source == "pareto":
             d = _pareto_diff(saes, comparison, metric)
@@ -303,7 +351,8 @@ def score(runs: Runs, spec: list[Section]) -> list[SectionResult]:
                     if (r := evaluate_comparison(runs, c, d)) is not None]
         if not rows:
             what = "shift/shift.json" if section.needs == "shift" else "SAEs this claim compares"
-            out.append(SectionResult(section, [], Verdict(NOT_TESTABLE, reason=f"this run has no {what}"), None))
+            reason = section.absent or f"this run has no {what}"
+            out.append(SectionResult(section, [], Verdict(NOT_TESTABLE, reason=reason), None))
             continue
         head = rows[0]
         out.append(SectionResult(section, rows, head.verdict, head))
@@ -348,10 +397,10 @@ def draw_figures(runs: Runs, results: list[SectionResult], folder: str) -> None:
 
     for r in results:
         s = r.section
-        if not s.figure:
+        if not s.figure or not r.rows:
             continue
         domain = runs.domains[0]
-        docs = runs.docs(s.source, domain)
+        docs = runs.docs(s.source, domain, spliced=s.figure == "pareto_ppl")
         first = next((docs[seed] for seed in runs.seeds if docs.get(seed)), None)
         saes = [x for x in (first or {}).get("saes", []) if any(x["name"].startswith(p) for p in s.figure_saes)]
         if s.source != "pareto":  # the order of figure_saes, exact names

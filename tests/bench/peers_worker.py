@@ -4,14 +4,17 @@
 
 SPEC is ssae[+FIELD=VALUE...] (ssae-fit's defaults with some options changed; run under the project's venv) or
 saelens, sparsify or dictionary_learning, each with its own recipe, or with @ssae: ssae's recipe (run under the
-peers venv).  SETUP holds the rows file (float32 .npy, memory-mapped), the row order (.npy of row indices, batch
-i = rows[order[i*B:(i+1)*B]]), the shared settings, and ssae's recipe as the bench computed it with ssae's own
+peers venv); a peer's one knob is +sparsity=V, its JumpReLU sparsity setting (SAELens's l0_coefficient,
+dictionary_learning's target_l0; ssae's is +l0=V).  SETUP holds the architecture (topk, batchtopk or
+jumprelu), the rows file (float32 .npy, memory-mapped), the row order (.npy of row indices, batch i =
+rows[order[i*B:(i+1)*B]]), the shared settings, and ssae's recipe as the bench computed it with ssae's own
 functions (learning rate, schedule factors per step, act_scale, the geometric-median b_dec).  Commands:
 
     {"steps": N}       train the next N steps; answers {"cpu": process CPU seconds of those steps}
-    {"weights": PATH}  save W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, scale to PATH (.npz) in
-                       one form, x_hat = topk(relu((x * scale - b_dec) @ W_enc + b_enc)) @ W_dec / scale
-                       + b_dec / scale; answers {}
+    {"weights": PATH}  save W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, scale (and threshold
+                       [d_sae] for batchtopk and jumprelu) to PATH (.npz) in one form: pre = (x * scale - b_dec)
+                       @ W_enc + b_enc; f = topk(relu(pre)) (topk) or relu(pre) * (pre > threshold) (the
+                       others, at inference); x_hat = (f @ W_dec + b_dec) / scale; answers {}
     {"quit": true}
 
 Only the training step is timed (each library's own forward, backward, optimiser step and decoder
@@ -60,7 +63,8 @@ def ssae_trainer(s: dict, knobs: dict):
                 pass
         return text
     over = {key: value(key, text) for key, text in knobs.items()}
-    cfg = FitConfig(architecture="topk", d_sae=s["d_sae"], k=s["k"],
+    architecture = s.get("architecture", "topk")
+    cfg = FitConfig(architecture=architecture, d_sae=s["d_sae"], k=None if architecture == "jumprelu" else s["k"],
                     batch_size=s["batch"], train_tokens=s["batch"] * s["steps"], val_tokens=0, seed=s["seed"],
                     **over).resolve(d_in=s["d_in"], n_rows=s["batch"] * s["steps"])
     sae = init_sae(cfg, s["d_in"], s["sample"], None)  # act_scale and the geometric-median b_dec, as ssae-fit
@@ -85,7 +89,8 @@ def ssae_trainer(s: dict, knobs: dict):
 
     def weights() -> dict:
         sae = trainer.sae
-        return {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "scale": sae.act_scale}
+        w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "scale": sae.act_scale}
+        return {**w, "threshold": sae.threshold} if sae.arch.threshold else w
 
     return step, weights
 
@@ -98,17 +103,27 @@ def ssae_recipe(s: dict, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: factors[min(i, len(factors) - 1)])
 
 
-def saelens_trainer(s: dict, recipe: str):
+def saelens_trainer(s: dict, recipe: str, knobs: dict):
     from sae_lens.config import SAETrainerConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    ours = recipe == "ssae"
-    # own: SAELens 6's defaults (Adam 3e-4 constant, zero b_dec, decoder rows of norm 0.1, activations rescaled by
-    # the decoder norm, AuxK after 1000 steps unfired, gradient-norm clip 1); ssae: unit rows, b_dec at ssae's
-    # geometric median, normalised inputs, ssae's learning rate and schedule
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=s["d_in"], d_sae=s["d_sae"], k=s["k"], dtype="float32",
-                                                device="cpu", **({"decoder_init_norm": 1.0} if ours else {})))
+    ours, architecture = recipe == "ssae", s.get("architecture", "topk")
+    # own: SAELens 6's defaults (Adam 3e-4 constant, zero b_dec, decoder rows of norm 0.1, raw inputs,
+    # gradient-norm clip 1; TopK and BatchTopK: activations rescaled by the decoder norm, AuxK after 1000 steps
+    # unfired; JumpReLU: threshold 0.01, bandwidth 0.05, the "step" L0 loss, l0_coefficient +sparsity (1));
+    # ssae: unit rows, b_dec at ssae's geometric median, normalised inputs, ssae's learning rate and schedule
+    shared = dict(d_in=s["d_in"], d_sae=s["d_sae"], dtype="float32", device="cpu",
+                  **({"decoder_init_norm": 1.0} if ours else {}))
+    if architecture == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=s["k"], **shared))
+    elif architecture == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=s["k"], **shared))
+    else:
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=float(knobs.get("sparsity", 1.0)),
+                                                            **shared))
     # lr_end: LanguageModelSAERunnerConfig's default (lr / 10, used by the cosine scheduler only)
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=s["batch"] * s["steps"],
                                           train_batch_size_samples=s["batch"], lr=3e-4, lr_end=3e-5, device="cpu"),
@@ -124,17 +139,22 @@ def saelens_trainer(s: dict, recipe: str):
 
     def weights() -> dict:
         folded = copy.deepcopy(sae)
-        if folded.cfg.rescale_acts_by_decoder_norm:
-            folded.fold_W_dec_norm()
+        if getattr(folded.cfg, "rescale_acts_by_decoder_norm", False):
+            folded.fold_W_dec_norm()  # JumpReLU's fold moves its threshold with the rows
         b_enc = folded.b_enc.detach()
         if not folded.cfg.apply_b_dec_to_input:
             b_enc = b_enc + folded.b_dec.detach() @ folded.W_enc.detach()
-        return {"W_enc": folded.W_enc, "b_enc": b_enc, "W_dec": folded.W_dec, "b_dec": folded.b_dec, "scale": scale}
+        w = {"W_enc": folded.W_enc, "b_enc": b_enc, "W_dec": folded.W_dec, "b_dec": folded.b_dec, "scale": scale}
+        if architecture == "batchtopk":  # saved for inference as JumpReLU, the running topk_threshold on every latent
+            w["threshold"] = folded.topk_threshold.float().expand(s["d_sae"])
+        elif architecture == "jumprelu":
+            w["threshold"] = folded.threshold
+        return w
 
     return step, weights
 
 
-def sparsify_trainer(s: dict, recipe: str):
+def sparsify_trainer(s: dict, recipe: str, knobs: dict):
     from sparsify import SparseCoder, SparseCoderConfig
 
     ours = recipe == "ssae"
@@ -180,17 +200,33 @@ def sparsify_trainer(s: dict, recipe: str):
     return step, weights
 
 
-def dictionary_learning_trainer(s: dict, recipe: str):
+def dictionary_learning_trainer(s: dict, recipe: str, knobs: dict):
     import types
 
     sys.modules.setdefault("nnsight", types.SimpleNamespace(LanguageModel=object))  # its activation buffer's only
+    from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.jumprelu import JumpReluTrainer
     from dictionary_learning.trainers.top_k import TopKTrainer
 
-    ours = recipe == "ssae"
-    # own: TopKTrainer's defaults (its lr rule, warm-up 1000 steps or a tenth of a shorter run, no decay, AuxK
-    # after 10M tokens unfired, gradient-norm clip 1, b_dec at the first batch's geometric median)
-    trainer = TopKTrainer(steps=s["steps"], activation_dim=s["d_in"], dict_size=s["d_sae"], k=s["k"], layer=6,
-                          lm_name="smollm2", warmup_steps=min(1000, s["steps"] // 10), seed=s["seed"], device="cpu")
+    ours, architecture = recipe == "ssae", s.get("architecture", "topk")
+    # own: each trainer's defaults with its step counts sized to the run as their demo sizes them to theirs:
+    # the lr warm-up 1000 steps or a tenth of a shorter run (TopK, BatchTopK: their lr rule, no decay, AuxK
+    # after 10M tokens unfired, b_dec at the first batch's geometric median; BatchTopK's threshold, an average
+    # at rate 0.001 of the smallest kept activation, from step 1000 or a tenth of a shorter run); JumpReLU: Adam
+    # 7e-5 (betas 0, 0.999), no decay, threshold 0.001, bandwidth 0.001, the L0 loss (L0 / target_l0 - 1)^2
+    # with target_l0 +sparsity (20), warmed up over 2000 steps or a fifth of a shorter run, b_dec 0.  All clip
+    # the gradient norm at 1
+    warm = dict(steps=s["steps"], activation_dim=s["d_in"], dict_size=s["d_sae"], layer=6, lm_name="smollm2",
+                warmup_steps=min(1000, s["steps"] // 10), seed=s["seed"], device="cpu")
+    if architecture == "topk":
+        trainer = TopKTrainer(k=s["k"], **warm)
+    elif architecture == "batchtopk":
+        trainer = BatchTopKTrainer(k=s["k"], threshold_start_step=min(1000, s["steps"] // 10), **warm)
+    else:
+        trainer = JumpReluTrainer(target_l0=float(knobs.get("sparsity", 20.0)),
+                                  sparsity_warmup_steps=min(2000, s["steps"] // 5), **warm)
+        if ours:  # the others start b_dec at a median of their own
+            trainer.ae.b_dec.data = torch.from_numpy(np.load(s["ssae_b_dec"]))
     if ours:
         trainer.scheduler = ssae_recipe(s, trainer.optimizer)
     scale = s["ssae_act_scale"] if ours else 1.0
@@ -202,8 +238,14 @@ def dictionary_learning_trainer(s: dict, recipe: str):
 
     def weights() -> dict:
         ae = trainer.ae
-        return {"W_enc": ae.encoder.weight.T, "b_enc": ae.encoder.bias, "W_dec": ae.decoder.weight.T,
-                "b_dec": ae.b_dec, "scale": scale}
+        if architecture == "jumprelu":  # JumpReluAutoEncoder encodes x, not x - b_dec
+            return {"W_enc": ae.W_enc, "b_enc": ae.b_enc + ae.b_dec @ ae.W_enc, "W_dec": ae.W_dec, "b_dec": ae.b_dec,
+                    "threshold": ae.threshold, "scale": scale}
+        w = {"W_enc": ae.encoder.weight.T, "b_enc": ae.encoder.bias, "W_dec": ae.decoder.weight.T,
+             "b_dec": ae.b_dec, "scale": scale}
+        if architecture == "batchtopk":  # BatchTopKSAE.encode's default at inference: relu(pre) > threshold
+            w["threshold"] = ae.threshold.float().expand(s["d_sae"])
+        return w
 
     return step, weights
 
@@ -222,10 +264,11 @@ def main() -> None:
     torch.manual_seed(setup["seed"])
     name, recipe, knobs = parse_knobs(name)
     try:
-        step, weights = TRAINERS[name](setup, knobs) if name == "ssae" else TRAINERS[name](setup, recipe)
+        step, weights = TRAINERS[name](setup, knobs) if name == "ssae" else TRAINERS[name](setup, recipe, knobs)
     except ImportError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=reply, flush=True)
         return
+    del setup["sample"]  # the initialisation's only
     print(json.dumps({"ready": True}), file=reply, flush=True)
     done, batch = 0, setup["batch"]
     for line in sys.stdin:
