@@ -49,7 +49,14 @@ def test_paper_grid_covers_the_experiments(tmp_path):
     assert "--tilt 500" not in cmds.replace("--tilt 0,500,1e9", "")  # 500 only beside ERM and 1e9: the paper's
     assert "--rerank tracin" in cmds and "--method dense" in cmds and "--method bm25" in cmds
     evals = re.findall(r"ssae-eval .*", cmds)
-    assert len(evals) == 9 and all("--baseline" in e for e in evals if "/pareto/" not in e)
+    assert len(evals) == 15 and all("--baseline" in e for e in evals if "/pareto/" not in e)
+    # per domain and seed: every SAE on the held-out activations, only Fig. 1's SAEs on the documents
+    tails = [e for e in evals if "/tail-s" in e]
+    assert len(tails) == 6 and all("--activations" in e and "heldout-test.h5" in e for e in tails)
+    spliced = [e.split(" --baseline")[0].split()[1:] for e in evals if re.search(r"-o \S+/(physics|toxicity)/eval-s", e)]
+    assert len(spliced) == 6 and all("--docs" in e for e in evals if "/eval-s" in e)
+    assert sorted(os.path.basename(x) for x in spliced[0]) == ["gsae-t0", "ssae-bm25-t0", "ssae-dense-t0",
+                                                             "ssae-dense_tracin-t0", "ssae-indomain-t0"]
     assert re.search(r"ssae-shift .*--ablate auto", cmds) and "paper_page.py split" in cmds
     assert re.search(r"paper_page.py score .* --domains physics toxicity --seeds 0 1 2 ", cmds)
     assert "--exclude" in cmds  # the test set never leaks into training text
