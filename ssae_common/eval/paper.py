@@ -77,7 +77,6 @@ class Metric:
     path: str          # dotted key in a metrics.json SAE entry
     label: str
     relative: bool = True   # (a - b) / |b|; False: a - b (fractions)
-    index: int | None = None  # an element of a list-valued metric
     spliced: bool = False   # needs the documents' evaluation (a forward pass), not the activations'
     derive: object = None   # a function of the SAE's metrics entry, in place of path
 
@@ -118,8 +117,6 @@ METRICS = {
 
 def metric_value(sae: dict, metric: Metric):
     v = metric.derive(sae) if metric.derive else _get(sae, metric.path)
-    if metric.index is not None:
-        v = v[metric.index] if isinstance(v, list) and len(v) > metric.index else None
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
