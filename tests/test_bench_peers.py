@@ -87,3 +87,14 @@ def test_batch_topk_evaluation_keeps_k_per_row_on_average_over_the_chunk():
     assert out["l0"] == 1.0
     assert out["dead"] == pytest.approx(1 / 3)
     assert bench_peers.evaluate(w, x, k=1)["l0"] == 0.0
+
+
+def test_the_recipe_column_reads_an_ablation_s_own_schedule():
+    from ssae_common.sae.config import FitConfig
+
+    cfg = FitConfig(architecture="topk", d_sae=64, k=4, batch_size=32, train_tokens=32 * 200).resolve(d_in=8,
+                                                                                                     n_rows=6400)
+    assert f"decay to 0 over the last {cfg.decay_fraction:.0%}" in bench_peers.schedule_of("ssae", 200, cfg)
+    constant = bench_peers.schedule_of("ssae+decay_fraction=0+aux_k=64", 200, cfg)
+    assert "constant" in constant and "decay" not in constant and constant.endswith("; aux_k=64")
+    assert "over the last 5%" in bench_peers.schedule_of("ssae+decay_fraction=0.05", 200, cfg)

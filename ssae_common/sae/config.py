@@ -72,7 +72,7 @@ class FitConfig:
     batch_size: int = option(4096, min=1, help="Tokens per step (TERM tilts within a batch).")
     train_tokens: int | None = option(None, min=1, derived="the inputs' row count", help="Token budget.")
     warmup_steps: int = option(1000, min=0, help="LR warm-up (at most 10% of steps).")
-    decay_fraction: float = option(0.2, min=0, max=1, help="Final share of steps with linear LR decay to 0.")
+    decay_fraction: float = option(0.0, min=0, max=1, help="Final share of steps with linear LR decay to 0.")
     l1_warmup_fraction: float = option(0.05, min=0, max=1, help="Share of steps ramping the L1 coefficient.")
     b_dec_init: str | None = option(
         None, choices=B_DEC_INITS, derived="median; parent with --init",
