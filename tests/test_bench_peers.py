@@ -98,3 +98,6 @@ def test_the_recipe_column_reads_an_ablation_s_own_schedule():
     decayed = bench_peers.schedule_of("ssae+decay_fraction=0.2+aux_k=64", 200, cfg)
     assert "decay to 0 over the last 20%" in decayed and "constant" not in decayed and decayed.endswith("; aux_k=64")
     assert "Adam 0.001, warm-up 5," in bench_peers.schedule_of("ssae+lr=1e-3+warmup_steps=5", 200, cfg)
+    # a peer's words keep the schedule it runs: ssae's, computed before any spec is read
+    peer = bench_peers.schedule_of("sparsify@ssae+lr=1e-3", 200, cfg)
+    assert peer.startswith(f"Adam {cfg.lr:.3g}, warm-up 20, constant") and peer.endswith("; lr=1e-3")

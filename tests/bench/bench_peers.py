@@ -188,18 +188,21 @@ def schedule_of(spec: str, steps: int, ssae_cfg, architecture: str = "topk") -> 
     """The recipe a trainer spec runs (peers_worker.py), in words."""
     name, _, rest = spec.partition("@")
     name, recipe = name.split("+")[0], rest.split("+")[0] or ("ssae" if name.startswith("ssae") else "own")
-    # an ablation's own schedule knobs (ssae+decay_fraction=0) change the words as they change the run
+    # an ssae ablation's own schedule knobs (ssae+decay_fraction=0) change the words as they change the run; a
+    # peer with ssae's recipe runs the schedule prepare() computed, whatever its spec says
     knobs = dict(p.split("=", 1) for p in without_sparsity(spec).split("+")[1:])
-    lr = float(knobs.get("lr", ssae_cfg.lr))
-    decay = float(knobs.get("decay_fraction", ssae_cfg.decay_fraction))
-    warm = min(int(knobs.get("warmup_steps", ssae_cfg.warmup_steps)), steps // 10)
+    schedule = {key: knobs.pop(key) for key in ("lr", "decay_fraction", "warmup_steps")
+                if key in knobs and name.startswith("ssae")}
+    lr = float(schedule.get("lr", ssae_cfg.lr))
+    decay = float(schedule.get("decay_fraction", ssae_cfg.decay_fraction))
+    warm = min(int(schedule.get("warmup_steps", ssae_cfg.warmup_steps)), steps // 10)
     ssae_words = (f"Adam {lr:.3g}, warm-up {warm}, "
                   + (f"decay to 0 over the last {decay:.0%}" if decay else "constant")
                   + ", normalised inputs, b_dec median")
     if name.startswith("ssae") or recipe == "ssae":
         words = ssae_words + ("; clip 1" if name in ("dictionary_learning", "saelens") else "") + (
             ", Adam beta1 0" if (name, architecture) == ("dictionary_learning", "jumprelu") else "")
-        rest = [f"{key}={v}" for key, v in knobs.items() if key not in ("lr", "decay_fraction", "warmup_steps")]
+        rest = [f"{key}={v}" for key, v in knobs.items()]
         return words + (f"; {', '.join(rest)}" if rest else "")
     dl_warm = min(1000, steps // 10)
     return {("dictionary_learning", "topk"): f"Adam {ssae_cfg.lr:.3g}, warm-up {dl_warm}, constant; clip 1, raw "
